@@ -1,0 +1,2 @@
+//! ckpt-bench.
+fn main() {}

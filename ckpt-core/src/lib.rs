@@ -1,0 +1,2 @@
+//! Core of ckpt (guide written with the pipeline).
+pub mod schedule;

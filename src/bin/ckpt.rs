@@ -1,0 +1,2 @@
+//! ckpt CLI.
+fn main() {}

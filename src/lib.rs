@@ -1,0 +1,2 @@
+//! ckpt facade.
+pub use ckpt_core as core;
