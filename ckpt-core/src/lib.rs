@@ -1,2 +1,97 @@
-//! Core of ckpt (guide written with the pipeline).
+//! # ckpt-core
+//!
+//! The core of ckpt: the state model, the staging pool, the
+//! save → flush → commit pipeline, restore with verification and fallback,
+//! resharding, retention, and the checkpoint-interval scheduler. Storage
+//! backends implement [`Tier`]; the ones for local files, S3-compatible
+//! object stores and peer memory live in `ckpt-io`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use ckpt_core::{Checkpointer, MemoryTier, TensorMut, TensorRef, TierPolicy, TrainingState};
+//!
+//! let tier = Arc::new(MemoryTier::new());
+//! let ckpt = Checkpointer::builder("example")
+//!     .tier(tier, TierPolicy::keep_last(2))
+//!     .build()?;
+//!
+//! let w = vec![1.5f32; 1024];
+//! let (m, v) = (vec![0.1f32; 1024], vec![0.2f32; 1024]);
+//! let (tw, tm, tv) = (
+//!     TensorRef::from_slice("w", &[32, 32], &w),
+//!     TensorRef::from_slice("adam.m.w", &[32, 32], &m),
+//!     TensorRef::from_slice("adam.v.w", &[32, 32], &v),
+//! );
+//! let state = TrainingState::builder(100)
+//!     .model([&tw as _])
+//!     .optimizer([&tm as _, &tv as _])
+//!     .rng(&[42u64])?
+//!     .data_loader(&6400u64)?
+//!     .lr_schedule(&1e-3f64)?
+//!     .build()?;
+//! let handle = ckpt.save(&state)?;        // returns after the copy: the math-stop
+//! println!("math-stop {:?}", handle.math_stop());
+//! handle.wait()?;                        // durable on every tier
+//!
+//! let mut w2 = vec![0f32; 1024];
+//! let restored = ckpt
+//!     .restore(&mut [&mut TensorMut::from_slice("w", &[32, 32], &mut w2)])?
+//!     .expect("a checkpoint exists");
+//! assert_eq!(restored.step, 100);
+//! assert_eq!(w2, w);
+//! assert_eq!(restored.loop_state.data_loader::<u64>()?, 6400);
+//! # Ok::<(), ckpt_core::Error>(())
+//! ```
+//!
+//! ## Guarantees
+//! - **Atomic commit**: a checkpoint exists on a tier iff its
+//!   `MANIFEST.json` exists and parses; it is written last, with a
+//!   conditional create, after every rank's data is durable.
+//! - **Verified restore**: every chunk's crc32c is checked as it is read;
+//!   a corrupt or partial checkpoint is never loaded: restore falls back to
+//!   the next tier, then the previous step, and says so in [`Restored`].
+//! - **Bounded memory**: the staging pool is allocated once; saves never
+//!   allocate an unbounded copy.
+//! - **Retention never loses the newest checkpoint**, and uncommits before
+//!   deleting data.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod checkpointer;
+pub mod checksum;
+mod dtype;
+mod error;
+mod flush;
+pub mod layout;
+pub mod manifest;
+mod memory;
+mod policy;
+pub mod reshard;
+pub mod restore;
+mod retention;
+mod save_handle;
 pub mod schedule;
+pub mod shard_file;
+mod spec;
+mod stage;
+pub mod staging;
+mod state;
+pub mod store;
+mod tier;
+
+pub use checkpointer::{Checkpointer, CheckpointerBuilder};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use manifest::{Manifest, RankManifest};
+pub use memory::MemoryTier;
+pub use policy::{BusyPolicy, TierPolicy};
+pub use restore::{RestoreOptions, Restored, Skipped};
+pub use retention::Retention;
+pub use save_handle::{SaveHandle, SaveReport, TierReport};
+pub use spec::{ShardSpec, TensorSpec, checked_nbytes, checked_numel};
+pub use staging::StagingPool;
+pub use state::{
+    LoopState, Pod, SharedTensor, StateTensor, TensorMut, TensorRef, TensorRole, TensorView,
+    TensorViewMut, TrainingState, TrainingStateBuilder, as_bytes, as_bytes_mut,
+};
+pub use tier::{Capabilities, ObjectMeta, PutMode, Tier, TierWriter};

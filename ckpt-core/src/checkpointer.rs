@@ -1,0 +1,641 @@
+//! The checkpointer: owns the staging pool, the background runtime and the
+//! tiers; `save` is the math-stop, everything else runs in the background.
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::{Error, Result};
+use crate::flush::{self, SaveCtx, StageMsg, TensorCtx, TierJob};
+use crate::layout;
+use crate::policy::{BusyPolicy, TierPolicy};
+use crate::restore::{self, RestoreOptions, Restored};
+use crate::save_handle::{SaveHandle, SaveReport, Shared};
+use crate::shard_file;
+use crate::stage;
+use crate::staging::{DEFAULT_BLOCK_SIZE, StagingPool};
+use crate::state::{TensorViewMut, TrainingState};
+use crate::tier::Tier;
+use crate::{checksum, spec::ShardSpec};
+
+enum Runtime {
+    Owned(tokio::runtime::Runtime),
+    Borrowed(tokio::runtime::Handle),
+}
+
+impl Runtime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        match self {
+            Runtime::Owned(rt) => rt.handle(),
+            Runtime::Borrowed(h) => h,
+        }
+    }
+}
+
+struct TierSlot {
+    tier: Arc<dyn Tier>,
+    policy: TierPolicy,
+    previous: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+/// Builds a [`Checkpointer`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use ckpt_core::{Checkpointer, MemoryTier, TierPolicy};
+/// let ckpt = Checkpointer::builder("demo")
+///     .tier(Arc::new(MemoryTier::new()), TierPolicy::keep_last(2))
+///     .staging_capacity(1 << 20)
+///     .build()
+///     .unwrap();
+/// assert_eq!(ckpt.run(), "demo");
+/// ```
+#[must_use]
+pub struct CheckpointerBuilder {
+    run: String,
+    tiers: Vec<(Arc<dyn Tier>, TierPolicy)>,
+    rank: u32,
+    world_size: u32,
+    incarnation: Option<String>,
+    staging_capacity: Option<u64>,
+    block_size: usize,
+    chunk_size: u64,
+    busy: BusyPolicy,
+    copy_threads: usize,
+    restore_threads: usize,
+    blake3: bool,
+    commit_timeout: Duration,
+    block_timeout: Duration,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl std::fmt::Debug for CheckpointerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointerBuilder")
+            .field("run", &self.run)
+            .field(
+                "tiers",
+                &self
+                    .tiers
+                    .iter()
+                    .map(|(t, _)| t.location())
+                    .collect::<Vec<_>>(),
+            )
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str) -> Result<Option<T>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::Config(format!("environment variable {name}={v} is not valid"))),
+        Err(_) => Ok(None),
+    }
+}
+
+impl CheckpointerBuilder {
+    /// Adds a tier; tiers are written in parallel and restored from in the
+    /// order added (put the fastest first).
+    pub fn tier(mut self, tier: Arc<dyn Tier>, policy: TierPolicy) -> Self {
+        self.tiers.push((tier, policy));
+        self
+    }
+
+    /// This process's rank and the job's world size.
+    pub fn rank(mut self, rank: u32, world_size: u32) -> Self {
+        self.rank = rank;
+        self.world_size = world_size;
+        self
+    }
+
+    /// Reads `RANK`, `WORLD_SIZE` (torchrun's convention), `CKPT_RUN`,
+    /// `CKPT_STAGING_BYTES` and `CKPT_INCARNATION` (else
+    /// `TORCHELASTIC_RESTART_COUNT`) from the environment when set.
+    pub fn from_env(mut self) -> Result<Self> {
+        if let Some(r) = env_parse::<u32>("RANK")? {
+            self.rank = r;
+        }
+        if let Some(w) = env_parse::<u32>("WORLD_SIZE")? {
+            self.world_size = w;
+        }
+        if let Ok(run) = std::env::var("CKPT_RUN") {
+            self.run = run;
+        }
+        if let Some(b) = env_parse::<u64>("CKPT_STAGING_BYTES")? {
+            self.staging_capacity = Some(b);
+        }
+        if let Ok(i) = std::env::var("CKPT_INCARNATION")
+            .or_else(|_| std::env::var("TORCHELASTIC_RESTART_COUNT"))
+        {
+            self.incarnation = Some(i);
+        }
+        Ok(self)
+    }
+
+    /// Identifies this incarnation of the job (the same on every rank,
+    /// different after each restart, e.g. the launcher's restart count).
+    /// Rank manifests of different incarnations are never merged.
+    pub fn incarnation(mut self, id: impl Into<String>) -> Self {
+        self.incarnation = Some(id.into());
+        self
+    }
+
+    /// Staging pool size in bytes. Unset: sized to the first save. A save
+    /// larger than the pool streams through it (its math-stop then
+    /// includes waiting for the flush).
+    pub fn staging_capacity(mut self, bytes: u64) -> Self {
+        self.staging_capacity = Some(bytes);
+        self
+    }
+
+    /// Staging block size (power of two, at least 4096; default 8 MiB).
+    pub fn block_size(mut self, bytes: usize) -> Self {
+        self.block_size = bytes;
+        self
+    }
+
+    /// Checksum chunk size (default 4 MiB).
+    pub fn chunk_size(mut self, bytes: u64) -> Self {
+        self.chunk_size = bytes;
+        self
+    }
+
+    /// What to do when a save finds the pool still busy.
+    pub fn when_busy(mut self, p: BusyPolicy) -> Self {
+        self.busy = p;
+        self
+    }
+
+    /// Threads copying into the staging pool (default: available cores, at
+    /// most 8).
+    pub fn copy_threads(mut self, n: usize) -> Self {
+        self.copy_threads = n.max(1);
+        self
+    }
+
+    /// Parallel reads during restore (default 4).
+    pub fn restore_threads(mut self, n: usize) -> Self {
+        self.restore_threads = n.max(1);
+        self
+    }
+
+    /// Also record a blake3 digest of every tensor (computed in the
+    /// background, from the staged copy).
+    pub fn blake3(mut self, on: bool) -> Self {
+        self.blake3 = on;
+        self
+    }
+
+    /// How long the coordinator waits for the other ranks (default 10 min).
+    pub fn commit_timeout(mut self, d: Duration) -> Self {
+        self.commit_timeout = d;
+        self
+    }
+
+    /// Runs the background flush on an existing runtime instead of a
+    /// private one.
+    pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
+        self.runtime = Some(handle);
+        self
+    }
+
+    /// Validates the configuration and starts the checkpointer. The staging
+    /// pool is allocated here when its capacity was given.
+    pub fn build(self) -> Result<Checkpointer> {
+        layout::validate_run(&self.run)?;
+        if self.tiers.is_empty() {
+            return Err(Error::Config(
+                "a checkpointer needs at least one tier".into(),
+            ));
+        }
+        if self.world_size == 0 || self.rank >= self.world_size {
+            return Err(Error::Config(format!(
+                "rank {} is outside world size {}",
+                self.rank, self.world_size
+            )));
+        }
+        if !(4096..=1 << 30).contains(&self.chunk_size) {
+            return Err(Error::Config(format!(
+                "chunk size {} must be within 4 KiB..1 GiB",
+                self.chunk_size
+            )));
+        }
+        let pool = match self.staging_capacity {
+            Some(c) => Some(StagingPool::new(c, self.block_size)?),
+            None => {
+                if self.block_size < 4096 || !self.block_size.is_power_of_two() {
+                    return Err(Error::Config(format!(
+                        "staging block size {} must be a power of two >= 4096",
+                        self.block_size
+                    )));
+                }
+                None
+            }
+        };
+        let runtime = match self.runtime {
+            Some(h) => Runtime::Borrowed(h),
+            None => Runtime::Owned(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("ckpt-flush")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::io("<tokio runtime>", e))?,
+            ),
+        };
+        let incarnation = self.incarnation.unwrap_or_else(|| "0".to_string());
+        Ok(Checkpointer {
+            run: self.run,
+            rank: self.rank,
+            world_size: self.world_size,
+            incarnation,
+            tiers: self
+                .tiers
+                .into_iter()
+                .map(|(tier, policy)| TierSlot {
+                    tier,
+                    policy,
+                    previous: Mutex::new(None),
+                })
+                .collect(),
+            pool: Mutex::new(pool),
+            block_size: self.block_size,
+            chunk_size: self.chunk_size,
+            busy: self.busy,
+            copy_threads: self.copy_threads,
+            restore_threads: self.restore_threads,
+            blake3: self.blake3,
+            commit_timeout: self.commit_timeout,
+            block_timeout: self.block_timeout,
+            saves: Mutex::new(0),
+            inflight: Mutex::new(Vec::new()),
+            runtime: Some(runtime),
+        })
+    }
+}
+
+/// Saves and restores one rank's training state through a list of tiers.
+/// See the crate docs for a complete example.
+pub struct Checkpointer {
+    run: String,
+    rank: u32,
+    world_size: u32,
+    incarnation: String,
+    tiers: Vec<TierSlot>,
+    pool: Mutex<Option<StagingPool>>,
+    block_size: usize,
+    chunk_size: u64,
+    busy: BusyPolicy,
+    copy_threads: usize,
+    restore_threads: usize,
+    blake3: bool,
+    commit_timeout: Duration,
+    block_timeout: Duration,
+    saves: Mutex<u64>,
+    inflight: Mutex<Vec<SaveHandle>>,
+    runtime: Option<Runtime>,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer")
+            .field("run", &self.run)
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("tiers", &self.tier_locations())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Checkpointer {
+    /// Starts building a checkpointer for `run` (a name safe as a path
+    /// component: `[A-Za-z0-9._-]`).
+    pub fn builder(run: impl Into<String>) -> CheckpointerBuilder {
+        CheckpointerBuilder {
+            run: run.into(),
+            tiers: Vec::new(),
+            rank: 0,
+            world_size: 1,
+            incarnation: None,
+            staging_capacity: None,
+            block_size: DEFAULT_BLOCK_SIZE,
+            chunk_size: checksum::DEFAULT_CHUNK_SIZE,
+            busy: BusyPolicy::Wait,
+            copy_threads: std::thread::available_parallelism()
+                .map(|n| n.get().min(8))
+                .unwrap_or(2),
+            restore_threads: 4,
+            blake3: false,
+            commit_timeout: Duration::from_secs(600),
+            block_timeout: Duration::from_secs(3600),
+            runtime: None,
+        }
+    }
+
+    /// The run name.
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    /// This rank.
+    pub fn rank_id(&self) -> u32 {
+        self.rank
+    }
+
+    /// The world size.
+    pub fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    /// The tiers' locations, in priority order.
+    pub fn tier_locations(&self) -> Vec<String> {
+        self.tiers.iter().map(|t| t.tier.location()).collect()
+    }
+
+    /// The tiers, in priority order.
+    pub fn tiers(&self) -> Vec<Arc<dyn Tier>> {
+        self.tiers.iter().map(|t| t.tier.clone()).collect()
+    }
+
+    /// The staging pool, once allocated.
+    pub fn staging_pool(&self) -> Option<StagingPool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn handle(&self) -> Result<&tokio::runtime::Handle> {
+        self.runtime
+            .as_ref()
+            .map(Runtime::handle)
+            .ok_or_else(|| Error::InvalidState("checkpointer is closed".into()))
+    }
+
+    /// Saves `state`: copies it into the staging pool (the math-stop, the
+    /// only time the caller waits) and returns while the flush to every
+    /// tier runs in the background. [`SaveHandle::wait`] blocks until it is
+    /// durable.
+    pub fn save(&self, state: &TrainingState<'_>) -> Result<SaveHandle> {
+        let t0 = Instant::now();
+        let handle = self.handle()?.clone();
+        let mut saves = self.saves.lock().unwrap_or_else(|e| e.into_inner());
+        let index = *saves;
+        let step = state.step();
+        let _span = tracing::info_span!("save", run = %self.run, rank = self.rank, step).entered();
+
+        // Lay out the shard file.
+        let mut specs: Vec<(&str, crate::DType, &[u64])> = Vec::with_capacity(state.tensors.len());
+        for t in &state.tensors {
+            specs.push((t.view.name(), t.view.dtype(), t.view.shape()));
+        }
+        let metadata = std::collections::BTreeMap::from([
+            ("format".to_string(), "ckpt/1".to_string()),
+            ("run".to_string(), self.run.clone()),
+            ("step".to_string(), step.to_string()),
+            ("rank".to_string(), self.rank.to_string()),
+        ]);
+        let layout = shard_file::layout(&specs, &metadata)?;
+
+        // What is copied, what is kept by reference.
+        let mut sources: Vec<&[u8]> = Vec::new();
+        let mut tensors = Vec::with_capacity(state.tensors.len());
+        for (i, t) in state.tensors.iter().enumerate() {
+            let v = t.view;
+            let shard = v
+                .shard()
+                .cloned()
+                .unwrap_or_else(|| ShardSpec::full(v.shape().to_vec()));
+            let shared = v.shared_bytes();
+            let staged_index = if shared.is_none() {
+                sources.push(v.data());
+                Some(sources.len() - 1)
+            } else {
+                None
+            };
+            tensors.push(TensorCtx {
+                name: v.name().to_string(),
+                dtype: v.dtype(),
+                role: t.role,
+                global_shape: shard.global_shape,
+                global_offsets: shard.offsets,
+                shape: v.shape().to_vec(),
+                offset: layout.offsets[i],
+                len: v.data().len() as u64,
+                shared,
+                staged_index,
+            });
+        }
+        let staged_bytes: u64 = sources.iter().map(|s| s.len() as u64).sum();
+        let pool = {
+            let mut guard = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(p) => p.clone(),
+                None => {
+                    let p = StagingPool::new(
+                        staged_bytes.max(self.block_size as u64),
+                        self.block_size,
+                    )?;
+                    *guard = Some(p.clone());
+                    p
+                }
+            }
+        };
+        let blocks_needed = staged_bytes.div_ceil(pool.block_size() as u64) as usize;
+        let mut report = SaveReport {
+            step,
+            bytes: state.nbytes(),
+            staged_bytes,
+            math_stop: Duration::ZERO,
+            waited: Duration::ZERO,
+            skipped: false,
+            tiers: Vec::new(),
+            total: Duration::ZERO,
+        };
+        if self.busy == BusyPolicy::Skip && pool.free_blocks() < blocks_needed.min(pool.blocks()) {
+            report.skipped = true;
+            report.math_stop = t0.elapsed();
+            tracing::info!(
+                step,
+                "save skipped: staging pool still held by an earlier flush"
+            );
+            let shared = Shared::new(report);
+            shared.finish(Vec::new(), t0.elapsed());
+            return Ok(SaveHandle { shared });
+        }
+        *saves += 1;
+
+        let ctx = Arc::new(SaveCtx {
+            run: self.run.clone(),
+            step,
+            rank: self.rank,
+            world_size: self.world_size,
+            incarnation: self.incarnation.clone(),
+            chunk_size: self.chunk_size,
+            created_unix_ms: unix_ms(),
+            loop_state: state.loop_state.clone(),
+            header: Bytes::from(layout.header),
+            file_len: layout.file_len,
+            blake3: self.blake3,
+            commit_timeout: self.commit_timeout,
+            tensors,
+        });
+
+        // Start one flush task per tier that takes this save.
+        let (manifest_tx, manifest_rx) = watch::channel(None);
+        let mut outs = Vec::new();
+        let mut tasks = Vec::new();
+        for slot in &self.tiers {
+            if index % slot.policy.every != 0 {
+                continue;
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            outs.push(tx);
+            let (done_tx, done_rx) = oneshot::channel();
+            let previous = slot
+                .previous
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(done_rx);
+            let job = TierJob {
+                tier: slot.tier.clone(),
+                policy: slot.policy,
+                data: rx,
+                manifest: manifest_rx.clone(),
+                previous,
+                done: done_tx,
+            };
+            tasks.push(handle.spawn(flush::flush_tier(ctx.clone(), job)));
+        }
+        let (stage_tx, stage_rx) = std_mpsc::channel::<StageMsg>();
+        {
+            let ctx = ctx.clone();
+            std::thread::Builder::new()
+                .name("ckpt-dispatch".into())
+                .spawn(move || flush::dispatch(ctx, stage_rx, outs, manifest_tx))
+                .map_err(|e| Error::io("<dispatch thread>", e))?;
+        }
+
+        // The math-stop: copy + checksum.
+        let sink = |k: usize, b: Bytes| {
+            let _ = stage_tx.send(StageMsg::Block(k, b));
+        };
+        let staged = stage::stage(
+            &pool,
+            &sources,
+            self.chunk_size,
+            self.copy_threads,
+            self.block_timeout,
+            &sink,
+        );
+        let math_stop = t0.elapsed();
+        match staged {
+            Ok(s) => {
+                report.waited = s.waited;
+                let _ = stage_tx.send(StageMsg::Done(s.crcs));
+            }
+            Err(e) => {
+                let _ = stage_tx.send(StageMsg::Failed(e.to_string()));
+                drop(stage_tx);
+                return Err(e);
+            }
+        }
+        drop(stage_tx);
+        drop(saves);
+        report.math_stop = math_stop;
+        tracing::info!(step, bytes = report.bytes, staged = staged_bytes, math_stop = ?math_stop, waited = ?report.waited, "staged");
+
+        let shared = Shared::new(report);
+        let finisher = shared.clone();
+        handle.spawn(async move {
+            let mut reports = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                match t.await {
+                    Ok(r) => reports.push(r),
+                    Err(e) => reports.push(crate::save_handle::TierReport {
+                        tier: "?".into(),
+                        flush: Duration::ZERO,
+                        commit: Duration::ZERO,
+                        committed: false,
+                        error: Some(format!("flush task failed: {e}")),
+                    }),
+                }
+            }
+            finisher.finish(reports, t0.elapsed());
+        });
+        let h = SaveHandle { shared };
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        inflight.retain(|h| !h.is_done());
+        inflight.push(h.clone());
+        Ok(h)
+    }
+
+    /// Async form of [`Checkpointer::save`]. The copy itself is the
+    /// math-stop and runs on the calling task.
+    pub async fn save_async(&self, state: &TrainingState<'_>) -> Result<SaveHandle> {
+        self.save(state)
+    }
+
+    /// Restores the newest verified checkpoint into `targets`. `Ok(None)`
+    /// means no tier holds a checkpoint of this run (a fresh start).
+    pub fn restore(&self, targets: &mut [&mut dyn TensorViewMut]) -> Result<Option<Restored>> {
+        self.restore_with(targets, &RestoreOptions::default())
+    }
+
+    /// Restore with options (a given step, a trust limit for detected
+    /// errors).
+    pub fn restore_with(
+        &self,
+        targets: &mut [&mut dyn TensorViewMut],
+        opts: &RestoreOptions,
+    ) -> Result<Option<Restored>> {
+        let handle = self.handle()?.clone();
+        let tiers = self.tiers();
+        let mut opts = opts.clone();
+        if opts.threads == 0 {
+            opts.threads = self.restore_threads;
+        }
+        restore::restore(&handle, &tiers, &self.run, self.rank, targets, &opts)
+    }
+
+    /// Waits for every in-flight save and returns their reports.
+    pub fn wait_all(&self) -> Vec<Result<SaveReport>> {
+        let handles: Vec<SaveHandle> = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        handles.iter().map(SaveHandle::wait).collect()
+    }
+
+    /// Waits for in-flight saves and shuts the background runtime down.
+    pub fn close(mut self) -> Vec<Result<SaveReport>> {
+        let reports = self.wait_all();
+        if let Some(Runtime::Owned(rt)) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        reports
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let _ = self.wait_all();
+        if let Some(Runtime::Owned(rt)) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}

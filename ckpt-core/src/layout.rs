@@ -1,0 +1,75 @@
+//! Where things live inside a tier: the one place that knows the naming
+//! scheme `<run>/step-<20 digits>/{MANIFEST.json, rank-<r>.json,
+//! rank-<r>.safetensors}`.
+
+use crate::error::{Error, Result};
+
+/// Name of the commit marker. A checkpoint exists on a tier iff this object
+/// exists in its step directory and parses.
+pub const MANIFEST: &str = "MANIFEST.json";
+
+/// Checks that a run name is safe as a path component.
+pub fn validate_run(run: &str) -> Result<()> {
+    let ok = !run.is_empty()
+        && run.len() <= 128
+        && !run.starts_with('.')
+        && run
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "run name `{run}` must be 1..=128 characters of [A-Za-z0-9._-] and not start with `.`"
+        )))
+    }
+}
+
+/// `<run>/step-<step>` with the step zero-padded to 20 digits so that
+/// lexicographic order is numeric order.
+pub fn step_dir(run: &str, step: u64) -> String {
+    format!("{run}/step-{step:020}")
+}
+
+/// Path of the commit marker of `step`.
+pub fn manifest_path(run: &str, step: u64) -> String {
+    format!("{}/{MANIFEST}", step_dir(run, step))
+}
+
+/// File name of a rank's shard (relative to the step directory).
+pub fn rank_data_file(rank: u32) -> String {
+    format!("rank-{rank:05}.safetensors")
+}
+
+/// File name of a rank's own manifest (relative to the step directory).
+pub fn rank_manifest_file(rank: u32) -> String {
+    format!("rank-{rank:05}.json")
+}
+
+/// Parses `<run>/step-<digits>/<rest>` into `(run, step, rest)`.
+pub fn parse_path(path: &str) -> Option<(&str, u64, &str)> {
+    let (run, tail) = path.split_once('/')?;
+    let (dir, rest) = tail.split_once('/')?;
+    let digits = dir.strip_prefix("step-")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((run, digits.parse().ok()?, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_round_trip_and_sort_numerically() {
+        let p = manifest_path("run-a", 42);
+        assert_eq!(p, "run-a/step-00000000000000000042/MANIFEST.json");
+        assert_eq!(parse_path(&p), Some(("run-a", 42, MANIFEST)));
+        assert!(manifest_path("r", 9) < manifest_path("r", 10));
+        assert_eq!(parse_path("r/step-12/MANIFEST.json"), None);
+        assert!(validate_run("../etc").is_err());
+        assert!(validate_run("a/b").is_err());
+        validate_run("llama-7b_v2.1").expect("valid run name");
+    }
+}

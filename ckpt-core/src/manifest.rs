@@ -1,0 +1,494 @@
+//! Manifests: the JSON that says what a checkpoint holds and how to check it.
+//!
+//! Each rank writes `rank-<r>.json` once its shard is durable; the
+//! coordinator merges them into the step's `MANIFEST.json` (the commit
+//! marker). Parsing treats both as untrusted input: sizes are capped,
+//! arithmetic is checked, every piece is validated against its file's
+//! length and the pieces of each tensor must tile it exactly once.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checksum::chunk_count;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::layout;
+use crate::spec::{MAX_DIMS, ShardSpec, checked_nbytes, checked_numel};
+use crate::state::{LoopState, TensorRole};
+
+/// Version of the manifest format this library writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Largest manifest accepted (bytes).
+pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
+/// Most tensors a checkpoint may hold.
+pub const MAX_TENSORS: usize = 1 << 20;
+/// Most ranks a checkpoint may have.
+pub const MAX_WORLD_SIZE: u32 = 1 << 16;
+
+/// Library name and version written into every manifest.
+pub fn library_version() -> String {
+    format!("ckpt {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// One rank's contiguous piece of a tensor inside that rank's shard file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    /// Rank that wrote it.
+    pub rank: u32,
+    /// Shard file, relative to the step directory.
+    pub file: String,
+    /// Byte offset of the piece's data in the file.
+    pub offset: u64,
+    /// Byte length.
+    pub length: u64,
+    /// Where the piece starts in the global tensor.
+    pub global_offsets: Vec<u64>,
+    /// Shape of the piece.
+    pub shape: Vec<u64>,
+    /// crc32c of each `chunk_size` chunk of the piece's bytes.
+    pub crc32c: Vec<u32>,
+    /// blake3 of the piece's bytes, when identity checks were asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+}
+
+impl Piece {
+    /// The piece as a shard of a tensor of `global_shape`.
+    pub fn shard(&self, global_shape: &[u64]) -> ShardSpec {
+        ShardSpec {
+            global_shape: global_shape.to_vec(),
+            offsets: self.global_offsets.clone(),
+            shape: self.shape.clone(),
+        }
+    }
+}
+
+/// A tensor of a rank manifest: the rank's single piece of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape of the whole tensor.
+    pub global_shape: Vec<u64>,
+    /// Model, optimizer or other.
+    pub role: TensorRole,
+    /// This rank's piece.
+    pub piece: Piece,
+}
+
+/// What one rank wrote for one step (`rank-<r>.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankManifest {
+    /// Format version.
+    pub format: u32,
+    /// Writer library.
+    pub library: String,
+    /// Run name.
+    pub run: String,
+    /// Step.
+    pub step: u64,
+    /// Ranks in the job.
+    pub world_size: u32,
+    /// This rank.
+    pub rank: u32,
+    /// Which incarnation of the job wrote it; the coordinator only merges
+    /// rank manifests of one incarnation.
+    pub incarnation: String,
+    /// Chunk size of the checksums.
+    pub chunk_size: u64,
+    /// Wall time the save started, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The shard file.
+    pub file: String,
+    /// Its length in bytes.
+    pub file_len: u64,
+    /// This rank's loop state.
+    pub loop_state: LoopState,
+    /// This rank's tensors.
+    pub tensors: Vec<RankTensor>,
+}
+
+/// A tensor of the global manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape of the whole tensor.
+    pub shape: Vec<u64>,
+    /// Model, optimizer or other.
+    pub role: TensorRole,
+    /// Pieces that tile the tensor.
+    pub pieces: Vec<Piece>,
+}
+
+/// One rank's file and loop state in the global manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankEntry {
+    /// The rank.
+    pub rank: u32,
+    /// Its shard file, relative to the step directory.
+    pub file: String,
+    /// The file's length.
+    pub file_len: u64,
+    /// The rank's loop state (RNG, data loader... may differ per rank).
+    pub loop_state: LoopState,
+}
+
+/// The commit marker of a checkpoint (`MANIFEST.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub format: u32,
+    /// Writer library.
+    pub library: String,
+    /// Run name.
+    pub run: String,
+    /// Step.
+    pub step: u64,
+    /// Ranks in the job.
+    pub world_size: u32,
+    /// Incarnation of the job that wrote it.
+    pub incarnation: String,
+    /// Chunk size of the checksums.
+    pub chunk_size: u64,
+    /// Wall time the save started, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Every tensor, by name.
+    pub tensors: BTreeMap<String, TensorEntry>,
+    /// Every rank, in rank order.
+    pub ranks: Vec<RankEntry>,
+}
+
+fn check_header(path: &str, format: u32, chunk_size: u64, world_size: u32) -> Result<()> {
+    if format != FORMAT_VERSION {
+        return Err(Error::manifest(
+            path,
+            format!("format {format} is not supported (this library reads {FORMAT_VERSION})"),
+        ));
+    }
+    if !(4096..=(1 << 30)).contains(&chunk_size) {
+        return Err(Error::manifest(
+            path,
+            format!("chunk size {chunk_size} out of range"),
+        ));
+    }
+    if world_size == 0 || world_size > MAX_WORLD_SIZE {
+        return Err(Error::manifest(
+            path,
+            format!("world size {world_size} out of range"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_piece(
+    path: &str,
+    name: &str,
+    dtype: DType,
+    global: &[u64],
+    piece: &Piece,
+    chunk_size: u64,
+    file_len: u64,
+) -> Result<()> {
+    let bad = |reason: String| Error::manifest(path, format!("tensor `{name}`: {reason}"));
+    if global.len() > MAX_DIMS {
+        return Err(bad(format!("{} dimensions", global.len())));
+    }
+    piece
+        .shard(global)
+        .validate()
+        .map_err(|e| bad(e.to_string()))?;
+    let want =
+        checked_nbytes(&piece.shape, dtype).ok_or_else(|| bad("piece size overflows".into()))?;
+    if want != piece.length {
+        return Err(bad(format!(
+            "piece length {} but {dtype} x {:?} is {want} bytes",
+            piece.length, piece.shape
+        )));
+    }
+    let end = piece
+        .offset
+        .checked_add(piece.length)
+        .ok_or_else(|| bad("offset + length overflows".into()))?;
+    if end > file_len {
+        return Err(bad(format!(
+            "piece ends at byte {end}, past the end of {} ({file_len} bytes)",
+            piece.file
+        )));
+    }
+    if piece.crc32c.len() as u64 != chunk_count(piece.length, chunk_size) {
+        return Err(bad(format!(
+            "{} checksums for {} bytes in chunks of {chunk_size}",
+            piece.crc32c.len(),
+            piece.length
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `pieces` cover every element of a tensor of `global` exactly
+/// once: their element counts add up to the tensor's and no two overlap.
+fn check_tiling(path: &str, name: &str, global: &[u64], pieces: &[Piece]) -> Result<()> {
+    let total = checked_numel(global)
+        .ok_or_else(|| Error::manifest(path, format!("tensor `{name}`: shape overflows")))?;
+    let mut sum: u64 = 0;
+    for p in pieces {
+        sum = sum
+            .checked_add(checked_numel(&p.shape).unwrap_or(u64::MAX))
+            .ok_or_else(|| {
+                Error::manifest(path, format!("tensor `{name}`: piece sizes overflow"))
+            })?;
+    }
+    // Pairwise overlap, sorted along the first dimension so only pieces that
+    // can overlap there are compared.
+    let mut shards: Vec<ShardSpec> = pieces
+        .iter()
+        .filter(|p| checked_numel(&p.shape) != Some(0))
+        .map(|p| p.shard(global))
+        .collect();
+    shards.sort_by_key(|s| s.offsets.first().copied().unwrap_or(0));
+    for i in 0..shards.len() {
+        for j in i + 1..shards.len() {
+            if let (Some(a), Some(b)) = (shards[i].offsets.first(), shards[j].offsets.first()) {
+                if *b >= a + shards[i].shape[0] {
+                    break;
+                }
+            }
+            if shards[i].intersect(&shards[j]).is_some() {
+                return Err(Error::Incomplete {
+                    path: path.to_string(),
+                    reason: format!(
+                        "tensor `{name}`: pieces at {:?} and {:?} overlap",
+                        shards[i].offsets, shards[j].offsets
+                    ),
+                });
+            }
+        }
+    }
+    if sum != total {
+        return Err(Error::Incomplete {
+            path: path.to_string(),
+            reason: format!("tensor `{name}`: pieces cover {sum} of {total} elements"),
+        });
+    }
+    Ok(())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<T> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(Error::manifest(
+            path,
+            format!(
+                "{} bytes exceeds the {MAX_MANIFEST_BYTES}-byte limit",
+                bytes.len()
+            ),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| Error::manifest(path, e.to_string()))
+}
+
+impl RankManifest {
+    /// Parses and validates a rank manifest read from `path`.
+    pub fn parse(path: &str, bytes: &[u8]) -> Result<Self> {
+        let m: RankManifest = parse_json(path, bytes)?;
+        m.validate(path)?;
+        Ok(m)
+    }
+
+    /// Checks internal consistency.
+    pub fn validate(&self, path: &str) -> Result<()> {
+        check_header(path, self.format, self.chunk_size, self.world_size)?;
+        if self.rank >= self.world_size {
+            return Err(Error::manifest(
+                path,
+                format!("rank {} out of world size {}", self.rank, self.world_size),
+            ));
+        }
+        if self.tensors.len() > MAX_TENSORS {
+            return Err(Error::manifest(path, "too many tensors"));
+        }
+        for t in &self.tensors {
+            if t.piece.rank != self.rank || t.piece.file != self.file {
+                return Err(Error::manifest(
+                    path,
+                    format!("tensor `{}` points at another rank's file", t.name),
+                ));
+            }
+            check_piece(
+                path,
+                &t.name,
+                t.dtype,
+                &t.global_shape,
+                &t.piece,
+                self.chunk_size,
+                self.file_len,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Serializes to pretty JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+}
+
+impl Manifest {
+    /// Parses and validates a manifest read from `path`.
+    pub fn parse(path: &str, bytes: &[u8]) -> Result<Self> {
+        let m: Manifest = parse_json(path, bytes)?;
+        m.validate(path)?;
+        Ok(m)
+    }
+
+    /// Checks internal consistency: header, ranks 0..world_size each once,
+    /// every piece inside its file, checksums per chunk, exact tiling.
+    pub fn validate(&self, path: &str) -> Result<()> {
+        check_header(path, self.format, self.chunk_size, self.world_size)?;
+        if self.ranks.len() != self.world_size as usize
+            || self
+                .ranks
+                .iter()
+                .enumerate()
+                .any(|(i, r)| r.rank as usize != i)
+        {
+            return Err(Error::manifest(
+                path,
+                format!("ranks do not list 0..{} in order", self.world_size),
+            ));
+        }
+        if self.tensors.len() > MAX_TENSORS {
+            return Err(Error::manifest(path, "too many tensors"));
+        }
+        for (name, t) in &self.tensors {
+            for p in &t.pieces {
+                let rank = self.ranks.get(p.rank as usize).ok_or_else(|| {
+                    Error::manifest(
+                        path,
+                        format!(
+                            "tensor `{name}`: piece of rank {} outside world size {}",
+                            p.rank, self.world_size
+                        ),
+                    )
+                })?;
+                if rank.file != p.file {
+                    return Err(Error::manifest(
+                        path,
+                        format!(
+                            "tensor `{name}`: piece file {} is not rank {}'s file",
+                            p.file, p.rank
+                        ),
+                    ));
+                }
+                check_piece(
+                    path,
+                    name,
+                    t.dtype,
+                    &t.shape,
+                    p,
+                    self.chunk_size,
+                    rank.file_len,
+                )?;
+            }
+            check_tiling(path, name, &t.shape, &t.pieces)?;
+        }
+        Ok(())
+    }
+
+    /// Merges the rank manifests of one step into the global manifest,
+    /// checking that they belong together (run, step, world size,
+    /// incarnation) and that each tensor's pieces tile it exactly once.
+    pub fn from_ranks(mut ranks: Vec<RankManifest>) -> Result<Self> {
+        ranks.sort_by_key(|r| r.rank);
+        let first = ranks
+            .first()
+            .ok_or_else(|| Error::InvalidState("no rank manifests to merge".into()))?;
+        let dir = layout::step_dir(&first.run, first.step);
+        let path = format!("{dir}/{}", layout::MANIFEST);
+        let (run, step, world_size) = (first.run.clone(), first.step, first.world_size);
+        let (incarnation, chunk_size) = (first.incarnation.clone(), first.chunk_size);
+        if ranks.len() != world_size as usize {
+            return Err(Error::Incomplete {
+                path: dir,
+                reason: format!("{} of {world_size} rank manifests present", ranks.len()),
+            });
+        }
+        let mut tensors: BTreeMap<String, TensorEntry> = BTreeMap::new();
+        let mut entries = Vec::with_capacity(ranks.len());
+        let created_unix_ms = ranks.iter().map(|r| r.created_unix_ms).min().unwrap_or(0);
+        for (i, r) in ranks.into_iter().enumerate() {
+            if r.rank as usize != i
+                || r.run != run
+                || r.step != step
+                || r.world_size != world_size
+                || r.incarnation != incarnation
+                || r.chunk_size != chunk_size
+            {
+                return Err(Error::Incomplete {
+                    path: dir,
+                    reason: format!(
+                        "rank manifest {} (run {}, step {}, world {}, incarnation {}) does not belong with rank 0's",
+                        r.rank, r.run, r.step, r.world_size, r.incarnation
+                    ),
+                });
+            }
+            for t in r.tensors {
+                let entry = tensors
+                    .entry(t.name.clone())
+                    .or_insert_with(|| TensorEntry {
+                        dtype: t.dtype,
+                        shape: t.global_shape.clone(),
+                        role: t.role,
+                        pieces: Vec::new(),
+                    });
+                if entry.dtype != t.dtype || entry.shape != t.global_shape {
+                    return Err(Error::tensor(
+                        &t.name,
+                        format!(
+                            "rank {} saved it as {} {:?}, another rank as {} {:?}",
+                            r.rank, t.dtype, t.global_shape, entry.dtype, entry.shape
+                        ),
+                    ));
+                }
+                entry.pieces.push(t.piece);
+            }
+            entries.push(RankEntry {
+                rank: r.rank,
+                file: r.file,
+                file_len: r.file_len,
+                loop_state: r.loop_state,
+            });
+        }
+        let m = Manifest {
+            format: FORMAT_VERSION,
+            library: library_version(),
+            run,
+            step,
+            world_size,
+            incarnation,
+            chunk_size,
+            created_unix_ms,
+            tensors,
+            ranks: entries,
+        };
+        m.validate(&path)?;
+        Ok(m)
+    }
+
+    /// Serializes to pretty JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors
+            .values()
+            .flat_map(|t| &t.pieces)
+            .map(|p| p.length)
+            .sum()
+    }
+}

@@ -1,0 +1,172 @@
+//! What a save returns: the math-stop right away, the per-tier outcome when
+//! the background flush is done.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Outcome of one save on one tier.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierReport {
+    /// The tier's location.
+    pub tier: String,
+    /// Time from the start of the flush until the shard was durable.
+    pub flush: Duration,
+    /// Time spent committing (rank manifest, waiting for other ranks,
+    /// MANIFEST).
+    pub commit: Duration,
+    /// Whether this rank's data and the step's commit marker are durable on
+    /// the tier. For a rank other than the coordinator: its own piece.
+    pub committed: bool,
+    /// Why not, if not.
+    pub error: Option<String>,
+}
+
+/// The full account of one save.
+#[derive(Debug, Clone, Serialize)]
+pub struct SaveReport {
+    /// Step saved.
+    pub step: u64,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+    /// Bytes copied into the staging pool (the rest was zero-copy).
+    pub staged_bytes: u64,
+    /// The blocking part of the save: the time the training loop stopped.
+    pub math_stop: Duration,
+    /// Part of the math-stop spent waiting for staging memory held by an
+    /// earlier flush (policy `Wait`).
+    pub waited: Duration,
+    /// Whether the save was skipped because the pool was busy (policy
+    /// `Skip`); then nothing was written.
+    pub skipped: bool,
+    /// Per-tier outcome, in tier order (tiers whose policy skipped this
+    /// step are absent).
+    pub tiers: Vec<TierReport>,
+    /// Time from the start of the save until every tier finished.
+    pub total: Duration,
+}
+
+impl SaveReport {
+    /// Whether at least one tier committed the checkpoint.
+    pub fn is_durable(&self) -> bool {
+        self.tiers.iter().any(|t| t.committed)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) report: Mutex<(SaveReport, bool)>,
+    pub(crate) done: Condvar,
+    pub(crate) notify: tokio::sync::Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(report: SaveReport) -> Arc<Self> {
+        Arc::new(Self {
+            report: Mutex::new((report, false)),
+            done: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub(crate) fn finish(&self, tiers: Vec<TierReport>, total: Duration) {
+        let mut g = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.tiers = tiers;
+        g.0.total = total;
+        g.1 = true;
+        drop(g);
+        self.done.notify_all();
+        self.notify.notify_waiters();
+    }
+
+    fn snapshot(&self) -> (SaveReport, bool) {
+        self.report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Handle to a save whose flush may still be running.
+#[derive(Debug, Clone)]
+pub struct SaveHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn outcome(report: SaveReport) -> Result<SaveReport> {
+    if report.skipped || report.tiers.is_empty() || report.is_durable() {
+        return Ok(report);
+    }
+    let why: Vec<String> = report
+        .tiers
+        .iter()
+        .map(|t| {
+            format!(
+                "{}: {}",
+                t.tier,
+                t.error.as_deref().unwrap_or("not committed")
+            )
+        })
+        .collect();
+    Err(Error::Backend {
+        tier: "all".into(),
+        retryable: true,
+        message: format!(
+            "step {} was not committed on any tier: {}",
+            report.step,
+            why.join("; ")
+        ),
+    })
+}
+
+impl SaveHandle {
+    /// Step of the save.
+    pub fn step(&self) -> u64 {
+        self.shared.snapshot().0.step
+    }
+
+    /// The math-stop of this save (known as soon as `save` returns).
+    pub fn math_stop(&self) -> Duration {
+        self.shared.snapshot().0.math_stop
+    }
+
+    /// Whether the save was skipped (busy pool, policy `Skip`).
+    pub fn skipped(&self) -> bool {
+        self.shared.snapshot().0.skipped
+    }
+
+    /// Whether the flush has finished (successfully or not).
+    pub fn is_done(&self) -> bool {
+        self.shared.snapshot().1
+    }
+
+    /// The report as it stands now.
+    pub fn report(&self) -> SaveReport {
+        self.shared.snapshot().0
+    }
+
+    /// Blocks until every tier has finished, and returns the report. Fails
+    /// if no tier committed the checkpoint.
+    pub fn wait(&self) -> Result<SaveReport> {
+        let mut g = self.shared.report.lock().unwrap_or_else(|e| e.into_inner());
+        while !g.1 {
+            g = self.shared.done.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        outcome(g.0.clone())
+    }
+
+    /// Async form of [`SaveHandle::wait`].
+    pub async fn durable(&self) -> Result<SaveReport> {
+        loop {
+            let notified = self.shared.notify.notified();
+            let (report, done) = self.shared.snapshot();
+            if done {
+                return outcome(report);
+            }
+            notified.await;
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The save → flush → commit → restore pipeline against the in-memory tier.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ckpt_core::{
+    BusyPolicy, Checkpointer, DType, Error, MemoryTier, RestoreOptions, ShardSpec, SharedTensor,
+    TensorMut, TensorRef, TierPolicy, TrainingState, layout, store,
+};
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| (i as u32 ^ seed) as f32 * 0.5).collect()
+}
+
+fn save_step(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) -> ckpt_core::SaveReport {
+    let tw = TensorRef::from_slice("w", &[w.len() as u64], w);
+    let tm = TensorRef::from_slice("opt.m", &[m.len() as u64], m);
+    let state = TrainingState::builder(step)
+        .model([&tw as _])
+        .optimizer([&tm as _])
+        .rng(&[step, 7])
+        .and_then(|b| b.data_loader(&(step * 32)))
+        .and_then(|b| b.lr_schedule(&0.01))
+        .and_then(|b| b.build())
+        .expect("state");
+    ckpt.save(&state).expect("save").wait().expect("durable")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn save_restore_round_trip_with_small_chunks_and_blocks() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(tier.clone()), TierPolicy::keep_last(2))
+        .chunk_size(4096)
+        .block_size(8192)
+        .staging_capacity(3 * 8192) // smaller than the state: streams
+        .build()
+        .expect("build");
+    let (w, m) = (data(20_000, 1), data(7_777, 2));
+    let r = save_step(&ckpt, 5, &w, &m);
+    assert!(r.is_durable());
+    assert_eq!(r.bytes, (20_000 + 7_777) * 4);
+    let (mut w2, mut m2) = (vec![0f32; w.len()], vec![0f32; m.len()]);
+    let restored = ckpt
+        .restore(&mut [
+            &mut TensorMut::from_slice("w", &[20_000], &mut w2),
+            &mut TensorMut::from_slice("opt.m", &[7_777], &mut m2),
+        ])
+        .expect("restore")
+        .expect("some");
+    assert_eq!((restored.step, w2 == w, m2 == m), (5, true, true));
+    assert_eq!(
+        restored.loop_state.data_loader::<u64>().expect("loader"),
+        5 * 32
+    );
+    assert!(!restored.fell_back());
+}
+
+#[test]
+fn corrupt_newest_falls_back_and_reports() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(tier.clone()), TierPolicy::keep_last(3))
+        .chunk_size(4096)
+        .build()
+        .expect("build");
+    let (w1, w2) = (data(5000, 1), data(5000, 2));
+    let m = data(10, 3);
+    save_step(&ckpt, 1, &w1, &m);
+    save_step(&ckpt, 2, &w2, &m);
+    let path = format!("{}/{}", layout::step_dir("r", 2), layout::rank_data_file(0));
+    assert!(tier.tamper(&path, |v| v[4096 + 9000] ^= 0x40));
+    let mut out = vec![0f32; 5000];
+    let mut mo = vec![0f32; 10];
+    let restored = ckpt
+        .restore(&mut [
+            &mut TensorMut::from_slice("w", &[5000], &mut out),
+            &mut TensorMut::from_slice("opt.m", &[10], &mut mo),
+        ])
+        .expect("restore")
+        .expect("some");
+    assert_eq!(restored.step, 1);
+    assert_eq!(out, w1);
+    assert_eq!(restored.skipped.len(), 1);
+    assert!(
+        restored.skipped[0].reason.contains("chunk 2"),
+        "{}",
+        restored.skipped[0].reason
+    );
+    assert!(
+        restored.skipped[0]
+            .reason
+            .contains("rank-00000.safetensors")
+    );
+}
+
+#[test]
+fn shape_mismatch_is_a_typed_error_not_a_fallback() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(tier), TierPolicy::keep_last(2))
+        .build()
+        .expect("build");
+    save_step(&ckpt, 1, &data(100, 1), &data(4, 1));
+    let mut out = vec![0f32; 99];
+    let err = ckpt
+        .restore(&mut [&mut TensorMut::from_slice("w", &[99], &mut out)])
+        .expect_err("mismatch");
+    match err {
+        Error::TensorMismatch { tensor, reason } => {
+            assert_eq!(tensor, "w");
+            assert!(reason.contains("[100]"), "{reason}");
+        }
+        e => panic!("unexpected {e}"),
+    }
+    let mut none = vec![0f32; 3];
+    let err = ckpt
+        .restore(&mut [&mut TensorMut::from_slice("nope", &[3], &mut none)])
+        .expect_err("missing");
+    assert!(
+        matches!(err, Error::TensorMismatch { ref tensor, .. } if tensor == "nope"),
+        "{err}"
+    );
+}
+
+#[test]
+fn retention_keeps_newest_and_removes_old_steps() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(tier.clone()), TierPolicy::keep_last(2))
+        .build()
+        .expect("build");
+    for step in 1..=5 {
+        save_step(&ckpt, step, &data(64, step as u32), &data(8, 0));
+    }
+    let steps = rt()
+        .block_on(store::committed_steps(&tier, "r"))
+        .expect("list");
+    assert_eq!(steps, vec![4, 5]);
+    let all = rt()
+        .block_on(ckpt_core::Tier::list(&tier, "r/"))
+        .expect("list");
+    assert!(
+        all.iter()
+            .all(|o| o.path.contains("step-0000000000000000000[45]")
+                || o.path.contains("0004/")
+                || o.path.contains("0005/")),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn committed_step_is_never_overwritten() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(tier.clone()), TierPolicy::keep_last(2))
+        .build()
+        .expect("build");
+    save_step(&ckpt, 7, &data(64, 1), &data(8, 0));
+    let tw_data = data(64, 99);
+    let m = data(8, 0);
+    let tw = TensorRef::from_slice("w", &[64], &tw_data);
+    let tm = TensorRef::from_slice("opt.m", &[8], &m);
+    let state = TrainingState::builder(7)
+        .model([&tw as _])
+        .optimizer([&tm as _])
+        .without_rng()
+        .without_data_loader()
+        .without_lr_schedule()
+        .build()
+        .expect("state");
+    let err = ckpt
+        .save(&state)
+        .expect("save")
+        .wait()
+        .expect_err("second commit of step 7 must fail");
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let mut out = vec![0f32; 64];
+    ckpt.restore(&mut [&mut TensorMut::from_slice("w", &[64], &mut out)])
+        .expect("restore");
+    assert_eq!(out, data(64, 1));
+}
+
+#[test]
+fn zero_copy_shared_bytes_and_reshard_one_to_three() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(tier.clone()), TierPolicy::keep_last(2))
+        .chunk_size(4096)
+        .build()
+        .expect("build");
+    let global: Vec<f32> = data(9 * 700, 5);
+    let bytes = Bytes::copy_from_slice(ckpt_core::as_bytes(&global));
+    let t = SharedTensor::new("emb", DType::F32, &[9, 700], bytes);
+    let state = TrainingState::builder(3)
+        .model([&t as _])
+        .without_optimizer()
+        .without_rng()
+        .without_data_loader()
+        .without_lr_schedule()
+        .build()
+        .expect("state");
+    let report = ckpt.save(&state).expect("save").wait().expect("durable");
+    assert_eq!(report.staged_bytes, 0, "shared bytes are not copied");
+    for part in 0..3 {
+        let shard = ShardSpec::split(vec![9, 700], 1, 3, part).expect("shard");
+        let mut out = vec![0f32; shard.numel() as usize];
+        let shape = shard.shape.clone();
+        ckpt.restore(&mut [
+            &mut TensorMut::from_slice("emb", &shape, &mut out).with_shard(shard.clone())
+        ])
+        .expect("restore");
+        for r in 0..9u64 {
+            for c in 0..shape[1] {
+                let g = global[(r * 700 + shard.offsets[1] + c) as usize];
+                assert_eq!(out[(r * shape[1] + c) as usize], g);
+            }
+        }
+    }
+}
+
+#[test]
+fn busy_pool_skip_policy_reports_skip() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(
+            Arc::new(tier.clone()),
+            TierPolicy::keep_last(2).rate_limit(200_000),
+        )
+        .staging_capacity(64 << 10)
+        .block_size(8192)
+        .when_busy(BusyPolicy::Skip)
+        .build()
+        .expect("build");
+    let w = data(8192, 1); // 32 KiB: takes ~0.16 s at 200 KB/s
+    let m = data(8, 0);
+    let tw = TensorRef::from_slice("w", &[8192], &w);
+    let tm = TensorRef::from_slice("opt.m", &[8], &m);
+    let s1 = TrainingState::builder(1)
+        .model([&tw as _])
+        .optimizer([&tm as _])
+        .without_rng()
+        .without_data_loader()
+        .without_lr_schedule()
+        .build()
+        .expect("state");
+    let h1 = ckpt.save(&s1).expect("save 1");
+    let s2 = TrainingState::builder(2)
+        .model([&tw as _])
+        .optimizer([&tm as _])
+        .without_rng()
+        .without_data_loader()
+        .without_lr_schedule()
+        .build()
+        .expect("state");
+    let h2 = ckpt.save(&s2).expect("save 2");
+    let s3 = TrainingState::builder(3)
+        .model([&tw as _])
+        .optimizer([&tm as _])
+        .without_rng()
+        .without_data_loader()
+        .without_lr_schedule()
+        .build()
+        .expect("state");
+    let h3 = ckpt.save(&s3).expect("save 3");
+    assert!(!h1.skipped());
+    assert!(
+        h3.skipped() || h2.skipped(),
+        "a third save while two flushes hold 64 KiB must skip"
+    );
+    h1.wait().expect("first durable");
+    std::thread::sleep(Duration::from_millis(10));
+}
+
+#[test]
+fn trust_limit_skips_newer_checkpoints() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(tier), TierPolicy::keep_last(5))
+        .build()
+        .expect("build");
+    save_step(&ckpt, 1, &data(16, 1), &data(4, 0));
+    std::thread::sleep(Duration::from_millis(20));
+    let limit = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_millis() as u64;
+    std::thread::sleep(Duration::from_millis(20));
+    save_step(&ckpt, 2, &data(16, 2), &data(4, 0));
+    let mut out = vec![0f32; 16];
+    let r = ckpt
+        .restore_with(
+            &mut [&mut TensorMut::from_slice("w", &[16], &mut out)],
+            &RestoreOptions::default().not_after_unix_ms(limit),
+        )
+        .expect("restore")
+        .expect("some");
+    assert_eq!(r.step, 1);
+    assert_eq!(out, data(16, 1));
+    assert!(r.skipped[0].reason.contains("trust limit"));
+}
+
+#[test]
+fn fresh_store_restores_nothing() {
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(MemoryTier::new()), TierPolicy::keep_last(2))
+        .build()
+        .expect("build");
+    let mut out = vec![0f32; 4];
+    assert!(
+        ckpt.restore(&mut [&mut TensorMut::from_slice("w", &[4], &mut out)])
+            .expect("restore")
+            .is_none()
+    );
+}
