@@ -78,6 +78,7 @@ pub mod staging;
 mod state;
 pub mod store;
 mod tier;
+pub mod verify;
 
 pub use checkpointer::{Checkpointer, CheckpointerBuilder};
 pub use dtype::DType;

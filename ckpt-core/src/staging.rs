@@ -167,16 +167,23 @@ impl StagingPool {
     pub fn acquire(&self, timeout: Duration) -> Result<(Block, Duration)> {
         let start = Instant::now();
         let mut free = self.inner.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waited = false;
         loop {
             if let Some(index) = free.pop() {
+                let block = Block {
+                    pool: self.inner.clone(),
+                    index,
+                };
                 return Ok((
-                    Block {
-                        pool: self.inner.clone(),
-                        index,
+                    block,
+                    if waited {
+                        start.elapsed()
+                    } else {
+                        Duration::ZERO
                     },
-                    start.elapsed(),
                 ));
             }
+            waited = true;
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
                 return Err(Error::InvalidState(format!(

@@ -1,1 +1,23 @@
-//! Storage tiers for ckpt.
+//! # ckpt-io
+//!
+//! Storage tiers for ckpt, each implementing [`ckpt_core::Tier`]:
+//! - [`LocalTier`]: files in a local directory (NVMe), fsynced, committed
+//!   with an atomic no-replace link;
+//! - `ObjectTier` (feature `s3`): S3-compatible object stores through
+//!   `object_store`;
+//! - [`MemoryTier`]: in-process memory, for tests.
+//!
+//! ```
+//! use ckpt_io::LocalTier;
+//! use ckpt_core::Tier;
+//! let dir = tempfile::tempdir().unwrap();
+//! let tier = LocalTier::new(dir.path()).unwrap();
+//! assert!(tier.capabilities().survives_process);
+//! ```
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod local;
+
+pub use ckpt_core::MemoryTier;
+pub use local::LocalTier;

@@ -1,0 +1,411 @@
+//! `LocalTier`: checkpoints as files in a local directory (node-local NVMe,
+//! or a shared file system).
+//!
+//! Durability and atomicity:
+//! - a streamed object is written to a hidden temporary file beside its
+//!   final name, `fdatasync`ed, renamed into place, and the directory is
+//!   fsynced, so a crash never leaves a torn file under the final name;
+//! - `put(.., PutMode::Create)` (the commit of `MANIFEST.json`) writes and
+//!   syncs a temporary file, then `link`s it to the final name, which fails
+//!   if the name exists: two writers can never both commit a step;
+//! - deletes remove the file and then empty parent directories.
+//!
+//! Blocking file I/O runs on tokio's blocking pool, never on the async
+//! workers; `read_into` (restore) runs on restore's own threads.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use ckpt_core::{Capabilities, Error, ObjectMeta, PutMode, Result, Tier, TierWriter};
+use futures::future::BoxFuture;
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A tier in a local directory. See the module docs for its guarantees.
+#[derive(Debug, Clone)]
+pub struct LocalTier {
+    root: PathBuf,
+}
+
+/// Runs blocking file I/O off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => h
+            .spawn_blocking(f)
+            .await
+            .map_err(|e| Error::InvalidState(format!("file I/O task failed: {e}")))?,
+        Err(_) => f(),
+    }
+}
+
+fn map_err(path: &Path, rel: &str, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::NotFound {
+        Error::NotFound {
+            path: rel.to_string(),
+        }
+    } else {
+        Error::io(path, e)
+    }
+}
+
+fn temp_name(path: &Path) -> PathBuf {
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+fn create_parent(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    Ok(())
+}
+
+impl LocalTier {
+    /// A tier rooted at `root`, created if absent. Fails with an error naming
+    /// the directory if it cannot be created or written.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        let meta = fs::metadata(&root).map_err(|e| Error::io(&root, e))?;
+        if !meta.is_dir() {
+            return Err(Error::Config(format!(
+                "{} is not a directory",
+                root.display()
+            )));
+        }
+        if meta.permissions().readonly() {
+            return Err(Error::io(
+                &root,
+                io::Error::from(io::ErrorKind::PermissionDenied),
+            ));
+        }
+        let root = root.canonicalize().map_err(|e| Error::io(&root, e))?;
+        Ok(Self { root })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Resolves an object path, refusing anything that could escape the root.
+    fn resolve(&self, rel: &str) -> Result<PathBuf> {
+        let ok = !rel.is_empty()
+            && !rel.starts_with('/')
+            && rel
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..");
+        if !ok {
+            return Err(Error::Config(format!(
+                "invalid object path `{rel}` for {}",
+                self.root.display()
+            )));
+        }
+        Ok(self.root.join(rel))
+    }
+
+    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let path = entry.path();
+            let ft = entry.file_type().map_err(|e| Error::io(&path, e))?;
+            if ft.is_dir() {
+                self.walk(&path, prefix, out)?;
+            } else if ft.is_file() {
+                let rel = path
+                    .strip_prefix(&self.root)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if rel.starts_with(prefix) {
+                    let size = entry.metadata().map_err(|e| Error::io(&path, e))?.len();
+                    out.push(ObjectMeta { path: rel, size });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_into_blocking(&self, rel: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let path = self.resolve(rel)?;
+        let file = File::open(&path).map_err(|e| map_err(&path, rel, e))?;
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let end = offset.checked_add(buf.len() as u64).unwrap_or(u64::MAX);
+        if end > len {
+            return Err(Error::Incomplete {
+                path: rel.to_string(),
+                reason: format!(
+                    "read of bytes {offset}..{end} past the end of the file ({len} bytes)"
+                ),
+            });
+        }
+        file.read_exact_at(buf, offset)
+            .map_err(|e| Error::io(&path, e))
+    }
+}
+
+struct LocalWriter {
+    file: Option<File>,
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+impl TierWriter for LocalWriter {
+    fn write(&mut self, data: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut file = self.file.take().ok_or_else(|| {
+                Error::InvalidState(format!("write after failure on {}", self.temp.display()))
+            })?;
+            let temp = self.temp.clone();
+            let file = blocking(move || {
+                file.write_all(&data).map_err(|e| Error::io(&temp, e))?;
+                Ok(file)
+            })
+            .await?;
+            self.file = Some(file);
+            Ok(())
+        })
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async move {
+            let LocalWriter { file, temp, path } = *self;
+            let file = file.ok_or_else(|| {
+                Error::InvalidState(format!("finish after failure on {}", temp.display()))
+            })?;
+            blocking(move || {
+                let r = (|| {
+                    file.sync_data().map_err(|e| Error::io(&temp, e))?;
+                    drop(file);
+                    fs::rename(&temp, &path).map_err(|e| Error::io(&path, e))?;
+                    if let Some(dir) = path.parent() {
+                        sync_dir(dir)?;
+                    }
+                    Ok(())
+                })();
+                if r.is_err() {
+                    let _ = fs::remove_file(&temp);
+                }
+                r
+            })
+            .await
+        })
+    }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async move {
+            let LocalWriter { file, temp, .. } = *self;
+            drop(file);
+            blocking(move || match fs::remove_file(&temp) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io(&temp, e)),
+            })
+            .await
+        })
+    }
+}
+
+impl Tier for LocalTier {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true, false)
+    }
+
+    fn create<'a>(&'a self, rel: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {
+        Box::pin(async move {
+            let path = self.resolve(rel)?;
+            blocking(move || {
+                create_parent(&path)?;
+                let temp = temp_name(&path);
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&temp)
+                    .map_err(|e| Error::io(&temp, e))?;
+                Ok(Box::new(LocalWriter {
+                    file: Some(file),
+                    temp,
+                    path,
+                }) as Box<dyn TierWriter>)
+            })
+            .await
+        })
+    }
+
+    fn put<'a>(&'a self, rel: &'a str, data: Bytes, mode: PutMode) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let path = self.resolve(rel)?;
+            let rel = rel.to_string();
+            blocking(move || {
+                create_parent(&path)?;
+                let temp = temp_name(&path);
+                let r = (|| {
+                    let mut f = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&temp)
+                        .map_err(|e| Error::io(&temp, e))?;
+                    f.write_all(&data).map_err(|e| Error::io(&temp, e))?;
+                    f.sync_data().map_err(|e| Error::io(&temp, e))?;
+                    drop(f);
+                    match mode {
+                        PutMode::Overwrite => {
+                            fs::rename(&temp, &path).map_err(|e| Error::io(&path, e))?
+                        }
+                        PutMode::Create => {
+                            // link(2) never replaces an existing name: this is
+                            // the atomic "create if absent" of the commit.
+                            match fs::hard_link(&temp, &path) {
+                                Ok(()) => {}
+                                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                                    return Err(Error::AlreadyExists { path: rel.clone() });
+                                }
+                                Err(e) => return Err(Error::io(&path, e)),
+                            }
+                            let _ = fs::remove_file(&temp);
+                        }
+                    }
+                    if let Some(dir) = path.parent() {
+                        sync_dir(dir)?;
+                    }
+                    Ok(())
+                })();
+                if r.is_err() {
+                    let _ = fs::remove_file(&temp);
+                }
+                r
+            })
+            .await
+        })
+    }
+
+    fn get<'a>(&'a self, rel: &'a str) -> BoxFuture<'a, Result<Bytes>> {
+        Box::pin(async move {
+            let path = self.resolve(rel)?;
+            let rel = rel.to_string();
+            blocking(move || {
+                fs::read(&path)
+                    .map(Bytes::from)
+                    .map_err(|e| map_err(&path, &rel, e))
+            })
+            .await
+        })
+    }
+
+    fn get_range<'a>(&'a self, rel: &'a str, range: Range<u64>) -> BoxFuture<'a, Result<Bytes>> {
+        Box::pin(async move {
+            let len = range
+                .end
+                .checked_sub(range.start)
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| Error::Config(format!("invalid range {range:?} for {rel}")))?;
+            let this = self.clone();
+            let rel = rel.to_string();
+            blocking(move || {
+                let mut buf = vec![0u8; len];
+                this.read_into_blocking(&rel, range.start, &mut buf)?;
+                Ok(Bytes::from(buf))
+            })
+            .await
+        })
+    }
+
+    fn read_into<'a>(
+        &'a self,
+        rel: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        // Reads straight into the caller's buffer: no intermediate copy. The
+        // buffer is borrowed, so this cannot move to the blocking pool; on a
+        // multi-threaded runtime worker it uses `block_in_place`, elsewhere
+        // (restore's own threads) it simply blocks its thread.
+        Box::pin(async move {
+            let on_worker = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if on_worker {
+                tokio::task::block_in_place(|| self.read_into_blocking(rel, offset, buf))
+            } else {
+                self.read_into_blocking(rel, offset, buf)
+            }
+        })
+    }
+
+    fn size<'a>(&'a self, rel: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            let path = self.resolve(rel)?;
+            let rel = rel.to_string();
+            blocking(move || match fs::metadata(&path) {
+                Ok(m) if m.is_file() => Ok(m.len()),
+                Ok(_) => Err(Error::NotFound { path: rel }),
+                Err(e) => Err(map_err(&path, &rel, e)),
+            })
+            .await
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {
+        Box::pin(async move {
+            let this = self.clone();
+            let prefix = prefix.to_string();
+            blocking(move || {
+                // Walk only the deepest directory the prefix names.
+                let dir = match prefix.rfind('/') {
+                    Some(i) => this.resolve(&prefix[..i])?,
+                    None => this.root.clone(),
+                };
+                let mut out = Vec::new();
+                this.walk(&dir, &prefix, &mut out)?;
+                Ok(out)
+            })
+            .await
+        })
+    }
+
+    fn delete<'a>(&'a self, rel: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let path = self.resolve(rel)?;
+            let root = self.root.clone();
+            blocking(move || {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(Error::io(&path, e)),
+                }
+                // Remove directories left empty, up to the root.
+                let mut dir = path.parent();
+                while let Some(d) = dir {
+                    if d == root || fs::remove_dir(d).is_err() {
+                        break;
+                    }
+                    dir = d.parent();
+                }
+                Ok(())
+            })
+            .await
+        })
+    }
+}

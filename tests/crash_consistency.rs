@@ -1,0 +1,159 @@
+//! SIGKILL a process that is writing checkpoints, at random moments, many
+//! times; after every kill, restore must return a fully verified committed
+//! checkpoint, never a partial one, and the run must be able to go on.
+//!
+//! `CKPT_CRASH_KILLS` sets the number of kills (default 20); `CKPT_CRASH_SEED`
+//! replays a schedule.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ckpt::{DType, LocalTier, TensorMut, Tier, checked_nbytes, store, verify};
+use common::{TestRng, example};
+
+#[test]
+fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
+    let kills: u32 = std::env::var("CKPT_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("CKPT_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("crash test: {kills} kills, CKPT_CRASH_SEED={seed}");
+    let mut rng = TestRng(seed);
+    let qs = example("quickstart");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let tier = LocalTier::new(dir.path()).expect("tier");
+    let mut last_step = 0u64;
+    let mut restored_steps = Vec::new();
+
+    for kill in 0..kills {
+        let mut child = Command::new(&qs)
+            .arg("--dir")
+            .arg(dir.path())
+            .args([
+                "--steps",
+                "1000000",
+                "--every",
+                "3",
+                "--state-mb",
+                "12",
+                "--keep",
+                "2",
+                "--quiet",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn quickstart");
+        let delay = Duration::from_millis(rng.range(40, 700));
+        std::thread::sleep(delay);
+        child.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
+        let status = child.wait().expect("reap");
+        assert!(
+            !status.success(),
+            "kill {kill}: the child must have been killed"
+        );
+
+        // Every committed step verifies completely.
+        let steps = rt
+            .block_on(store::committed_steps(&tier, "quickstart"))
+            .expect("list");
+        let Some(&newest) = steps.last() else {
+            eprintln!("kill {kill} after {delay:?}: nothing committed yet");
+            continue;
+        };
+        for &s in &steps {
+            let m = rt
+                .block_on(store::load_manifest(&tier, "quickstart", s))
+                .unwrap_or_else(|e| panic!("kill {kill}: step {s} committed but unreadable: {e}"));
+            let report = rt.block_on(verify::verify_step(&tier, &m));
+            assert!(
+                report.is_ok(),
+                "kill {kill} (seed {seed}): committed step {s} does not verify: {:?}",
+                report.failures
+            );
+        }
+
+        // Restore through the library: newest step, no fallback needed.
+        let m = rt
+            .block_on(store::load_manifest(&tier, "quickstart", newest))
+            .expect("manifest");
+        let mut bufs: Vec<(String, DType, Vec<u64>, Vec<u8>)> = m
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.dtype,
+                    t.shape.clone(),
+                    vec![0u8; checked_nbytes(&t.shape, t.dtype).expect("size") as usize],
+                )
+            })
+            .collect();
+        let mut targets: Vec<TensorMut<'_>> = bufs
+            .iter_mut()
+            .map(|(n, d, s, b)| TensorMut::new(n.clone(), *d, s, b))
+            .collect();
+        let mut refs: Vec<&mut dyn ckpt::TensorViewMut> =
+            targets.iter_mut().map(|t| t as _).collect();
+        let r = ckpt::restore::restore(
+            rt.handle(),
+            &[std::sync::Arc::new(tier.clone()) as std::sync::Arc<dyn Tier>],
+            "quickstart",
+            0,
+            &mut refs,
+            &ckpt::RestoreOptions::default().threads(2),
+        )
+        .expect("restore")
+        .expect("a committed checkpoint");
+        assert_eq!(r.step, newest);
+        assert!(
+            r.skipped.is_empty(),
+            "kill {kill} (seed {seed}): restore had to skip {:?}",
+            r.skipped
+        );
+        assert!(
+            newest >= last_step,
+            "kill {kill}: newest committed step went backwards ({last_step} -> {newest})"
+        );
+        last_step = newest;
+        restored_steps.push(newest);
+        eprintln!("kill {kill} after {delay:?}: committed {steps:?}, restored step {newest}");
+    }
+    assert!(
+        restored_steps.len() as u32 >= kills / 2,
+        "too few kills landed after a commit: {restored_steps:?}"
+    );
+    let start = Instant::now();
+    // Crash leftovers (temp files of killed writers) are cleaned by gc.
+    let gc = rt
+        .block_on(store::gc(
+            &tier,
+            "quickstart",
+            &ckpt::Retention::keep_last(2),
+        ))
+        .expect("gc");
+    eprintln!("gc: {gc:?} in {:?}", start.elapsed());
+    let left = rt.block_on(tier.list("quickstart/")).expect("list");
+    let newest = *restored_steps.last().expect("some restore");
+    assert!(
+        left.iter().all(|o| ckpt::layout::parse_path(&o.path)
+            .is_some_and(|(_, s, _)| s >= newest.saturating_sub(3 * 2))),
+        "gc left old leftovers: {left:?}"
+    );
+}

@@ -1,0 +1,55 @@
+//! The quickstart's promise: a run that crashes and resumes ends with the
+//! same bytes as a run that never stopped.
+
+mod common;
+
+use std::process::Command;
+
+use common::{digest, example, run};
+
+#[test]
+fn crash_and_resume_is_bit_exact() {
+    let qs = example("quickstart");
+    let clean = tempfile::tempdir().expect("tempdir");
+    let crashed = tempfile::tempdir().expect("tempdir");
+    let common_args = ["--steps", "120", "--every", "10", "--state-mb", "4"];
+
+    let reference = run(Command::new(&qs)
+        .arg("--dir")
+        .arg(clean.path())
+        .args(common_args));
+    assert!(
+        reference.status.success(),
+        "uninterrupted run failed: {}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    let want = digest(&reference);
+
+    let first = run(Command::new(&qs)
+        .arg("--dir")
+        .arg(crashed.path())
+        .args(common_args)
+        .args(["--crash-at-step", "73"]));
+    assert!(!first.status.success(), "the crashing run must die");
+    assert!(!String::from_utf8_lossy(&first.stdout).contains("final-state-blake3"));
+
+    let resumed = run(Command::new(&qs)
+        .arg("--dir")
+        .arg(crashed.path())
+        .args(common_args));
+    assert!(
+        resumed.status.success(),
+        "resumed run failed: {}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let out = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        out.contains("resumed from step 70"),
+        "expected a resume from step 70:\n{out}"
+    );
+    assert_eq!(
+        digest(&resumed),
+        want,
+        "resumed run diverged from the uninterrupted run"
+    );
+}
