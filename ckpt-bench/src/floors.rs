@@ -1,0 +1,170 @@
+//! Physical floors measured in the same run as the figures they bound:
+//! memcpy bandwidth (staging cannot beat it) and raw sequential write/read
+//! bandwidth of the same directory (flush and restore cannot beat them).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Time to copy every tensor into one reused, pre-touched buffer on one
+/// thread (the plain `memcpy` floor).
+pub fn memcpy(tensors: &[Vec<u8>]) -> Duration {
+    let largest = tensors.iter().map(Vec::len).max().unwrap_or(0);
+    let mut dst = vec![1u8; largest];
+    // Touch once so page faults are not timed.
+    dst.iter_mut().step_by(4096).for_each(|b| *b = 0);
+    let t = Instant::now();
+    for src in tensors {
+        dst[..src.len()].copy_from_slice(src);
+        std::hint::black_box(&mut dst);
+    }
+    t.elapsed()
+}
+
+/// The same with `threads` threads, each copying its share into its own
+/// reused buffer: the floor for a parallel copy on this machine.
+pub fn memcpy_parallel(tensors: &[Vec<u8>], threads: usize) -> Duration {
+    let total: usize = tensors.iter().map(Vec::len).sum();
+    let share = total.div_ceil(threads.max(1));
+    let mut parts: Vec<Vec<&[u8]>> = vec![Vec::new(); threads.max(1)];
+    let (mut i, mut filled) = (0usize, 0usize);
+    for t in tensors {
+        for piece in t.chunks(share.max(1)) {
+            if filled >= share && i + 1 < parts.len() {
+                i += 1;
+                filled = 0;
+            }
+            parts[i].push(piece);
+            filled += piece.len();
+        }
+    }
+    let mut bufs: Vec<Vec<u8>> = parts
+        .iter()
+        .map(|p| {
+            let mut b = vec![1u8; p.iter().map(|s| s.len()).max().unwrap_or(0)];
+            b.iter_mut().step_by(4096).for_each(|x| *x = 0);
+            b
+        })
+        .collect();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for (p, b) in parts.iter().zip(bufs.iter_mut()) {
+            s.spawn(move || {
+                for src in p {
+                    b[..src.len()].copy_from_slice(src);
+                    std::hint::black_box(&mut *b);
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+/// Writes `tensors` back to back into a new file in `dir` with large
+/// writes, then fsyncs: the raw write floor. Returns the time and leaves no
+/// file behind.
+pub fn raw_write(dir: &Path, tensors: &[Vec<u8>]) -> std::io::Result<Duration> {
+    let path = dir.join(".raw-write-floor");
+    let t = Instant::now();
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&path)?;
+    for src in tensors {
+        for piece in src.chunks(8 << 20) {
+            f.write_all(piece)?;
+        }
+    }
+    f.sync_all()?;
+    let d = t.elapsed();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(d)
+}
+
+/// Same as [`raw_write`] but with `O_DIRECT` (page cache bypassed), if the
+/// file system allows it.
+pub fn raw_write_direct(dir: &Path, tensors: &[Vec<u8>]) -> Option<Duration> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(".raw-write-floor-direct");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .ok()?;
+    // O_DIRECT needs aligned memory: a 4096-aligned 8 MiB bounce buffer.
+    let unit = 8 << 20;
+    let mut raw = vec![0u8; unit + 4096];
+    let off = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[off..off + unit];
+    let t = Instant::now();
+    for src in tensors {
+        for piece in src.chunks(unit) {
+            let n = piece.len().div_ceil(4096) * 4096;
+            buf[..piece.len()].copy_from_slice(piece);
+            if f.write_all(&buf[..n]).is_err() {
+                let _ = std::fs::remove_file(&path);
+                return None;
+            }
+        }
+    }
+    let ok = f.sync_all().is_ok();
+    let d = t.elapsed();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    ok.then_some(d)
+}
+
+/// Drops `path` from the page cache so the next read is cold.
+pub fn evict(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = File::open(path) {
+        let _ = f.sync_all();
+        // SAFETY: posix_fadvise only reads its integer arguments; the file
+        // descriptor is open for the duration of the call.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+}
+
+/// Cold sequential read of a whole file in 8 MiB reads: the raw read floor.
+pub fn raw_read(path: &Path) -> std::io::Result<(Duration, u64)> {
+    evict(path);
+    let mut buf = vec![0u8; 8 << 20];
+    let t = Instant::now();
+    let mut f = File::open(path)?;
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok((t.elapsed(), total))
+}
+
+/// Median of a sample.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Peak resident set size of this process (VmHWM), bytes.
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

@@ -1,0 +1,83 @@
+//! `ckpt-bench flush`: time from save to durable on a local directory,
+//! beside the raw sequential write bandwidth of the same directory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ckpt_core::{Checkpointer, TierPolicy};
+use ckpt_io::LocalTier;
+use clap::Args;
+use serde_json::json;
+
+use crate::floors;
+use crate::synth;
+
+/// Arguments of `flush`.
+#[derive(Debug, Args)]
+pub struct FlushArgs {
+    /// Total state size (e.g. 2G).
+    #[arg(long, default_value = "2G", value_parser = synth::parse_bytes)]
+    pub state_bytes: u64,
+    /// Number of tensors.
+    #[arg(long, default_value_t = 16)]
+    pub tensors: usize,
+    /// Measured saves.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Directory (the device under test).
+    #[arg(long, default_value = "target/bench-ckpt")]
+    pub dir: PathBuf,
+    /// One JSON object per result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the benchmark.
+pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(&a.dir)?;
+    let tensors = synth::tensors(a.state_bytes, a.tensors);
+    let bytes: u64 = tensors.iter().map(|t| t.len() as u64).sum();
+    let views = synth::views(&tensors);
+    let run = format!("bench-flush-{}", std::process::id());
+    let ckpt = Checkpointer::builder(run.clone())
+        .tier(Arc::new(LocalTier::new(&a.dir)?), TierPolicy::keep_last(1))
+        .staging_capacity(bytes)
+        .build()?;
+    let (mut durable, mut raw, mut direct) = (vec![], vec![], vec![]);
+    for i in 0..a.iters {
+        // Alternate so drift in the device's state affects both alike.
+        raw.push(floors::raw_write(&a.dir, &tensors)?.as_secs_f64());
+        if let Some(d) = floors::raw_write_direct(&a.dir, &tensors) {
+            direct.push(d.as_secs_f64());
+        }
+        let state = synth::state(&views, i as u64 + 1)?;
+        let report = ckpt.save(&state)?.wait()?;
+        durable.push(report.total.as_secs_f64());
+    }
+    let (d, r) = (floors::median(&mut durable), floors::median(&mut raw));
+    let od = (!direct.is_empty()).then(|| floors::median(&mut direct));
+    let result = json!({
+        "bench": "flush",
+        "state_bytes": bytes,
+        "iters": a.iters,
+        "durable_s": d,
+        "raw_write_floor_s": r,
+        "raw_write_direct_s": od,
+        "ratio_to_floor": d / r,
+    });
+    if a.json {
+        println!("{result}");
+    } else {
+        let gib = |s: f64| bytes as f64 / s / (1u64 << 30) as f64;
+        println!("flush: {:.2} GiB to {} ({} iterations, median)", bytes as f64 / (1u64 << 30) as f64, a.dir.display(), a.iters);
+        println!("{:<40} {:>10.3} s {:>8.2} GiB/s", "raw write + fsync (floor)", r, gib(r));
+        if let Some(od) = od {
+            println!("{:<40} {:>10.3} s {:>8.2} GiB/s", "raw write O_DIRECT + fsync", od, gib(od));
+        }
+        println!("{:<40} {:>10.3} s {:>8.2} GiB/s", "ckpt save -> durable (crc32c on)", d, gib(d));
+        println!("ratio to raw write floor: {:.2}x", d / r);
+    }
+    drop(ckpt);
+    let _ = std::fs::remove_dir_all(a.dir.join(run));
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! `ckpt-bench restore`: a cold restore with full crc32c verification
+//! beside a raw cold sequential read of the same file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ckpt_core::{Checkpointer, TensorMut, TensorViewMut, TierPolicy, layout};
+use ckpt_io::LocalTier;
+use clap::Args;
+use serde_json::json;
+
+use crate::floors;
+use crate::synth;
+
+/// Arguments of `restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Total state size (e.g. 2G).
+    #[arg(long, default_value = "2G", value_parser = synth::parse_bytes)]
+    pub state_bytes: u64,
+    /// Number of tensors.
+    #[arg(long, default_value_t = 16)]
+    pub tensors: usize,
+    /// Measured restores.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Parallel reads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Directory (the device under test).
+    #[arg(long, default_value = "target/bench-ckpt")]
+    pub dir: PathBuf,
+    /// One JSON object per result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the benchmark.
+pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(&a.dir)?;
+    let tensors = synth::tensors(a.state_bytes, a.tensors);
+    let bytes: u64 = tensors.iter().map(|t| t.len() as u64).sum();
+    let run = format!("bench-restore-{}", std::process::id());
+    let ckpt = Checkpointer::builder(run.clone())
+        .tier(Arc::new(LocalTier::new(&a.dir)?), TierPolicy::keep_last(1))
+        .staging_capacity(bytes)
+        .restore_threads(a.threads)
+        .build()?;
+    {
+        let views = synth::views(&tensors);
+        ckpt.save(&synth::state(&views, 1)?)?.wait()?;
+    }
+    let shard = a.dir.join(layout::step_dir(&run, 1)).join(layout::rank_data_file(0));
+    let mut outs: Vec<Vec<u8>> = tensors.iter().map(|t| vec![0u8; t.len()]).collect();
+    let (mut restore, mut raw) = (vec![], vec![]);
+    for _ in 0..a.iters {
+        let (r, _) = floors::raw_read(&shard)?;
+        raw.push(r.as_secs_f64());
+        floors::evict(&shard);
+        let mut targets: Vec<TensorMut<'_>> = outs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, o)| {
+                let n = o.len() as u64 / 4;
+                TensorMut::new(format!("layer.{i}.w"), ckpt_core::DType::F32, &[n], o)
+            })
+            .collect();
+        let mut refs: Vec<&mut dyn TensorViewMut> = targets.iter_mut().map(|t| t as _).collect();
+        let t = Instant::now();
+        let got = ckpt.restore(&mut refs)?.ok_or("checkpoint vanished")?;
+        restore.push(t.elapsed().as_secs_f64());
+        assert_eq!(got.step, 1);
+    }
+    if outs != tensors {
+        return Err("restored bytes differ from the saved state".into());
+    }
+    let (rs, rr) = (floors::median(&mut restore), floors::median(&mut raw));
+    let result = json!({
+        "bench": "restore",
+        "state_bytes": bytes,
+        "iters": a.iters,
+        "threads": a.threads,
+        "restore_s": rs,
+        "raw_read_floor_s": rr,
+        "bandwidth_ratio": rr / rs,
+    });
+    if a.json {
+        println!("{result}");
+    } else {
+        let gib = |s: f64| bytes as f64 / s / (1u64 << 30) as f64;
+        println!("restore: {:.2} GiB from {} (cold page cache, {} iterations, median)", bytes as f64 / (1u64 << 30) as f64, a.dir.display(), a.iters);
+        println!("{:<44} {:>8.3} s {:>8.2} GiB/s", "raw sequential read (floor)", rr, gib(rr));
+        println!("{:<44} {:>8.3} s {:>8.2} GiB/s", format!("ckpt restore, crc32c verified, {} threads", a.threads), rs, gib(rs));
+        println!("restore bandwidth = {:.2}x raw read", rr / rs);
+    }
+    drop(ckpt);
+    let _ = std::fs::remove_dir_all(a.dir.join(run));
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! A synthetic training state: `n` tensors of about equal size filled with
+//! non-trivial bytes (so nothing is compressible or zero-page backed).
+
+use ckpt_core::{TensorRef, TensorView, TrainingState};
+
+/// Parses sizes like `2G`, `512M`, `64k`, `1000` (bytes).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let mult = match s[i..].to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+                "k" => 1u64 << 10,
+                "m" => 1 << 20,
+                "g" => 1 << 30,
+                "t" => 1 << 40,
+                "" => 1,
+                other => return Err(format!("unknown size suffix `{other}` in `{s}`")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size like 2G or 512M"))?;
+    Ok((n * mult as f64) as u64)
+}
+
+/// `count` tensors totalling `bytes`, each a multiple of 4 bytes.
+pub fn tensors(bytes: u64, count: usize) -> Vec<Vec<u8>> {
+    let count = count.max(1);
+    let each = (bytes / count as u64 / 4 * 4) as usize;
+    (0..count)
+        .map(|i| {
+            let mut v = vec![0u8; each];
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i as u64;
+            for w in v.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+            }
+            v
+        })
+        .collect()
+}
+
+/// Views over the tensors, named `layer.<i>.w`, f32, one dimension.
+pub fn views(tensors: &[Vec<u8>]) -> Vec<TensorRef<'_>> {
+    tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| TensorRef::new(format!("layer.{i}.w"), ckpt_core::DType::F32, &[t.len() as u64 / 4], t))
+        .collect()
+}
+
+/// A training state over the views at `step`.
+pub fn state<'a>(views: &'a [TensorRef<'a>], step: u64) -> ckpt_core::Result<TrainingState<'a>> {
+    TrainingState::builder(step)
+        .model(views.iter().map(|v| v as &dyn TensorView))
+        .without_optimizer()
+        .rng(&step)?
+        .data_loader(&step)?
+        .without_lr_schedule()
+        .build()
+}
