@@ -184,11 +184,11 @@ impl RestartEstimator {
 /// prior weight. After k failures over an exposure of T seconds the
 /// posterior is Gamma(a = a₀ + k, b = b₀ + T).
 ///
-/// The estimate is **M̂ = b / a = 1 / E[λ | data]**, the reciprocal of the
+/// The estimate is **M̂ = b / a = 1 / E(λ | data)**, the reciprocal of the
 /// posterior mean rate, rather than the posterior mean of 1/λ,
 /// b / (a − 1). Reasons: (1) the scheduler's first-order cost
 /// δ/τ + λ·(τ/2 + R) is linear in λ, so its posterior expectation is the
-/// cost at E[λ], which makes M = 1/E[λ] the right plug-in value; (2) it is
+/// cost at E(λ), which makes M = 1/E(λ) the right plug-in value; (2) it is
 /// defined for every a > 0, so any prior weight works, while b/(a − 1)
 /// needs a > 1 and, with w = 2 and no data, would return 2·M_prior instead
 /// of M_prior; (3) it reads as a pooled estimate
