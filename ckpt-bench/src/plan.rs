@@ -321,7 +321,10 @@ pub fn run(args: PlanArgs) -> Result<(), CliError> {
         let markers: Vec<(String, f64)> = plan
             .rows
             .iter()
-            .map(|r| (r.name.to_string(), r.period_s))
+            .map(|r| match r.name {
+                "latency-aware" => (format!("latency-aware (K = {})", plan.keep), r.period_s),
+                name => (name.to_string(), r.period_s),
+            })
             .collect();
         plot::plan_plot(
             path,

@@ -95,12 +95,15 @@ fn draw_plan(path: &Path, c: &CostCurve<'_>) -> DrawResult {
         .margin(20)
         .x_label_area_size(55)
         .y_label_area_size(75)
-        .build_cartesian_2d((lo..hi).log_scale(), 0.0..ymax)?;
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(nice_durations(lo, hi)),
+            0.0..ymax,
+        )?;
     chart
         .configure_mesh()
         .x_desc("save period τ (log scale)")
         .y_desc("share of wall time lost")
-        .x_label_formatter(&|v| format_secs(*v))
+        .x_label_formatter(&|v| axis_secs(*v))
         .y_label_formatter(&|v| format!("{:.0}%", v * 100.0))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
@@ -158,6 +161,46 @@ fn draw_plan(path: &Path, c: &CostCurve<'_>) -> DrawResult {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Round durations (1-2-5 seconds, then minutes, hours, days) in [lo, hi].
+fn nice_durations(lo: f64, hi: f64) -> Vec<f64> {
+    const STEPS: [f64; 16] = [
+        1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+        18_000.0, 43_200.0,
+    ];
+    let mut v: Vec<f64> = Vec::new();
+    let mut scale = 1e-3;
+    while scale <= 1.0 {
+        v.extend([1.0, 2.0, 5.0].iter().map(|m| m * scale));
+        scale *= 10.0;
+    }
+    v.extend(STEPS.iter().skip(3));
+    let mut day = 86_400.0;
+    while day <= hi {
+        v.push(day);
+        day *= 2.0;
+    }
+    v.into_iter().filter(|t| *t >= lo && *t <= hi).collect()
+}
+
+/// Axis label for a round duration: "500ms", "20s", "5m", "2h", "4d".
+fn axis_secs(v: f64) -> String {
+    let trim = |x: f64, unit: &str| {
+        let s = format!("{x:.1}");
+        format!("{}{unit}", s.trim_end_matches('0').trim_end_matches('.'))
+    };
+    if v < 1.0 {
+        trim(v * 1000.0, "ms")
+    } else if v < 60.0 {
+        trim(v, "s")
+    } else if v < 3600.0 {
+        trim(v / 60.0, "m")
+    } else if v < 86_400.0 {
+        trim(v / 3600.0, "h")
+    } else {
+        trim(v / 86_400.0, "d")
+    }
 }
 
 /// Stacked bars of mean useful work, checkpoint time, wasted work and
@@ -273,4 +316,22 @@ fn draw_simulate(path: &Path, s: &[IntervalSummary], best: u64) -> DrawResult {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_ticks() {
+        assert_eq!(
+            nice_durations(3.0, 100.0),
+            vec![5.0, 10.0, 20.0, 30.0, 60.0]
+        );
+        assert_eq!(axis_secs(0.5), "500ms");
+        assert_eq!(axis_secs(30.0), "30s");
+        assert_eq!(axis_secs(120.0), "2m");
+        assert_eq!(axis_secs(5400.0), "1.5h");
+        assert_eq!(axis_secs(172_800.0), "2d");
+    }
 }

@@ -100,6 +100,18 @@ struct SummaryJson {
 /// Builds and checks the simulation parameters.
 fn params(a: &SimulateArgs) -> Result<SimParams, CliError> {
     let step_time_s = a.step_time.as_secs_f64();
+    if a.total_steps == 0 {
+        return Err(CliError::usage("--total-steps must be at least 1"));
+    }
+    if step_time_s <= 0.0 {
+        return Err(CliError::usage("--step-time must be positive"));
+    }
+    if !(0.0..=1.0).contains(&a.blocking_fraction) {
+        return Err(CliError::usage(format!(
+            "--blocking-fraction must lie in [0, 1], got {}",
+            a.blocking_fraction
+        )));
+    }
     let mtbf_s = match (a.fail_prob, a.mtbf) {
         (Some(p), None) => {
             if !(p > 0.0 && p < 1.0) {
