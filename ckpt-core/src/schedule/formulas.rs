@@ -614,6 +614,50 @@ mod tests {
         }
 
         #[test]
+        fn fleet_mtbf_matches_any_node_failing(
+            node_mtbf in 1e3f64..1e9,
+            nodes in 1u64..100_000,
+            st in 0.01f64..100.0,
+        ) {
+            // P(some node fails in a step) = 1 − (1 − p_node)^N.
+            let p_node = failure_prob_per_step(st, node_mtbf);
+            let any = -((nodes as f64) * (-p_node).ln_1p()).exp_m1();
+            let fleet = failure_prob_per_step(st, fleet_mtbf(node_mtbf, nodes));
+            prop_assert!(rel(fleet, any) < 1e-9, "{fleet} vs {any}");
+        }
+
+        #[test]
+        fn first_order_terms_bound_exact_overhead(
+            delta in 0.01f64..100.0,
+            m in 100.0f64..1e7,
+            r in 0.0f64..1e3,
+            l in 0.0f64..1e3,
+            f in 1.01f64..100.0,
+        ) {
+            // 1 − A = (w + x)/(1 + x) ≤ w + x, with equality to first order.
+            let tau = delta * f;
+            let (w, x) = cost_terms(tau, delta, m, r, l);
+            let exact = expected_overhead(tau, delta, m, r, l);
+            prop_assert!(exact <= w + x + 1e-12);
+            prop_assert!((w + x - exact) <= x * (w + x) + 1e-12);
+        }
+
+        #[test]
+        fn segment_time_bounds_and_monotone(
+            w in 0.0f64..1e4,
+            c in 0.0f64..1e3,
+            r in 0.0f64..1e3,
+            m in 10.0f64..1e7,
+            k in 1.01f64..2.0,
+        ) {
+            let e = expected_segment_time(w, c, r, m);
+            prop_assert!(e >= (w + c) * (1.0 - 1e-12));
+            prop_assert!(expected_segment_time(w * k + 1.0, c, r, m) > e);
+            prop_assert!(expected_segment_time(w, c, r * k + 1.0, m) >= e);
+            prop_assert!(expected_segment_time(w, c, r, m / k) >= e);
+        }
+
+        #[test]
         fn step_probability_roundtrip(st in 1e-3f64..100.0, m in 1.0f64..1e9) {
             let p = failure_prob_per_step(st, m);
             prop_assert!(p > 0.0 && p < 1.0);
