@@ -369,7 +369,7 @@ impl Scheduler {
             let stats = self.mtbf.stats();
             let r = match (self.restart.estimate(), self.restart.samples()) {
                 (Some(r), 0) => format!("{} (configured)", fmt_s(r.as_secs_f64())),
-                (Some(r), n) => format!("{} ({n} restores)", fmt_s(r.as_secs_f64())),
+                (Some(r), n) => format!("{} (median-EWMA of {n} restores)", fmt_s(r.as_secs_f64())),
                 (None, _) => "0s (not configured)".to_string(),
             };
             line += &format!(
@@ -684,6 +684,40 @@ mod tests {
         s.record_save(secs(1), secs(1));
         assert_eq!(s.interval(), secs(900));
         assert!(s.explain().contains("K=2"));
+    }
+
+    #[test]
+    fn explain_example() {
+        let mut s = sched(Policy::Availability);
+        assert_eq!(
+            s.explain(),
+            "availability: save every 100.0s (initial interval: no save measured yet); \
+             δ=unmeasured, M=3600s (prior 3600s, 0 failures in 0.000s exposure), R=240.0s (configured)"
+        );
+        for _ in 0..5 {
+            s.record_save(secs(1), secs(20));
+        }
+        s.observe_failures(FailureStats {
+            failures: 3,
+            exposure_s: 5.0 * 3600.0,
+        });
+        s.record_restore(secs(180));
+        assert_eq!(
+            s.explain(),
+            "availability: save every 103.2s = δ + √(δ² + 2δ(M+R)) [availability optimum, Saxena et al. 2024]; \
+             δ=1.000s (median-EWMA of 5 saves), M=5040s (prior 3600s, 3 failures in 18000s exposure), R=180.0s (median-EWMA of 1 restores)"
+        );
+        let mut l = sched(Policy::LatencyAware {
+            latency: secs(120),
+            keep: 2,
+        });
+        l.record_save(secs(1), secs(200));
+        assert!(
+            l.explain()
+                .ends_with("L=120.0s, K=2; raised to 200.0s: the last flush took that long"),
+            "{}",
+            l.explain()
+        );
     }
 
     #[test]
