@@ -1,2 +1,87 @@
-//! ckpt-bench.
-fn main() {}
+//! ckpt-bench: planning, simulation and benchmarking tools for ckpt.
+//!
+//! Each subcommand lives in its own module with an `Args` struct and a
+//! `run` function; this file only dispatches.
+
+mod duration;
+mod plan;
+mod plot;
+mod simulate;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Command line of ckpt-bench.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ckpt-bench",
+    version,
+    about = "Planning and benchmarking tools for ckpt"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checkpoint interval of every policy (Young, Daly, availability,
+    /// latency-aware) with its expected overhead.
+    Plan(plan::PlanArgs),
+    /// Discrete-event simulation of a job with failures over a sweep of
+    /// checkpoint intervals.
+    Simulate(simulate::SimulateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => plan::run(args),
+        Command::Simulate(args) => simulate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.exit_code)
+        }
+    }
+}
+
+/// Error of a subcommand: a message for the user and the exit code (2 for
+/// invalid arguments, as clap uses; 1 for failures while running).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CliError {
+    /// What went wrong, for the user.
+    pub message: String,
+    /// Process exit code.
+    pub exit_code: u8,
+}
+
+impl CliError {
+    /// Invalid or inconsistent arguments (exit code 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            exit_code: 2,
+        }
+    }
+
+    /// A failure while running, e.g. writing a file (exit code 1).
+    pub fn io(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            exit_code: 1,
+        }
+    }
+}
+
+/// Writes `text` to standard output.
+pub fn emit(text: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::io(format!("cannot write to standard output: {e}")))
+}
