@@ -67,7 +67,11 @@ pub fn memcpy_parallel(tensors: &[Vec<u8>], threads: usize) -> Duration {
 pub fn raw_write(dir: &Path, tensors: &[Vec<u8>]) -> std::io::Result<Duration> {
     let path = dir.join(".raw-write-floor");
     let t = Instant::now();
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
     for src in tensors {
         for piece in src.chunks(8 << 20) {
             f.write_all(piece)?;
@@ -152,7 +156,11 @@ pub fn median(v: &mut [f64]) -> f64 {
         return f64::NAN;
     }
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Peak resident set size of this process (VmHWM), bytes.

@@ -69,12 +69,32 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!("{result}");
     } else {
         let gib = |s: f64| bytes as f64 / s / (1u64 << 30) as f64;
-        println!("flush: {:.2} GiB to {} ({} iterations, median)", bytes as f64 / (1u64 << 30) as f64, a.dir.display(), a.iters);
-        println!("{:<40} {:>10.3} s {:>8.2} GiB/s", "raw write + fsync (floor)", r, gib(r));
+        println!(
+            "flush: {:.2} GiB to {} ({} iterations, median)",
+            bytes as f64 / (1u64 << 30) as f64,
+            a.dir.display(),
+            a.iters
+        );
+        println!(
+            "{:<40} {:>10.3} s {:>8.2} GiB/s",
+            "raw write + fsync (floor)",
+            r,
+            gib(r)
+        );
         if let Some(od) = od {
-            println!("{:<40} {:>10.3} s {:>8.2} GiB/s", "raw write O_DIRECT + fsync", od, gib(od));
+            println!(
+                "{:<40} {:>10.3} s {:>8.2} GiB/s",
+                "raw write O_DIRECT + fsync",
+                od,
+                gib(od)
+            );
         }
-        println!("{:<40} {:>10.3} s {:>8.2} GiB/s", "ckpt save -> durable (crc32c on)", d, gib(d));
+        println!(
+            "{:<40} {:>10.3} s {:>8.2} GiB/s",
+            "ckpt save -> durable (crc32c on)",
+            d,
+            gib(d)
+        );
         println!("ratio to raw write floor: {:.2}x", d / r);
     }
     drop(ckpt);

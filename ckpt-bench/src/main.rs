@@ -4,9 +4,14 @@
 //! `run` function; this file only dispatches.
 
 mod duration;
+mod floors;
+mod flush;
 mod plan;
 mod plot;
+mod restore;
 mod simulate;
+mod stage;
+mod synth;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -33,6 +38,12 @@ enum Command {
     /// Discrete-event simulation of a job with failures over a sweep of
     /// checkpoint intervals.
     Simulate(simulate::SimulateArgs),
+    /// Math-stop of an async save vs the memcpy floor and a blocking save.
+    Stage(stage::StageArgs),
+    /// Time from save to durable vs the raw write bandwidth of the directory.
+    Flush(flush::FlushArgs),
+    /// Cold restore with verification vs a raw cold read.
+    Restore(restore::RestoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +51,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
         Command::Simulate(args) => simulate::run(args),
+        Command::Stage(args) => stage::run(&args).map_err(|e| CliError::io(e.to_string())),
+        Command::Flush(args) => flush::run(&args).map_err(|e| CliError::io(e.to_string())),
+        Command::Restore(args) => restore::run(&args).map_err(|e| CliError::io(e.to_string())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

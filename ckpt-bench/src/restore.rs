@@ -51,7 +51,10 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         let views = synth::views(&tensors);
         ckpt.save(&synth::state(&views, 1)?)?.wait()?;
     }
-    let shard = a.dir.join(layout::step_dir(&run, 1)).join(layout::rank_data_file(0));
+    let shard = a
+        .dir
+        .join(layout::step_dir(&run, 1))
+        .join(layout::rank_data_file(0));
     let mut outs: Vec<Vec<u8>> = tensors.iter().map(|t| vec![0u8; t.len()]).collect();
     let (mut restore, mut raw) = (vec![], vec![]);
     for _ in 0..a.iters {
@@ -89,9 +92,24 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!("{result}");
     } else {
         let gib = |s: f64| bytes as f64 / s / (1u64 << 30) as f64;
-        println!("restore: {:.2} GiB from {} (cold page cache, {} iterations, median)", bytes as f64 / (1u64 << 30) as f64, a.dir.display(), a.iters);
-        println!("{:<44} {:>8.3} s {:>8.2} GiB/s", "raw sequential read (floor)", rr, gib(rr));
-        println!("{:<44} {:>8.3} s {:>8.2} GiB/s", format!("ckpt restore, crc32c verified, {} threads", a.threads), rs, gib(rs));
+        println!(
+            "restore: {:.2} GiB from {} (cold page cache, {} iterations, median)",
+            bytes as f64 / (1u64 << 30) as f64,
+            a.dir.display(),
+            a.iters
+        );
+        println!(
+            "{:<44} {:>8.3} s {:>8.2} GiB/s",
+            "raw sequential read (floor)",
+            rr,
+            gib(rr)
+        );
+        println!(
+            "{:<44} {:>8.3} s {:>8.2} GiB/s",
+            format!("ckpt restore, crc32c verified, {} threads", a.threads),
+            rs,
+            gib(rs)
+        );
         println!("restore bandwidth = {:.2}x raw read", rr / rs);
     }
     drop(ckpt);

@@ -39,9 +39,17 @@ pub struct StageArgs {
 
 fn blocking_save(dir: &Path, tensors: &[Vec<u8>], step: u64) -> std::io::Result<f64> {
     let t = Instant::now();
-    let specs: Vec<(String, Vec<u64>)> = tensors.iter().enumerate().map(|(i, v)| (format!("layer.{i}.w"), vec![v.len() as u64 / 4])).collect();
-    let specs_ref: Vec<(&str, ckpt_core::DType, &[u64])> = specs.iter().map(|(n, s)| (n.as_str(), ckpt_core::DType::F32, s.as_slice())).collect();
-    let layout = ckpt_core::shard_file::layout(&specs_ref, &Default::default()).map_err(std::io::Error::other)?;
+    let specs: Vec<(String, Vec<u64>)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("layer.{i}.w"), vec![v.len() as u64 / 4]))
+        .collect();
+    let specs_ref: Vec<(&str, ckpt_core::DType, &[u64])> = specs
+        .iter()
+        .map(|(n, s)| (n.as_str(), ckpt_core::DType::F32, s.as_slice()))
+        .collect();
+    let layout = ckpt_core::shard_file::layout(&specs_ref, &Default::default())
+        .map_err(std::io::Error::other)?;
     let path = dir.join(format!("blocking-{step}.safetensors"));
     let mut f = std::fs::File::create(&path)?;
     f.write_all(&layout.header)?;
@@ -69,12 +77,17 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
         builder = builder.copy_threads(t);
     }
     let ckpt = builder.build()?;
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get().min(8)).unwrap_or(2));
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(8))
+            .unwrap_or(2)
+    });
 
     // Async saves first, so the peak RSS read right after covers exactly
     // the caller's state + the staging pool (+ runtime), not the floors'
     // scratch buffers.
-    let (mut asyncs, mut blocks, mut floors1, mut floorsn, mut durables) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut asyncs, mut blocks, mut floors1, mut floorsn, mut durables) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..=a.iters {
         let state = synth::state(&views, i as u64 + 1)?;
         let h = ckpt.save(&state)?;
@@ -94,7 +107,10 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
         blocks.push(blocking_save(&a.dir, &tensors, i as u64)?);
     }
     let pool_locked = ckpt.staging_pool().is_some_and(|p| p.is_locked());
-    let (amin, amax) = (asyncs.iter().copied().fold(f64::MAX, f64::min), asyncs.iter().copied().fold(0.0, f64::max));
+    let (amin, amax) = (
+        asyncs.iter().copied().fold(f64::MAX, f64::min),
+        asyncs.iter().copied().fold(0.0, f64::max),
+    );
     let (a_med, b_med, f1, fnn, d_med) = (
         floors::median(&mut asyncs),
         floors::median(&mut blocks),
@@ -127,15 +143,55 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!("{result}");
     } else {
         let gib = |s: f64| bytes as f64 / s / (1u64 << 30) as f64;
-        println!("stage: {:.2} GiB in {} tensors, {} iterations (median), {} copy threads", bytes as f64 / (1u64 << 30) as f64, a.tensors, a.iters, threads);
+        println!(
+            "stage: {:.2} GiB in {} tensors, {} iterations (median), {} copy threads",
+            bytes as f64 / (1u64 << 30) as f64,
+            a.tensors,
+            a.iters,
+            threads
+        );
         println!("{:<34} {:>10} {:>10}", "", "seconds", "GiB/s");
-        println!("{:<34} {:>10.4} {:>10.2}", "memcpy floor (1 thread)", f1, gib(f1));
-        println!("{:<34} {:>10.4} {:>10.2}", format!("memcpy floor ({threads} threads)"), fnn, gib(fnn));
-        println!("{:<34} {:>10.4} {:>10.2}   (min {amin:.4}, max {amax:.4})", "ckpt async save: math-stop", a_med, gib(a_med));
-        println!("{:<34} {:>10.4} {:>10.2}", "blocking save (write + fsync)", b_med, gib(b_med));
-        println!("{:<34} {:>10.4} {:>10.2}", "ckpt async save: time to durable", d_med, gib(d_med));
-        println!("ratio to memcpy floor: {:.2}x (1 thread), {:.2}x ({threads} threads); {:.1}x faster than blocking", a_med / f1, a_med / fnn, b_med / a_med);
-        println!("peak RSS during save + flush {:.2} GiB = {:.3} x (state + staging); staging page-locked: {pool_locked}", peak as f64 / (1u64 << 30) as f64, peak as f64 / limit);
+        println!(
+            "{:<34} {:>10.4} {:>10.2}",
+            "memcpy floor (1 thread)",
+            f1,
+            gib(f1)
+        );
+        println!(
+            "{:<34} {:>10.4} {:>10.2}",
+            format!("memcpy floor ({threads} threads)"),
+            fnn,
+            gib(fnn)
+        );
+        println!(
+            "{:<34} {:>10.4} {:>10.2}   (min {amin:.4}, max {amax:.4})",
+            "ckpt async save: math-stop",
+            a_med,
+            gib(a_med)
+        );
+        println!(
+            "{:<34} {:>10.4} {:>10.2}",
+            "blocking save (write + fsync)",
+            b_med,
+            gib(b_med)
+        );
+        println!(
+            "{:<34} {:>10.4} {:>10.2}",
+            "ckpt async save: time to durable",
+            d_med,
+            gib(d_med)
+        );
+        println!(
+            "ratio to memcpy floor: {:.2}x (1 thread), {:.2}x ({threads} threads); {:.1}x faster than blocking",
+            a_med / f1,
+            a_med / fnn,
+            b_med / a_med
+        );
+        println!(
+            "peak RSS during save + flush {:.2} GiB = {:.3} x (state + staging); staging page-locked: {pool_locked}",
+            peak as f64 / (1u64 << 30) as f64,
+            peak as f64 / limit
+        );
     }
     drop(ckpt);
     let _ = std::fs::remove_dir_all(a.dir.join(run));

@@ -8,7 +8,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => {
-            let mult = match s[i..].to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+            let mult = match s[i..]
+                .to_ascii_lowercase()
+                .trim_end_matches("ib")
+                .trim_end_matches('b')
+            {
                 "k" => 1u64 << 10,
                 "m" => 1 << 20,
                 "g" => 1 << 30,
@@ -20,7 +24,10 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         }
         None => (s, 1),
     };
-    let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size like 2G or 512M"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 2G or 512M"))?;
     Ok((n * mult as f64) as u64)
 }
 
@@ -48,7 +55,14 @@ pub fn views(tensors: &[Vec<u8>]) -> Vec<TensorRef<'_>> {
     tensors
         .iter()
         .enumerate()
-        .map(|(i, t)| TensorRef::new(format!("layer.{i}.w"), ckpt_core::DType::F32, &[t.len() as u64 / 4], t))
+        .map(|(i, t)| {
+            TensorRef::new(
+                format!("layer.{i}.w"),
+                ckpt_core::DType::F32,
+                &[t.len() as u64 / 4],
+                t,
+            )
+        })
         .collect()
 }
 

@@ -67,6 +67,7 @@ pub struct CheckpointerBuilder {
     copy_threads: usize,
     restore_threads: usize,
     blake3: bool,
+    crc_while_staging: bool,
     commit_timeout: Duration,
     block_timeout: Duration,
     runtime: Option<tokio::runtime::Handle>,
@@ -194,6 +195,16 @@ impl CheckpointerBuilder {
         self
     }
 
+    /// Compute the crc32c tables during the copy (inside the math-stop,
+    /// while the bytes are in cache) instead of in the background from the
+    /// immutable staged copy before any byte is written (the default). On
+    /// few cores the default keeps the math-stop at memcpy speed; both cover
+    /// every byte from the staging pool to storage and back.
+    pub fn checksum_while_staging(mut self, on: bool) -> Self {
+        self.crc_while_staging = on;
+        self
+    }
+
     /// How long the coordinator waits for the other ranks (default 10 min).
     pub fn commit_timeout(mut self, d: Duration) -> Self {
         self.commit_timeout = d;
@@ -273,6 +284,7 @@ impl CheckpointerBuilder {
             copy_threads: self.copy_threads,
             restore_threads: self.restore_threads,
             blake3: self.blake3,
+            crc_while_staging: self.crc_while_staging,
             commit_timeout: self.commit_timeout,
             block_timeout: self.block_timeout,
             saves: Mutex::new(0),
@@ -297,6 +309,7 @@ pub struct Checkpointer {
     copy_threads: usize,
     restore_threads: usize,
     blake3: bool,
+    crc_while_staging: bool,
     commit_timeout: Duration,
     block_timeout: Duration,
     saves: Mutex<u64>,
@@ -341,6 +354,7 @@ impl Checkpointer {
                 .unwrap_or(2),
             restore_threads: 4,
             blake3: false,
+            crc_while_staging: false,
             commit_timeout: Duration::from_secs(600),
             block_timeout: Duration::from_secs(3600),
             runtime: None,
@@ -489,6 +503,8 @@ impl Checkpointer {
             header: Bytes::from(layout.header),
             file_len: layout.file_len,
             blake3: self.blake3,
+            defer_flush: staged_bytes <= pool.capacity(),
+            crc_while_staging: self.crc_while_staging,
             commit_timeout: self.commit_timeout,
             tensors,
         });
@@ -536,6 +552,7 @@ impl Checkpointer {
             &pool,
             &sources,
             self.chunk_size,
+            self.crc_while_staging,
             self.copy_threads,
             self.block_timeout,
             &sink,

@@ -58,6 +58,51 @@ pub fn verify_chunks(
     Ok(())
 }
 
+/// crc32c per chunk over bytes fed in arbitrary pieces (the staged stream
+/// arrives as block slices that do not line up with chunks).
+#[derive(Debug, Clone)]
+pub struct ChunkedCrc {
+    chunk: u64,
+    filled: u64,
+    crc: u32,
+    out: Vec<u32>,
+}
+
+impl ChunkedCrc {
+    /// Starts a table for chunks of `chunk_size` bytes.
+    pub fn new(chunk_size: u64) -> Self {
+        Self {
+            chunk: chunk_size.max(1),
+            filled: 0,
+            crc: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Feeds the next bytes.
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = ((self.chunk - self.filled) as usize).min(data.len());
+            self.crc = crc32c::crc32c_append(self.crc, &data[..n]);
+            self.filled += n as u64;
+            data = &data[n..];
+            if self.filled == self.chunk {
+                self.out.push(self.crc);
+                self.crc = 0;
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// The table, including a final short chunk.
+    pub fn finish(mut self) -> Vec<u32> {
+        if self.filled > 0 {
+            self.out.push(self.crc);
+        }
+        self.out
+    }
+}
+
 /// Hex blake3 digest of `data`.
 pub fn blake3_hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
@@ -66,6 +111,18 @@ pub fn blake3_hex(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunked_crc_matches_whole_chunks_whatever_the_pieces() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        for piece in [1usize, 7, 100, 4096, 9999] {
+            let mut c = ChunkedCrc::new(1000);
+            for p in data.chunks(piece) {
+                c.update(p);
+            }
+            assert_eq!(c.finish(), chunk_crcs(&data, 1000), "piece size {piece}");
+        }
+    }
 
     #[test]
     fn verify_detects_flipped_byte_and_names_chunk() {

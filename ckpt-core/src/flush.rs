@@ -48,6 +48,13 @@ pub(crate) struct SaveCtx {
     pub header: Bytes,
     pub file_len: u64,
     pub blake3: bool,
+    /// Hold the flush until staging has finished. Set when the whole save
+    /// fits in the pool: writing while copying would steal cores and memory
+    /// bandwidth from the math-stop. A save larger than the pool must
+    /// stream, so it flushes while it stages.
+    pub defer_flush: bool,
+    /// Whether staging computed the staged tensors' checksums.
+    pub crc_while_staging: bool,
     pub commit_timeout: Duration,
     pub tensors: Vec<TensorCtx>,
 }
@@ -168,7 +175,6 @@ fn dispatch_inner(
             let _ = o.send(b.clone());
         }
     };
-    emit(ctx.header.clone());
     let mut reorder = Reorder {
         rx,
         pending: BTreeMap::new(),
@@ -176,6 +182,12 @@ fn dispatch_inner(
         current: Bytes::new(),
         crcs: None,
     };
+    if ctx.defer_flush {
+        while reorder.crcs.is_none() {
+            reorder.recv()?;
+        }
+    }
+    emit(ctx.header.clone());
     let mut shared_crcs: Vec<Option<Vec<u32>>> = Vec::with_capacity(ctx.tensors.len());
     let mut hashes: Vec<Option<String>> = Vec::with_capacity(ctx.tensors.len());
     for t in &ctx.tensors {
@@ -187,14 +199,21 @@ fn dispatch_inner(
             }
             emit(bytes.clone());
         } else {
-            shared_crcs.push(None);
             let len = usize::try_from(t.len).map_err(|_| Error::tensor(&t.name, "too large"))?;
+            // Checksum the staged copy here unless staging already did: it is
+            // immutable, and no byte reaches a tier before it is summed.
+            let mut crc =
+                (!ctx.crc_while_staging).then(|| checksum::ChunkedCrc::new(ctx.chunk_size));
             reorder.take(len, &mut |b: Bytes| {
+                if let Some(c) = crc.as_mut() {
+                    c.update(&b);
+                }
                 if let Some(h) = hasher.as_mut() {
                     h.update(&b);
                 }
                 emit(b);
             })?;
+            shared_crcs.push(crc.map(checksum::ChunkedCrc::finish));
         }
         hashes.push(hasher.map(|h| h.finalize().to_hex().to_string()));
     }
