@@ -482,6 +482,7 @@ fn wrong_credentials_and_missing_bucket_are_clear_errors() {
                 .expect_err("put with a wrong secret"),
         ];
         for e in errors {
+            eprintln!("wrong secret: {e}");
             match &e {
                 Error::Backend {
                     retryable, message, ..
@@ -505,6 +506,7 @@ fn wrong_credentials_and_missing_bucket_are_clear_errors() {
                 .await
                 .expect_err("list of a missing bucket"),
         ] {
+            eprintln!("missing bucket: {e}");
             match &e {
                 Error::Backend {
                     retryable, message, ..
@@ -722,6 +724,11 @@ fn server_killed_mid_upload_fails_the_save_and_keeps_older_checkpoints() {
         "polling the save blocked for {slowest:?}"
     );
     let err = outcome.expect_err("a save whose server died must fail");
+    eprintln!(
+        "server killed: save failed {:?} after the start, math-stop {:?}, save returned in {returned:?}, slowest poll {slowest:?}: {err}",
+        began.elapsed(),
+        h2.math_stop()
+    );
     let report = h2.report();
     assert!(
         !report.is_durable() && !report.tiers[0].committed,

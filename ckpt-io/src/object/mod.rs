@@ -322,7 +322,9 @@ enum Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Known { endpoint, bucket } => write!(f, "bucket `{bucket}` at {endpoint}"),
+            Target::Known { endpoint, bucket } => {
+                write!(f, "endpoint {endpoint}, bucket `{bucket}`")
+            }
             Target::Opaque(s) => f.write_str(s),
         }
     }
@@ -596,23 +598,27 @@ impl Inner {
         let status = http_status(&e);
         let text = chain_text(&e);
         let target = &self.target;
-        let bucket_missing = || {
-            let bucket = match target {
-                Target::Known { bucket, .. } => format!("bucket `{bucket}`"),
-                Target::Opaque(_) => "the bucket".to_string(),
-            };
-            self.backend(
-                false,
-                format!("{bucket} does not exist ({target}; {op} `{path}`): {text}"),
-            )
+        let what = if path.is_empty() {
+            format!("{op} at the tier root")
+        } else {
+            format!("{op} `{path}`")
+        };
+        let fail = |retryable: bool, summary: String| {
+            self.backend(retryable, format!("{summary} ({target}; {what}): {text}"))
+        };
+        let bucket_missing = || match target {
+            Target::Known { bucket, .. } => {
+                fail(false, format!("bucket `{bucket}` does not exist"))
+            }
+            Target::Opaque(_) => fail(false, "the bucket does not exist".into()),
         };
         let denied = |status: Option<u16>| {
-            let status = status.map(|s| format!("HTTP {s}, ")).unwrap_or_default();
-            self.backend(
+            let status = status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+            fail(
                 false,
                 format!(
-                    "credentials were rejected or lack permission ({status}{target}; {op} `{path}`); \
-                     check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: {text}"
+                    "credentials were rejected or lack permission{status}; check \
+                     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
                 ),
             )
         };
@@ -628,10 +634,9 @@ impl Inner {
                 path: path.to_string(),
             },
             E::PermissionDenied { .. } | E::Unauthenticated { .. } => denied(status),
-            E::NotImplemented { .. } | E::NotSupported { .. } => self.backend(
-                false,
-                format!("{op} `{path}` is not supported by {target}: {text}"),
-            ),
+            E::NotImplemented { .. } | E::NotSupported { .. } => {
+                fail(false, "operation not supported by the store".into())
+            }
             E::InvalidPath { .. } => {
                 Error::Config(format!("`{path}` is not a valid object key: {text}"))
             }
@@ -645,19 +650,12 @@ impl Inner {
                     path: path.to_string(),
                     reason: format!("requested range is past the end of the object: {text}"),
                 },
-                Some(408 | 429 | 500..=599) => self.backend(
-                    true,
-                    format!("{target} failed to {op} `{path}` (HTTP {status:?}): {text}"),
-                ),
-                Some(s) => self.backend(
-                    false,
-                    format!("{target} refused to {op} `{path}` (HTTP {s}): {text}"),
-                ),
-                None if is_transport(&e) => self.backend(
-                    true,
-                    format!("cannot reach {target} to {op} `{path}`: {text}"),
-                ),
-                None => self.backend(false, format!("{op} `{path}` on {target}: {text}")),
+                Some(s @ (408 | 429 | 500 | 502..=599)) => {
+                    fail(true, format!("the server failed the request (HTTP {s})"))
+                }
+                Some(s) => fail(false, format!("the server refused the request (HTTP {s})")),
+                None if is_transport(&e) => fail(true, "cannot reach the server".into()),
+                None => fail(false, "request failed".into()),
             },
         }
     }
@@ -810,167 +808,4 @@ impl Tier for ObjectTier {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_urls() {
-        assert_eq!(
-            parse_s3_url("s3://b/p/q/").ok(),
-            Some(("b", "p/q".to_string()))
-        );
-        assert_eq!(parse_s3_url("s3a://b").ok(), Some(("b", String::new())));
-        assert!(parse_s3_url("s3:///p").is_err());
-        assert!(parse_s3_url("gs://b/p").is_err());
-    }
-
-    #[test]
-    fn loopback_endpoints_allow_http() {
-        assert!(is_loopback_http("http://127.0.0.1:9000"));
-        assert!(is_loopback_http("http://localhost"));
-        assert!(is_loopback_http("http://[::1]:80/"));
-        assert!(!is_loopback_http("http://127.0.0.10:9000"));
-        assert!(!is_loopback_http("http://localhost.evil.com"));
-        assert!(!is_loopback_http("https://127.0.0.1"));
-    }
-
-    #[test]
-    fn config_is_validated_and_redacted() {
-        let c = ObjectTierConfig::default().with_part_size(1 << 20);
-        assert!(c.validate().is_err());
-        let c = ObjectTierConfig::default().with_max_parts_in_flight(0);
-        assert!(c.validate().is_err());
-        let c = ObjectTierConfig::default().with_credentials("AKIA", "very-secret");
-        assert!(c.validate().is_ok());
-        let shown = format!("{c:?}");
-        assert!(
-            shown.contains("AKIA") && !shown.contains("very-secret"),
-            "{shown}"
-        );
-    }
-
-    #[test]
-    fn string_prefix_listing_maps_keys() {
-        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-        let tier = ObjectTier::new(store, "/a/b/", "mem").expect("tier");
-        assert_eq!(tier.prefix(), "a/b");
-        assert_eq!(tier.inner.relative("a/b/x/y"), Some("x/y"));
-        assert_eq!(tier.inner.relative("a/bc/x"), None);
-        assert_eq!(
-            tier.object_key("run/step/MANIFEST.json")
-                .expect("key")
-                .as_ref(),
-            "a/b/run/step/MANIFEST.json"
-        );
-        assert!(tier.object_key("run//x").is_err());
-    }
-
-    fn mem_tier(conditional: bool) -> (Arc<object_store::memory::InMemory>, ObjectTier) {
-        let store = Arc::new(object_store::memory::InMemory::new());
-        let tier = ObjectTier::with_config(
-            store.clone(),
-            "pre",
-            "mem://pre",
-            ObjectTierConfig::default()
-                .with_part_size(MIN_PART_SIZE)
-                .with_max_parts_in_flight(2)
-                .with_conditional_put(conditional),
-        )
-        .expect("tier");
-        (store, tier)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn writer_splits_parts_and_aborts_cleanly() {
-        let (store, tier) = mem_tier(true);
-        let data: Vec<u8> = (0..2 * MIN_PART_SIZE + 12345)
-            .map(|i| (i * 31 % 251) as u8)
-            .collect();
-        let data = Bytes::from(data);
-        let mut w = tier.create("d/obj").await.expect("create");
-        let mut rest = data.clone();
-        for n in [1, MIN_PART_SIZE - 1, 3 << 20, usize::MAX] {
-            let piece = rest.split_to(n.min(rest.len()));
-            w.write(piece).await.expect("write");
-        }
-        w.finish().await.expect("finish");
-        assert_eq!(tier.get("d/obj").await.expect("get"), data);
-        let key = tier.object_key("d/obj").expect("key");
-        assert!(
-            object_store::ObjectStoreExt::head(store.as_ref(), &key)
-                .await
-                .is_ok()
-        );
-
-        // Exactly one part: a single PUT; an empty object too.
-        for (path, len) in [("one", MIN_PART_SIZE), ("empty", 0)] {
-            let mut w = tier.create(path).await.expect("create");
-            w.write(data.slice(..len)).await.expect("write");
-            w.finish().await.expect("finish");
-            assert_eq!(tier.size(path).await.expect("size"), len as u64);
-        }
-
-        let mut w = tier.create("d/aborted").await.expect("create");
-        w.write(data.clone()).await.expect("write");
-        w.abort().await.expect("abort");
-        let mut buf = vec![0u8; 100];
-        tier.read_into("d/obj", MIN_PART_SIZE as u64 - 50, &mut buf)
-            .await
-            .expect("read_into");
-        assert_eq!(buf[..], data[MIN_PART_SIZE - 50..MIN_PART_SIZE + 50]);
-        let listed: Vec<String> = tier
-            .list("")
-            .await
-            .expect("list")
-            .into_iter()
-            .map(|o| o.path)
-            .collect();
-        assert_eq!(listed.len(), 3, "{listed:?}");
-        assert!(!listed.iter().any(|p| p.contains("aborted")), "{listed:?}");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn put_create_range_and_list_semantics() {
-        for conditional in [true, false] {
-            let (_store, tier) = mem_tier(conditional);
-            tier.put("m", Bytes::from_static(b"1"), PutMode::Create)
-                .await
-                .expect("create");
-            let e = tier
-                .put("m", Bytes::from_static(b"2"), PutMode::Create)
-                .await
-                .expect_err("twice");
-            assert!(matches!(e, Error::AlreadyExists { .. }), "{e}");
-            tier.put("a/x", Bytes::from_static(b"0123"), PutMode::Overwrite)
-                .await
-                .expect("put");
-            tier.put("a/xy", Bytes::from_static(b"z"), PutMode::Overwrite)
-                .await
-                .expect("put");
-            assert_eq!(
-                &tier.get_range("a/x", 1..3).await.expect("range")[..],
-                b"12"
-            );
-            for r in [2..5, 4..5, 5..5] {
-                let e = tier
-                    .get_range("a/x", r.clone())
-                    .await
-                    .expect_err("past end");
-                assert!(matches!(e, Error::Incomplete { .. }), "{r:?}: {e}");
-            }
-            assert!(matches!(tier.size("zz").await, Err(Error::NotFound { .. })));
-            let mut l: Vec<String> = tier
-                .list("a/x")
-                .await
-                .expect("list")
-                .into_iter()
-                .map(|o| o.path)
-                .collect();
-            l.sort();
-            assert_eq!(l, ["a/x", "a/xy"]);
-            tier.delete("a/x").await.expect("delete");
-            tier.delete("a/x").await.expect("delete absent");
-            assert_eq!(tier.list("a/").await.expect("list").len(), 1);
-        }
-    }
-}
+mod tests;

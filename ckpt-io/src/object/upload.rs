@@ -45,14 +45,19 @@ pub(super) async fn put(inner: &Inner, path: &str, data: Bytes, mode: PutMode) -
         .await
     {
         Ok(_) => Ok(()),
-        Err(e @ object_store::Error::NotImplemented { .. }) if mode == PutMode::Create => {
+        Err(e)
+            if mode == PutMode::Create
+                && (matches!(e, object_store::Error::NotImplemented { .. })
+                    || super::http_status(&e) == Some(501)) =>
+        {
             Err(inner.backend(
                 false,
                 format!(
-                    "{} does not support conditional writes (creating `{path}`); \
+                    "the store ({}) does not support conditional writes (creating `{path}`); \
                      set ObjectTierConfig::with_conditional_put(false) if only one \
-                     process writes: {e}",
-                    inner.target
+                     process writes: {}",
+                    inner.target,
+                    super::chain_text(&e)
                 ),
             ))
         }
