@@ -44,8 +44,16 @@ cleanup_failed_start() {
     fi
 }
 
+show_log() {
+    if [[ -s "$LOG_FILE" ]]; then
+        echo "--- last lines of $LOG_FILE ---" >&2
+        tail -n 20 "$LOG_FILE" >&2 || true
+    fi
+}
+
 die() {
     echo "s3-server.sh: error: $*" >&2
+    show_log
     cleanup_failed_start
     exit 1
 }
@@ -53,11 +61,8 @@ die() {
 on_error() {
     local status=$? line=$1
     echo "s3-server.sh: failed (exit $status) at line $line" >&2
+    show_log
     cleanup_failed_start
-    if [[ -f "$LOG_FILE" ]]; then
-        echo "--- last lines of $LOG_FILE ---" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-    fi
     exit "$status"
 }
 trap 'on_error $LINENO' ERR
@@ -158,7 +163,7 @@ start_server() {
         if kill -0 "$SERVER_PID" 2>/dev/null; then
             die "s3s-fs (pid $SERVER_PID) did not answer on 127.0.0.1:$candidate within ${WAIT_S}s; log: $LOG_FILE"
         fi
-        echo "s3s-fs exited on port $candidate (attempt $attempt); retrying" >&2
+        echo "s3s-fs exited on port $candidate (attempt $attempt of 5)" >&2
     done
     [[ -n "$port" ]] || die "could not start s3s-fs on a free port; log: $LOG_FILE"
 
