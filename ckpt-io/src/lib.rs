@@ -21,3 +21,8 @@ mod local;
 
 pub use ckpt_core::MemoryTier;
 pub use local::LocalTier;
+
+#[cfg(feature = "s3")]
+pub mod object;
+#[cfg(feature = "s3")]
+pub use object::{ObjectTier, ObjectTierConfig};

@@ -1,0 +1,256 @@
+//! Writes: single `PUT`s (with conditional create) and the multipart
+//! writer behind [`Tier::create`](ckpt_core::Tier::create).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use object_store::path::Path;
+use object_store::{
+    MultipartUpload, PutMode as StorePutMode, PutMultipartOptions, PutOptions, PutPayload,
+};
+use tokio::runtime::Handle;
+use tokio::task::JoinSet;
+
+use ckpt_core::{Error, PutMode, Result, TierWriter};
+
+use super::{Inner, Op};
+
+/// `Tier::put`: one atomic `PUT`, conditional for `PutMode::Create`.
+pub(super) async fn put(inner: &Inner, path: &str, data: Bytes, mode: PutMode) -> Result<()> {
+    let key = inner.key(path)?;
+    let store_mode = match mode {
+        PutMode::Overwrite => StorePutMode::Overwrite,
+        PutMode::Create if inner.config.conditional_put => StorePutMode::Create,
+        PutMode::Create => {
+            // Single-writer fallback: check, then write.
+            match super::download::size(inner, path).await {
+                Ok(_) => {
+                    return Err(Error::AlreadyExists {
+                        path: path.to_string(),
+                    });
+                }
+                Err(Error::NotFound { .. }) => StorePutMode::Overwrite,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match inner
+        .store
+        .put_opts(
+            &key,
+            PutPayload::from_bytes(data),
+            PutOptions::from(store_mode),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e)
+            if mode == PutMode::Create
+                && (matches!(e, object_store::Error::NotImplemented { .. })
+                    || super::http_status(&e) == Some(501)) =>
+        {
+            Err(inner.backend(
+                false,
+                format!(
+                    "the store ({}) does not support conditional writes (creating `{path}`); \
+                     set ObjectTierConfig::with_conditional_put(false) if only one \
+                     process writes: {}",
+                    inner.target,
+                    super::chain_text(&e)
+                ),
+            ))
+        }
+        Err(e) => Err(inner.error(Op::Put, path, e)),
+    }
+}
+
+/// The writer of [`Tier::create`](ckpt_core::Tier::create).
+///
+/// Data accumulates (as the caller's `Bytes`, uncopied) until a part is
+/// full *and* more data arrives; only then does a multipart upload start,
+/// so an object no larger than one part goes up as a single `PUT` in
+/// `finish`. Parts upload as tasks on the runtime, at most
+/// `max_parts_in_flight` at a time, so they progress while the caller
+/// waits for its next buffer.
+pub(super) struct ObjectWriter {
+    inner: Arc<Inner>,
+    path: String,
+    key: Path,
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    upload: Option<Box<dyn MultipartUpload>>,
+    parts: JoinSet<object_store::Result<()>>,
+    handle: Handle,
+}
+
+impl ObjectWriter {
+    pub(super) fn new(inner: Arc<Inner>, path: &str) -> Result<Self> {
+        let key = inner.key(path)?;
+        let handle = Handle::try_current().map_err(|_| {
+            Error::InvalidState(format!(
+                "writing `{path}` to {}: the object tier must run inside a tokio runtime",
+                inner.location
+            ))
+        })?;
+        Ok(Self {
+            inner,
+            path: path.to_string(),
+            key,
+            pending: Vec::new(),
+            pending_len: 0,
+            upload: None,
+            parts: JoinSet::new(),
+            handle,
+        })
+    }
+
+    async fn append(&mut self, mut data: Bytes) -> Result<()> {
+        let part_size = self.inner.config.part_size;
+        while !data.is_empty() {
+            if self.pending_len == part_size {
+                self.send_part().await?;
+            }
+            let room = part_size - self.pending_len;
+            let piece = if data.len() > room {
+                data.split_to(room)
+            } else {
+                std::mem::take(&mut data)
+            };
+            self.pending_len += piece.len();
+            self.pending.push(piece);
+        }
+        Ok(())
+    }
+
+    /// Starts uploading the pending bytes as the next part, once fewer than
+    /// `max_parts_in_flight` parts are uploading.
+    async fn send_part(&mut self) -> Result<()> {
+        if self.upload.is_none() {
+            let upload = self
+                .inner
+                .store
+                .put_multipart_opts(&self.key, PutMultipartOptions::default())
+                .await
+                .map_err(|e| self.inner.error(Op::CreateUpload, &self.path, e))?;
+            self.upload = Some(upload);
+        }
+        while let Some(done) = self.parts.try_join_next() {
+            self.part_result(done)?;
+        }
+        while self.parts.len() >= self.inner.config.max_parts_in_flight {
+            self.join_one().await?;
+        }
+        let payload: PutPayload = self.pending.drain(..).collect();
+        self.pending_len = 0;
+        if let Some(upload) = self.upload.as_mut() {
+            self.parts.spawn_on(upload.put_part(payload), &self.handle);
+        }
+        Ok(())
+    }
+
+    async fn join_one(&mut self) -> Result<()> {
+        match self.parts.join_next().await {
+            Some(done) => self.part_result(done),
+            None => Ok(()),
+        }
+    }
+
+    fn part_result(
+        &self,
+        done: std::result::Result<object_store::Result<()>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.inner.error(Op::UploadPart, &self.path, e)),
+            Err(e) => Err(self.inner.backend(
+                false,
+                format!("uploading a part of `{}` stopped: {e}", self.path),
+            )),
+        }
+    }
+
+    async fn complete(&mut self) -> Result<()> {
+        if self.upload.is_none() {
+            let payload: PutPayload = self.pending.drain(..).collect();
+            self.pending_len = 0;
+            return self
+                .inner
+                .store
+                .put_opts(&self.key, payload, PutOptions::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| self.inner.error(Op::Put, &self.path, e));
+        }
+        if self.pending_len > 0 {
+            self.send_part().await?;
+        }
+        while !self.parts.is_empty() {
+            self.join_one().await?;
+        }
+        if let Some(mut upload) = self.upload.take()
+            && let Err(e) = upload.complete().await
+        {
+            let err = self.inner.error(Op::CompleteUpload, &self.path, e);
+            if let Err(abort) = upload.abort().await {
+                tracing::warn!(path = %self.path, error = %abort, "abort after a failed multipart completion failed");
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    async fn cancel(&mut self) -> Result<()> {
+        self.pending.clear();
+        self.pending_len = 0;
+        self.parts.shutdown().await;
+        if let Some(mut upload) = self.upload.take() {
+            match upload.abort().await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.inner.error(Op::AbortUpload, &self.path, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TierWriter for ObjectWriter {
+    fn write(&mut self, data: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.append(data))
+    }
+
+    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        let mut this = self;
+        Box::pin(async move {
+            let result = this.complete().await;
+            if result.is_err() {
+                // Nothing may become visible: drop queued parts and abort.
+                if let Err(e) = this.cancel().await {
+                    tracing::warn!(path = %this.path, error = %e, "abort after a failed upload failed");
+                }
+            }
+            result
+        })
+    }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        let mut this = self;
+        Box::pin(async move { this.cancel().await })
+    }
+}
+
+impl Drop for ObjectWriter {
+    fn drop(&mut self) {
+        // Dropped mid-upload (neither finished nor aborted): stop the parts
+        // and abort the upload in the background, best effort.
+        self.parts.abort_all();
+        if let Some(mut upload) = self.upload.take() {
+            let path = std::mem::take(&mut self.path);
+            self.handle.spawn(async move {
+                if let Err(e) = upload.abort().await {
+                    tracing::debug!(path, error = %e, "background abort of a dropped upload failed");
+                }
+            });
+        }
+    }
+}

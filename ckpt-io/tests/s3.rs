@@ -1,0 +1,761 @@
+//! The object tier against a real S3-compatible server.
+//!
+//! Point the suite at a server with `CKPT_TEST_S3_ENDPOINT`,
+//! `CKPT_TEST_S3_BUCKET`, `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`
+//! (`scripts/s3-server.sh start` starts a local s3s-fs and writes them to
+//! `target/s3-test-server.env`). Without them every test prints why it is
+//! skipped and returns; with `CKPT_REQUIRE_S3=1` they fail instead.
+//!
+//! The restart test also starts a private s3s-fs (`CKPT_S3S_FS`, or
+//! `$CKPT_TOOLS/bin/s3s-fs`, default `~/.local/ckpt-tools/bin/s3s-fs`).
+//!
+//! Every test works under its own prefix, so the tests can share a bucket
+//! and run in parallel.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ckpt_core::{
+    Checkpointer, Error, PutMode, SaveReport, TensorMut, TensorRef, Tier, TierPolicy,
+    TrainingState, layout,
+};
+use ckpt_io::object::object_store::{ObjectStoreExt, PutPayload, RetryConfig};
+use ckpt_io::{ObjectTier, ObjectTierConfig};
+
+const MIB: usize = 1 << 20;
+
+/// Connection settings from the environment.
+#[derive(Clone)]
+struct S3Env {
+    endpoint: String,
+    bucket: String,
+    access_key: String,
+    secret_key: String,
+}
+
+fn require_s3() -> bool {
+    std::env::var("CKPT_REQUIRE_S3").is_ok_and(|v| v == "1")
+}
+
+/// The server to test against, or `None` (after saying why) if none is
+/// configured. Panics instead when `CKPT_REQUIRE_S3=1`.
+fn s3_env(test: &str) -> Option<S3Env> {
+    let vars = [
+        "CKPT_TEST_S3_ENDPOINT",
+        "CKPT_TEST_S3_BUCKET",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ];
+    let values: Vec<Option<String>> = vars
+        .iter()
+        .map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .collect();
+    let missing: Vec<&str> = vars
+        .iter()
+        .zip(&values)
+        .filter(|(_, v)| v.is_none())
+        .map(|(n, _)| *n)
+        .collect();
+    if !missing.is_empty() {
+        let why = format!(
+            "{test}: SKIPPED: no S3 server configured ({} unset); run `scripts/s3-server.sh start` \
+             and `source target/s3-test-server.env`",
+            missing.join(", ")
+        );
+        assert!(!require_s3(), "CKPT_REQUIRE_S3=1 but {why}");
+        eprintln!("{why}");
+        return None;
+    }
+    let mut it = values.into_iter().flatten();
+    Some(S3Env {
+        endpoint: it.next()?,
+        bucket: it.next()?,
+        access_key: it.next()?,
+        secret_key: it.next()?,
+    })
+}
+
+/// A prefix no other test (or earlier run) uses.
+fn unique_prefix(test: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("ckpt-tests/{test}-{}-{nanos}", std::process::id())
+}
+
+fn config(env: &S3Env) -> ObjectTierConfig {
+    ObjectTierConfig::default()
+        .with_endpoint(env.endpoint.clone())
+        .with_allow_http(true)
+        .with_region(std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()))
+        .with_credentials(env.access_key.clone(), env.secret_key.clone())
+}
+
+fn tier(env: &S3Env, prefix: &str, cfg: ObjectTierConfig) -> ObjectTier {
+    ObjectTier::from_url(&format!("s3://{}/{prefix}", env.bucket), cfg).expect("object tier")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Deterministic, position-dependent bytes (no two parts alike).
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn paths(objects: &[ckpt_core::ObjectMeta]) -> Vec<String> {
+    let mut p: Vec<String> = objects.iter().map(|o| o.path.clone()).collect();
+    p.sort();
+    p
+}
+
+#[test]
+fn put_get_range_size_list_delete_and_create_once() {
+    let Some(env) = s3_env("put_get_range_size_list_delete_and_create_once") else {
+        return;
+    };
+    let t = tier(
+        &env,
+        &unique_prefix("semantics"),
+        config(&env).with_request_timeout(Duration::from_secs(20)),
+    );
+    rt().block_on(async {
+        let a = Bytes::from_static(b"0123456789");
+        t.put("a/x", a.clone(), PutMode::Overwrite)
+            .await
+            .expect("put");
+        t.put("a/xy", Bytes::from_static(b"xy"), PutMode::Overwrite)
+            .await
+            .expect("put");
+        t.put("a/y/z", Bytes::new(), PutMode::Overwrite)
+            .await
+            .expect("put empty");
+        t.put("b", Bytes::from_static(b"b"), PutMode::Overwrite)
+            .await
+            .expect("put");
+
+        assert_eq!(t.get("a/x").await.expect("get"), a);
+        assert_eq!(t.get("a/y/z").await.expect("get empty").len(), 0);
+        assert_eq!(&t.get_range("a/x", 2..5).await.expect("range")[..], b"234");
+        assert_eq!(&t.get_range("a/x", 9..10).await.expect("last")[..], b"9");
+        assert!(t.get_range("a/x", 10..10).await.expect("empty").is_empty());
+        for bad in [5..11, 10..12, 11..11] {
+            let e = t.get_range("a/x", bad.clone()).await.expect_err("past end");
+            assert!(matches!(e, Error::Incomplete { .. }), "{bad:?}: {e}");
+        }
+        let mut buf = [0u8; 4];
+        t.read_into("a/x", 6, &mut buf).await.expect("read_into");
+        assert_eq!(&buf, b"6789");
+        let e = t
+            .read_into("a/x", 8, &mut buf)
+            .await
+            .expect_err("short read_into");
+        assert!(matches!(e, Error::Incomplete { .. }), "{e}");
+        assert_eq!(t.size("a/x").await.expect("size"), 10);
+        assert_eq!(t.size("a/y/z").await.expect("size"), 0);
+
+        for e in [
+            t.size("nope").await.expect_err("size missing"),
+            t.get("nope").await.expect_err("get missing"),
+            t.get_range("nope", 0..1).await.expect_err("range missing"),
+        ] {
+            assert!(
+                matches!(&e, Error::NotFound { path } if path == "nope"),
+                "{e}"
+            );
+        }
+
+        // Listing matches a string prefix, recursively, like MemoryTier.
+        assert_eq!(
+            paths(&t.list("").await.expect("list all")),
+            ["a/x", "a/xy", "a/y/z", "b"]
+        );
+        assert_eq!(
+            paths(&t.list("a/").await.expect("list a/")),
+            ["a/x", "a/xy", "a/y/z"]
+        );
+        assert_eq!(
+            paths(&t.list("a/x").await.expect("list a/x")),
+            ["a/x", "a/xy"]
+        );
+        assert!(t.list("c/").await.expect("list empty").is_empty());
+        let sizes: Vec<u64> = {
+            let mut l = t.list("a/x").await.expect("list");
+            l.sort_by(|p, q| p.path.cmp(&q.path));
+            l.iter().map(|o| o.size).collect()
+        };
+        assert_eq!(sizes, [10, 2]);
+
+        // Overwrite replaces; Create happens once.
+        t.put("a/x", Bytes::from_static(b"new"), PutMode::Overwrite)
+            .await
+            .expect("overwrite");
+        assert_eq!(&t.get("a/x").await.expect("get")[..], b"new");
+        t.put(
+            "m/MANIFEST.json",
+            Bytes::from_static(b"one"),
+            PutMode::Create,
+        )
+        .await
+        .expect("first create");
+        let e = t
+            .put(
+                "m/MANIFEST.json",
+                Bytes::from_static(b"two"),
+                PutMode::Create,
+            )
+            .await
+            .expect_err("second create must fail");
+        assert!(
+            matches!(&e, Error::AlreadyExists { path } if path == "m/MANIFEST.json"),
+            "{e}"
+        );
+        assert_eq!(&t.get("m/MANIFEST.json").await.expect("get")[..], b"one");
+
+        // The single-writer fallback behaves the same from one process.
+        let t2 = tier(&env, t.prefix(), config(&env).with_conditional_put(false));
+        assert!(!t2.capabilities().atomic_create);
+        let e = t2
+            .put("m/MANIFEST.json", Bytes::from_static(b"3"), PutMode::Create)
+            .await
+            .expect_err("fallback create must fail too");
+        assert!(matches!(e, Error::AlreadyExists { .. }), "{e}");
+        t2.put("m/OTHER.json", Bytes::from_static(b"4"), PutMode::Create)
+            .await
+            .expect("fallback create");
+
+        // Delete; deleting an absent object succeeds.
+        t.delete("a/x").await.expect("delete");
+        t.delete("a/x").await.expect("delete absent");
+        assert!(matches!(t.get("a/x").await, Err(Error::NotFound { .. })));
+        for p in paths(&t.list("").await.expect("list")) {
+            t.delete(&p).await.expect("cleanup");
+        }
+        assert!(t.list("").await.expect("list").is_empty());
+        t.check().await.expect("check");
+        assert!(
+            t.location()
+                .starts_with(&format!("s3://{}/ckpt-tests/", env.bucket))
+        );
+    });
+}
+
+#[test]
+fn multipart_upload_reads_back_and_abort_leaves_nothing() {
+    let Some(env) = s3_env("multipart_upload_reads_back_and_abort_leaves_nothing") else {
+        return;
+    };
+    let t = tier(
+        &env,
+        &unique_prefix("multipart"),
+        config(&env).with_part_size(16 * MIB),
+    );
+    let data = Bytes::from(pattern(40 * MIB, 1));
+    rt().block_on(async {
+        // 40 MiB in uneven writes: parts of 16 + 16 + 8 MiB.
+        let mut w = t.create("big/obj").await.expect("create");
+        let mut rest = data.clone();
+        let mut sizes = [3 * MIB, 7 * MIB + 13, 1, 11 * MIB].iter().cycle();
+        while !rest.is_empty() {
+            let n = (*sizes.next().expect("cycle")).min(rest.len());
+            w.write(rest.split_to(n)).await.expect("write");
+        }
+        assert!(
+            t.list("big/").await.expect("list").is_empty(),
+            "an unfinished upload must not be visible"
+        );
+        w.finish().await.expect("finish");
+
+        assert_eq!(t.size("big/obj").await.expect("size"), 40 * MIB as u64);
+        let listed = t.list("big/").await.expect("list");
+        assert_eq!(paths(&listed), ["big/obj"]);
+        assert_eq!(listed[0].size, 40 * MIB as u64);
+        let p = 16 * MIB as u64;
+        for r in [
+            0..100,
+            p - 7..p + 9,
+            2 * p - 1..2 * p + 1,
+            40 * MIB as u64 - 5..40 * MIB as u64,
+        ] {
+            let got = t.get_range("big/obj", r.clone()).await.expect("range");
+            assert_eq!(got, data.slice(r.start as usize..r.end as usize), "{r:?}");
+        }
+        let mut buf = vec![0u8; 24 * MIB];
+        t.read_into("big/obj", 8 * MIB as u64, &mut buf)
+            .await
+            .expect("read_into");
+        assert!(buf[..] == data[8 * MIB..32 * MIB], "read_into bytes differ");
+        assert!(
+            t.get("big/obj").await.expect("get") == data,
+            "whole object differs"
+        );
+
+        // A small object through the writer is one PUT.
+        let mut w = t.create("small").await.expect("create");
+        w.write(Bytes::from_static(b"hello ")).await.expect("write");
+        w.write(Bytes::from_static(b"world")).await.expect("write");
+        w.finish().await.expect("finish");
+        assert_eq!(&t.get("small").await.expect("get")[..], b"hello world");
+
+        // Aborted after parts went up: nothing visible, earlier object kept.
+        let mut w = t.create("big/obj").await.expect("create");
+        w.write(Bytes::from(pattern(20 * MIB, 2)))
+            .await
+            .expect("write");
+        w.write(Bytes::from(pattern(20 * MIB, 3)))
+            .await
+            .expect("write");
+        w.abort().await.expect("abort");
+        let mut w = t.create("big/aborted").await.expect("create");
+        w.write(data.slice(..33 * MIB)).await.expect("write");
+        w.abort().await.expect("abort");
+        // Dropped without finish: aborted in the background.
+        let mut w = t.create("big/dropped").await.expect("create");
+        w.write(data.slice(..20 * MIB)).await.expect("write");
+        drop(w);
+        assert_eq!(paths(&t.list("big/").await.expect("list")), ["big/obj"]);
+        assert!(
+            t.get("big/obj").await.expect("get") == data,
+            "aborted upload replaced data"
+        );
+
+        for p in paths(&t.list("").await.expect("list")) {
+            t.delete(&p).await.expect("cleanup");
+        }
+    });
+}
+
+fn save_step(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) -> ckpt_core::SaveHandle {
+    let tw = TensorRef::from_slice("w", &[w.len() as u64], w);
+    let tm = TensorRef::from_slice("opt.m", &[m.len() as u64], m);
+    let state = TrainingState::builder(step)
+        .model([&tw as _])
+        .optimizer([&tm as _])
+        .rng(&[step, 7])
+        .and_then(|b| b.data_loader(&(step * 32)))
+        .and_then(|b| b.lr_schedule(&0.01))
+        .and_then(|b| b.build())
+        .expect("state");
+    ckpt.save(&state).expect("save")
+}
+
+fn floats(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| (i as u32 ^ seed) as f32 * 0.25).collect()
+}
+
+fn restore_w(ckpt: &Checkpointer, n: usize, m: usize) -> (ckpt_core::Restored, Vec<f32>) {
+    let (mut w, mut om) = (vec![0f32; n], vec![0f32; m]);
+    let r = ckpt
+        .restore(&mut [
+            &mut TensorMut::from_slice("w", &[n as u64], &mut w),
+            &mut TensorMut::from_slice("opt.m", &[m as u64], &mut om),
+        ])
+        .expect("restore")
+        .expect("a checkpoint");
+    (r, w)
+}
+
+#[test]
+fn checkpoint_round_trip_and_corruption_falls_back() {
+    let Some(env) = s3_env("checkpoint_round_trip_and_corruption_falls_back") else {
+        return;
+    };
+    let t = tier(&env, &unique_prefix("pipeline"), config(&env));
+    let ckpt = Checkpointer::builder("run")
+        .tier(Arc::new(t.clone()), TierPolicy::keep_last(3))
+        .chunk_size(256 << 10)
+        .build()
+        .expect("checkpointer");
+    let n = 3 * MIB / 4; // 3 MiB of f32
+    let (w1, w2, m) = (floats(n, 1), floats(n, 2), floats(1000, 3));
+    save_step(&ckpt, 1, &w1, &m).wait().expect("step 1 durable");
+    let r2: SaveReport = save_step(&ckpt, 2, &w2, &m).wait().expect("step 2 durable");
+    assert!(r2.tiers[0].committed, "{:?}", r2.tiers);
+
+    let (r, w) = restore_w(&ckpt, n, 1000);
+    assert_eq!((r.step, r.fell_back()), (2, false));
+    assert!(w == w2, "restored step 2 differs");
+    assert_eq!(r.loop_state.data_loader::<u64>().expect("loader"), 64);
+
+    // Flip one byte of step 2's shard behind ckpt's back.
+    let shard = format!(
+        "{}/{}",
+        layout::step_dir("run", 2),
+        layout::rank_data_file(0)
+    );
+    let key = t.object_key(&shard).expect("key");
+    rt().block_on(async {
+        let mut bytes = t
+            .store()
+            .get(&key)
+            .await
+            .expect("raw get")
+            .bytes()
+            .await
+            .expect("raw body")
+            .to_vec();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        t.store()
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .expect("raw put");
+    });
+
+    // A fresh checkpointer (a restarted job) falls back to step 1.
+    drop(ckpt);
+    let ckpt = Checkpointer::builder("run")
+        .tier(Arc::new(t.clone()), TierPolicy::keep_last(3))
+        .build()
+        .expect("checkpointer");
+    let (r, w) = restore_w(&ckpt, n, 1000);
+    assert_eq!(r.step, 1);
+    assert!(w == w1, "restored step 1 differs");
+    assert_eq!(r.skipped.len(), 1, "{:?}", r.skipped);
+    assert_eq!(r.skipped[0].step, Some(2));
+    assert!(
+        r.skipped[0].reason.contains("rank-00000.safetensors")
+            && r.skipped[0].reason.contains("crc32c"),
+        "{}",
+        r.skipped[0].reason
+    );
+    assert!(
+        r.skipped[0].tier.starts_with("s3://"),
+        "{}",
+        r.skipped[0].tier
+    );
+
+    rt().block_on(async {
+        for p in paths(&t.list("").await.expect("list")) {
+            t.delete(&p).await.expect("cleanup");
+        }
+    });
+}
+
+#[test]
+fn wrong_credentials_and_missing_bucket_are_clear_errors() {
+    let Some(env) = s3_env("wrong_credentials_and_missing_bucket_are_clear_errors") else {
+        return;
+    };
+    let prefix = unique_prefix("errors");
+    let bad = tier(
+        &env,
+        &prefix,
+        config(&env).with_credentials(env.access_key.clone(), "not-the-secret"),
+    );
+    let missing_bucket = format!(
+        "ckpt-missing-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let nobucket = ObjectTier::from_url(&format!("s3://{missing_bucket}/{prefix}"), config(&env))
+        .expect("tier");
+    rt().block_on(async {
+        let errors = [
+            bad.check().await.expect_err("check with a wrong secret"),
+            bad.list("").await.expect_err("list with a wrong secret"),
+            bad.get("x").await.expect_err("get with a wrong secret"),
+            bad.put("x", Bytes::from_static(b"x"), PutMode::Create)
+                .await
+                .expect_err("put with a wrong secret"),
+        ];
+        for e in errors {
+            eprintln!("wrong secret: {e}");
+            match &e {
+                Error::Backend {
+                    retryable, message, ..
+                } => {
+                    assert!(!retryable, "{e}");
+                    assert!(message.contains("credentials were rejected"), "{e}");
+                    assert!(message.contains(&env.endpoint), "{e}");
+                    assert!(message.contains(&env.bucket), "{e}");
+                }
+                _ => panic!("wrong secret: want a Backend error, got {e}"),
+            }
+        }
+
+        for e in [
+            nobucket
+                .check()
+                .await
+                .expect_err("check of a missing bucket"),
+            nobucket
+                .list("")
+                .await
+                .expect_err("list of a missing bucket"),
+        ] {
+            eprintln!("missing bucket: {e}");
+            match &e {
+                Error::Backend {
+                    retryable, message, ..
+                } => {
+                    assert!(!retryable, "{e}");
+                    assert!(message.contains("does not exist"), "{e}");
+                    assert!(message.contains(&missing_bucket), "{e}");
+                    assert!(message.contains(&env.endpoint), "{e}");
+                }
+                _ => panic!("missing bucket: want a Backend error, got {e}"),
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Server stopped mid-upload.
+
+/// A private s3s-fs process, killed when dropped.
+struct Server {
+    child: Option<Child>,
+    bin: PathBuf,
+    port: u16,
+    root: PathBuf,
+    access_key: String,
+    secret_key: String,
+}
+
+impl Server {
+    fn start(bin: PathBuf, root: PathBuf, port: u16) -> Self {
+        let mut s = Server {
+            child: None,
+            bin,
+            port,
+            root,
+            access_key: "private-access".into(),
+            secret_key: "private-secret-key".into(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", &self.access_key])
+            .args(["--secret-key", &self.secret_key])
+            .arg(&self.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("s3s-fs exited at start on port {}: {status}", self.port);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not listen on 127.0.0.1:{} within 15 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn s3s_fs_binary(test: &str) -> Option<PathBuf> {
+    let bin = std::env::var_os("CKPT_S3S_FS")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let tools = std::env::var_os("CKPT_TOOLS")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/ckpt-tools"))
+                })?;
+            Some(tools.join("bin/s3s-fs"))
+        })
+        .filter(|p| p.is_file());
+    if bin.is_none() {
+        let why = format!(
+            "{test}: SKIPPED: no s3s-fs binary (set CKPT_S3S_FS, or run scripts/s3-server.sh start \
+             once to install it)"
+        );
+        assert!(!require_s3(), "CKPT_REQUIRE_S3=1 but {why}");
+        eprintln!("{why}");
+    }
+    bin
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits for a save with a bound (`SaveHandle::wait` itself has none).
+fn wait_bounded(h: &ckpt_core::SaveHandle, limit: Duration) -> ckpt_core::Result<SaveReport> {
+    let (tx, rx) = mpsc::channel();
+    let h2 = h.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(h2.wait());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("save of step {} did not finish within {limit:?}", h.step()))
+}
+
+#[test]
+fn server_killed_mid_upload_fails_the_save_and_keeps_older_checkpoints() {
+    const TEST: &str = "server_killed_mid_upload_fails_the_save_and_keeps_older_checkpoints";
+    let Some(bin) = s3s_fs_binary(TEST) else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(root.path().join("private")).expect("bucket dir");
+    let mut server = Server::start(bin, root.path().to_path_buf(), free_port());
+
+    let retry = RetryConfig {
+        max_retries: 1,
+        retry_timeout: Duration::from_secs(2),
+        ..RetryConfig::default()
+    };
+    let t = ObjectTier::from_url(
+        "s3://private/ckpt",
+        ObjectTierConfig::default()
+            .with_endpoint(server.endpoint())
+            .with_region("us-east-1")
+            .with_credentials(server.access_key.clone(), server.secret_key.clone())
+            .with_part_size(5 * MIB)
+            .with_retry(retry)
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_request_timeout(Duration::from_secs(10)),
+    )
+    .expect("tier");
+    let ckpt = Checkpointer::builder("run")
+        .tier(
+            Arc::new(t.clone()),
+            TierPolicy::keep_last(2).rate_limit(16 * MIB as u64),
+        )
+        .staging_capacity(80 * MIB as u64)
+        .build()
+        .expect("checkpointer");
+
+    let m = floats(1000, 9);
+    let w1 = floats(MIB / 4, 1); // 1 MiB
+    save_step(&ckpt, 1, &w1, &m).wait().expect("step 1 durable");
+
+    // Step 2: 64 MiB at 16 MiB/s, about 4 s of upload.
+    let n2 = 16 * MIB;
+    let w2 = floats(n2, 2);
+    let began = Instant::now();
+    let h2 = save_step(&ckpt, 2, &w2, &m);
+    let returned = began.elapsed();
+    assert!(
+        !h2.is_done(),
+        "the save finished before the server was stopped"
+    );
+    assert!(
+        h2.math_stop() < Duration::from_secs(2) && returned < Duration::from_secs(3),
+        "math-stop {:?}, save returned after {returned:?}",
+        h2.math_stop()
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        !h2.is_done(),
+        "the save finished before the server was stopped"
+    );
+    server.kill();
+
+    // The training thread keeps going while the flush fails: polling the
+    // handle never blocks.
+    let (tx, rx) = mpsc::channel();
+    let waiter = h2.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(waiter.wait());
+    });
+    let mut slowest = Duration::ZERO;
+    let outcome = loop {
+        let t0 = Instant::now();
+        let _ = (h2.is_done(), h2.report());
+        slowest = slowest.max(t0.elapsed());
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(r) => break r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                assert!(
+                    began.elapsed() < Duration::from_secs(40),
+                    "the failed save did not finish within 40 s"
+                );
+            }
+            Err(e) => panic!("waiter thread: {e}"),
+        }
+    };
+    assert!(
+        slowest < Duration::from_millis(100),
+        "polling the save blocked for {slowest:?}"
+    );
+    let err = outcome.expect_err("a save whose server died must fail");
+    eprintln!(
+        "server killed: save failed {:?} after the start, math-stop {:?}, save returned in {returned:?}, slowest poll {slowest:?}: {err}",
+        began.elapsed(),
+        h2.math_stop()
+    );
+    let report = h2.report();
+    assert!(
+        !report.is_durable() && !report.tiers[0].committed,
+        "{report:?}"
+    );
+    let why = report.tiers[0].error.clone().unwrap_or_default();
+    assert!(why.contains("s3://private/ckpt"), "{why}");
+    assert!(err.to_string().contains("step 2"), "{err}");
+
+    // Restart on the same data and port: step 1 is intact, step 2 left
+    // nothing visible, and the next save works.
+    server.spawn();
+    let leftovers = rt()
+        .block_on(t.list(&format!("{}/", layout::step_dir("run", 2))))
+        .expect("list step 2");
+    assert!(leftovers.is_empty(), "failed upload left {leftovers:?}");
+    let (r, w) = restore_w(&ckpt, MIB / 4, 1000);
+    assert_eq!((r.step, r.fell_back()), (1, false));
+    assert!(w == w1, "step 1 differs after the restart");
+
+    let w3 = floats(MIB / 4, 3);
+    let h3 = save_step(&ckpt, 3, &w3, &m);
+    let rep3 = wait_bounded(&h3, Duration::from_secs(30)).expect("step 3 durable after restart");
+    assert!(rep3.tiers[0].committed);
+    let (r, w) = restore_w(&ckpt, MIB / 4, 1000);
+    assert_eq!(r.step, 3);
+    assert!(w == w3, "step 3 differs");
+    drop(ckpt);
+    server.kill();
+}
