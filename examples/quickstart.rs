@@ -8,6 +8,9 @@
 //! cargo run --release --example quickstart -- --dir /tmp/ckpt-fresh --steps 300  # same final digest
 //! ```
 
+// Index loops read like the math they implement (forward/backward, Adam).
+#![allow(clippy::needless_range_loop)]
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -362,10 +365,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let lr = sched.at(step);
         let loss = model.train_step(&batch, lr, step + 1, &mut rng);
         step += 1;
-        if step % 50 == 0 {
+        if step.is_multiple_of(50) {
             say(format!("step {step:>5}  loss {loss:.5}  lr {lr:.2e}"));
         }
-        if step % args.every == 0 || step == args.steps {
+        if step.is_multiple_of(args.every) || step == args.steps {
             if let Some(h) = pending.take() {
                 if h.is_done() {
                     report_durable(&h, &say);

@@ -45,6 +45,8 @@ use std::sync::Arc;
 
 pub use ckpt_core::*;
 pub use ckpt_io::{LocalTier, MemoryTier};
+#[cfg(feature = "s3")]
+pub use ckpt_io::{ObjectTier, ObjectTierConfig};
 
 /// Opens a storage location: a directory path (created if absent), or
 /// `s3://bucket/prefix` (with the `s3` feature; configured from `AWS_*`

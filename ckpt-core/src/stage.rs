@@ -41,6 +41,10 @@ pub(crate) struct Staged {
     pub blocks: usize,
 }
 
+/// What one staging worker did: (block index, partial checksums) per
+/// block filled, and its time spent waiting for blocks.
+type WorkerResult = Result<(Vec<(usize, Vec<u32>)>, Duration)>;
+
 fn plan(sources: &[&[u8]], block_size: usize, chunk_size: usize) -> Vec<Vec<Op>> {
     let mut blocks: Vec<Vec<Op>> = Vec::new();
     let mut pos = 0usize;
@@ -111,7 +115,7 @@ pub(crate) fn stage(
     let failed = AtomicBool::new(false);
     let threads = threads.clamp(1, plan.len().max(1));
 
-    let work = || -> Result<(Vec<(usize, Vec<u32>)>, Duration)> {
+    let work = || -> WorkerResult {
         let mut done = Vec::new();
         let mut waited = Duration::ZERO;
         loop {
@@ -139,7 +143,7 @@ pub(crate) fn stage(
         }
     };
 
-    let results: Vec<Result<(Vec<(usize, Vec<u32>)>, Duration)>> = if threads == 1 {
+    let results: Vec<WorkerResult> = if threads == 1 {
         vec![work()]
     } else {
         std::thread::scope(|s| {
@@ -226,6 +230,7 @@ mod tests {
             &pool,
             &sources,
             4096 + 512,
+            true,
             2,
             Duration::from_secs(5),
             &|k, bytes| {
@@ -252,6 +257,7 @@ mod tests {
             &pool,
             &[&data],
             4096,
+            true,
             2,
             Duration::from_secs(5),
             &|_, bytes| {

@@ -198,7 +198,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
                     None => store::runs(tier.as_ref()).await?,
                 };
                 if !json {
-                    println!("{:<24} {:>12} {:>14} {:>6}  {}", "RUN", "STEP", "BYTES", "WORLD", "CREATED");
+                    println!("{:<24} {:>12} {:>14} {:>6}  CREATED", "RUN", "STEP", "BYTES", "WORLD");
                 }
                 for r in runs {
                     for step in store::committed_steps(tier.as_ref(), &r).await? {
@@ -335,8 +335,8 @@ fn print_manifest(m: &Manifest) {
     );
     println!();
     println!(
-        "{:<40} {:<6} {:<10} {:<20} {}",
-        "TENSOR", "DTYPE", "ROLE", "SHAPE", "PIECES"
+        "{:<40} {:<6} {:<10} {:<20} PIECES",
+        "TENSOR", "DTYPE", "ROLE", "SHAPE"
     );
     for (name, t) in &m.tensors {
         println!(
