@@ -23,4 +23,4 @@ if [ -x scripts/s3-server.sh ]; then
 fi
 
 echo "== tests"
-cargo test --workspace --all-features
+cargo test --workspace --all-features --no-fail-fast

@@ -43,9 +43,17 @@ fn crash_and_resume_is_bit_exact() {
         String::from_utf8_lossy(&resumed.stderr)
     );
     let out = String::from_utf8_lossy(&resumed.stdout);
+    // The save of step 70 may still have been in flight when the process
+    // aborted at step 73; then step 60 is the newest committed checkpoint.
+    let from: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("resumed from step "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the second run did not resume:\n{out}"));
     assert!(
-        out.contains("resumed from step 70"),
-        "expected a resume from step 70:\n{out}"
+        from == 70 || from == 60,
+        "resumed from step {from}, expected 70 (or 60 if 70 was in flight):\n{out}"
     );
     assert_eq!(
         digest(&resumed),
