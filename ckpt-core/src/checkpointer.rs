@@ -14,12 +14,14 @@ use crate::layout;
 use crate::policy::{BusyPolicy, TierPolicy};
 use crate::restore::{self, RestoreOptions, Restored};
 use crate::save_handle::{SaveHandle, SaveReport, Shared};
+use crate::schedule::{FailureEvent, Policy, Scheduler, SchedulerConfig};
 use crate::shard_file;
 use crate::stage;
 use crate::staging::{DEFAULT_BLOCK_SIZE, StagingPool};
 use crate::state::{TensorViewMut, TrainingState};
 use crate::tier::Tier;
 use crate::{checksum, spec::ShardSpec};
+use crate::{failure_events, schedule};
 
 enum Runtime {
     Owned(tokio::runtime::Runtime),
@@ -71,6 +73,7 @@ pub struct CheckpointerBuilder {
     commit_timeout: Duration,
     block_timeout: Duration,
     runtime: Option<tokio::runtime::Handle>,
+    schedule: Option<SchedulerConfig>,
 }
 
 impl std::fmt::Debug for CheckpointerBuilder {
@@ -205,6 +208,15 @@ impl CheckpointerBuilder {
         self
     }
 
+    /// The checkpoint-interval policy behind [`Checkpointer::should_save`]
+    /// (default: availability-optimal with a prior job MTBF of 24 h). The
+    /// checkpointer feeds it the math-stop and flush time it measures, the
+    /// restore time, and the failure log it keeps in the store.
+    pub fn schedule(mut self, config: SchedulerConfig) -> Self {
+        self.schedule = Some(config);
+        self
+    }
+
     /// How long the coordinator waits for the other ranks (default 10 min).
     pub fn commit_timeout(mut self, d: Duration) -> Self {
         self.commit_timeout = d;
@@ -263,6 +275,11 @@ impl CheckpointerBuilder {
             ),
         };
         let incarnation = self.incarnation.unwrap_or_else(|| "0".to_string());
+        let schedule = self.schedule.unwrap_or_else(|| {
+            SchedulerConfig::new(Policy::Availability, Duration::from_secs(24 * 3600))
+        });
+        let scheduler =
+            Scheduler::new(schedule).map_err(|e| Error::Config(format!("schedule: {e}")))?;
         Ok(Checkpointer {
             run: self.run,
             rank: self.rank,
@@ -289,6 +306,8 @@ impl CheckpointerBuilder {
             block_timeout: self.block_timeout,
             saves: Mutex::new(0),
             inflight: Mutex::new(Vec::new()),
+            scheduler: Arc::new(Mutex::new(scheduler)),
+            started: Mutex::new(false),
             runtime: Some(runtime),
         })
     }
@@ -314,6 +333,9 @@ pub struct Checkpointer {
     block_timeout: Duration,
     saves: Mutex<u64>,
     inflight: Mutex<Vec<SaveHandle>>,
+    scheduler: Arc<Mutex<Scheduler>>,
+    /// Whether the start of this process was logged (rank 0).
+    started: Mutex<bool>,
     runtime: Option<Runtime>,
 }
 
@@ -358,6 +380,7 @@ impl Checkpointer {
             commit_timeout: Duration::from_secs(600),
             block_timeout: Duration::from_secs(3600),
             runtime: None,
+            schedule: None,
         }
     }
 
@@ -403,6 +426,7 @@ impl Checkpointer {
     /// tier runs in the background. [`SaveHandle::wait`] blocks until it is
     /// durable.
     pub fn save(&self, state: &TrainingState<'_>) -> Result<SaveHandle> {
+        self.log_start(state.step());
         let t0 = Instant::now();
         let handle = self.handle()?.clone();
         let mut saves = self.saves.lock().unwrap_or_else(|e| e.into_inner());
@@ -509,6 +533,18 @@ impl Checkpointer {
             tensors,
         });
 
+        // A latency-aware schedule needs enough snapshots that one taken at
+        // least L before a detected error is still retained.
+        let latency_floor = {
+            let s = self.scheduler.lock().unwrap_or_else(|e| e.into_inner());
+            match s.policy() {
+                Policy::LatencyAware { latency, .. } => {
+                    schedule::retention_floor(s.interval().as_secs_f64(), latency.as_secs_f64())
+                        as usize
+                }
+                _ => 1,
+            }
+        };
         // Start one flush task per tier that takes this save.
         let (manifest_tx, manifest_rx) = watch::channel(None);
         let mut outs = Vec::new();
@@ -525,9 +561,13 @@ impl Checkpointer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .replace(done_rx);
+            let mut policy = slot.policy;
+            policy.retention = policy
+                .retention
+                .with_floor(policy.retention.floor.max(latency_floor));
             let job = TierJob {
                 tier: slot.tier.clone(),
-                policy: slot.policy,
+                policy,
                 data: rx,
                 manifest: manifest_rx.clone(),
                 previous,
@@ -576,6 +616,7 @@ impl Checkpointer {
 
         let shared = Shared::new(report);
         let finisher = shared.clone();
+        let scheduler = self.scheduler.clone();
         handle.spawn(async move {
             let mut reports = Vec::with_capacity(tasks.len());
             for t in tasks {
@@ -589,6 +630,17 @@ impl Checkpointer {
                         error: Some(format!("flush task failed: {e}")),
                     }),
                 }
+            }
+            if reports.iter().any(|r| r.committed) {
+                let absorbed = reports
+                    .iter()
+                    .map(|r| r.flush + r.commit)
+                    .max()
+                    .unwrap_or_default();
+                scheduler
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record_save(math_stop, absorbed);
             }
             finisher.finish(reports, t0.elapsed());
         });
@@ -624,7 +676,100 @@ impl Checkpointer {
         if opts.threads == 0 {
             opts.threads = self.restore_threads;
         }
-        restore::restore(&handle, &tiers, &self.run, self.rank, targets, &opts)
+        let restored = restore::restore(&handle, &tiers, &self.run, self.rank, targets, &opts)?;
+        let step = restored.as_ref().map(|r| r.step).unwrap_or(0);
+        self.log_start(step);
+        if let (Some(_), Some(age)) = (&restored, failure_events::process_age()) {
+            self.scheduler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record_restore(age);
+        }
+        Ok(restored)
+    }
+
+    /// The tier that keeps the failure log: the most durable one.
+    fn log_tier(&self) -> Arc<dyn Tier> {
+        let caps = |t: &TierSlot| t.tier.capabilities();
+        self.tiers
+            .iter()
+            .find(|t| caps(t).survives_node)
+            .or_else(|| self.tiers.iter().find(|t| caps(t).survives_process))
+            .unwrap_or(&self.tiers[0])
+            .tier
+            .clone()
+    }
+
+    /// Rank 0 logs this process's start once (at the first restore or
+    /// save) and feeds the failure statistics to the scheduler.
+    fn log_start(&self, step: u64) {
+        let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+        if *started || self.rank != 0 {
+            return;
+        }
+        *started = true;
+        let Ok(handle) = self.handle() else { return };
+        let tier = self.log_tier();
+        let run = self.run.clone();
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                handle.block_on(async {
+                    failure_events::append(
+                        tier.as_ref(),
+                        &run,
+                        &FailureEvent::start(failure_events::now_unix_s(), step),
+                    )
+                    .await?;
+                    failure_events::read(tier.as_ref(), &run).await
+                })
+            })
+            .join()
+        });
+        match result {
+            Ok(Ok(events)) => {
+                let stats = schedule::failure_stats(&events, Some(failure_events::now_unix_s()));
+                tracing::debug!(
+                    failures = stats.failures,
+                    exposure_s = stats.exposure_s,
+                    "failure log read"
+                );
+                self.scheduler
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .observe_failures(stats);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot update the failure log; MTBF stays at its prior")
+            }
+            Err(_) => tracing::warn!("failure-log thread panicked"),
+        }
+    }
+
+    /// Whether the training loop should save at `step`: the interval policy
+    /// of [`CheckpointerBuilder::schedule`], fed with this checkpointer's
+    /// own measurements.
+    pub fn should_save(&self, step: u64) -> bool {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .should_save(step, Instant::now())
+    }
+
+    /// The current checkpoint period chosen by the schedule.
+    pub fn checkpoint_interval(&self) -> Duration {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .interval()
+    }
+
+    /// One line: the schedule's policy, its inputs (δ, M, R) and the
+    /// interval it chose, and why.
+    pub fn explain_schedule(&self) -> String {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .explain()
     }
 
     /// Waits for every in-flight save and returns their reports.
@@ -641,6 +786,26 @@ impl Checkpointer {
     /// Waits for in-flight saves and shuts the background runtime down.
     pub fn close(mut self) -> Vec<Result<SaveReport>> {
         let reports = self.wait_all();
+        if self.rank == 0 && *self.started.lock().unwrap_or_else(|e| e.into_inner()) {
+            if let Ok(handle) = self.handle() {
+                let tier = self.log_tier();
+                let run = self.run.clone();
+                let step = reports
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok())
+                    .map(|r| r.step)
+                    .max()
+                    .unwrap_or(0);
+                let event = FailureEvent::clean_stop(failure_events::now_unix_s(), step);
+                let r = std::thread::scope(|s| {
+                    s.spawn(|| handle.block_on(failure_events::append(tier.as_ref(), &run, &event)))
+                        .join()
+                });
+                if !matches!(r, Ok(Ok(()))) {
+                    tracing::warn!("cannot record the clean stop in the failure log");
+                }
+            }
+        }
         if let Some(Runtime::Owned(rt)) = self.runtime.take() {
             rt.shutdown_background();
         }

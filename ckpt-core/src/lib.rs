@@ -61,6 +61,7 @@ mod checkpointer;
 pub mod checksum;
 mod dtype;
 mod error;
+pub mod failure_events;
 mod flush;
 pub mod layout;
 pub mod manifest;

@@ -55,6 +55,13 @@ impl RestoreOptions {
         self
     }
 
+    /// An error was detected at `detection_unix_ms` with detection latency
+    /// `latency`: only checkpoints created at least `latency` before the
+    /// detection can be trusted (Saxena et al. 2024, section 3).
+    pub fn after_detected_error(self, detection_unix_ms: u64, latency: Duration) -> Self {
+        self.not_after_unix_ms(detection_unix_ms.saturating_sub(latency.as_millis() as u64))
+    }
+
     /// Number of parallel reads.
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n;
