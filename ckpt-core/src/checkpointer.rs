@@ -498,7 +498,7 @@ impl Checkpointer {
         let mut outs = Vec::new();
         let mut tasks = Vec::new();
         for slot in &self.tiers {
-            if index % slot.policy.every != 0 {
+            if !index.is_multiple_of(slot.policy.every) {
                 continue;
             }
             let (tx, rx) = mpsc::unbounded_channel();

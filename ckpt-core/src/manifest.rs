@@ -252,10 +252,10 @@ fn check_tiling(path: &str, name: &str, global: &[u64], pieces: &[Piece]) -> Res
     shards.sort_by_key(|s| s.offsets.first().copied().unwrap_or(0));
     for i in 0..shards.len() {
         for j in i + 1..shards.len() {
-            if let (Some(a), Some(b)) = (shards[i].offsets.first(), shards[j].offsets.first()) {
-                if *b >= a + shards[i].shape[0] {
-                    break;
-                }
+            if let (Some(a), Some(b)) = (shards[i].offsets.first(), shards[j].offsets.first())
+                && *b >= a + shards[i].shape[0]
+            {
+                break;
             }
             if shards[i].intersect(&shards[j]).is_some() {
                 return Err(Error::Incomplete {

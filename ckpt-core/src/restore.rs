@@ -242,16 +242,16 @@ fn attempt(
     opts: &RestoreOptions,
 ) -> Result<(Manifest, u64)> {
     let m = block_on(handle, store::load_manifest(tier, run, step))?;
-    if let Some(limit) = opts.not_after_unix_ms {
-        if m.created_unix_ms > limit {
-            return Err(Error::Incomplete {
-                path: layout::manifest_path(run, step),
-                reason: format!(
-                    "created at {} ms, after the trust limit {limit} ms (detected error latency)",
-                    m.created_unix_ms
-                ),
-            });
-        }
+    if let Some(limit) = opts.not_after_unix_ms
+        && m.created_unix_ms > limit
+    {
+        return Err(Error::Incomplete {
+            path: layout::manifest_path(run, step),
+            reason: format!(
+                "created at {} ms, after the trust limit {limit} ms (detected error latency)",
+                m.created_unix_ms
+            ),
+        });
     }
     let _ = rank;
     let bytes = read_targets(handle, tier, &m, targets, opts.threads.max(1))?;

@@ -86,6 +86,10 @@ fn fill(block: &mut [u8], ops: &[Op], sources: &[&[u8]]) -> Vec<u32> {
         .collect()
 }
 
+/// What one copy worker produced: (block index, chunk checksums) per
+/// block it filled, and the time it waited for memory.
+type WorkerOutput = (Vec<(usize, Vec<u32>)>, Duration);
+
 /// Copies `sources` into pool blocks with `threads` workers, calling
 /// `sink(block_index, bytes)` for every filled block (from worker threads,
 /// in any order), and returns the per-chunk checksums.
@@ -105,7 +109,7 @@ pub(crate) fn stage(
     let failed = AtomicBool::new(false);
     let threads = threads.clamp(1, plan.len().max(1));
 
-    let work = || -> Result<(Vec<(usize, Vec<u32>)>, Duration)> {
+    let work = || -> Result<WorkerOutput> {
         let mut done = Vec::new();
         let mut waited = Duration::ZERO;
         loop {
@@ -133,7 +137,7 @@ pub(crate) fn stage(
         }
     };
 
-    let results: Vec<Result<(Vec<(usize, Vec<u32>)>, Duration)>> = if threads == 1 {
+    let results: Vec<Result<WorkerOutput>> = if threads == 1 {
         vec![work()]
     } else {
         std::thread::scope(|s| {

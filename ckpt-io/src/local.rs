@@ -149,7 +149,7 @@ impl LocalTier {
         let path = self.resolve(rel)?;
         let file = File::open(&path).map_err(|e| map_err(&path, rel, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-        let end = offset.checked_add(buf.len() as u64).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(buf.len() as u64);
         if end > len {
             return Err(Error::Incomplete {
                 path: rel.to_string(),
