@@ -7,6 +7,9 @@
 //!   `object_store`;
 //! - [`MemoryTier`]: in-process memory, for tests.
 //!
+//! [`FaultTier`] wraps any tier and injects faults (failed writes, a full
+//! disk, a failed commit, latency) for tests.
+//!
 //! ```
 //! use ckpt_io::LocalTier;
 //! use ckpt_core::Tier;
@@ -17,7 +20,9 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod fault;
 mod local;
 
 pub use ckpt_core::MemoryTier;
+pub use fault::{Fault, FaultTier, Op, OpKind};
 pub use local::LocalTier;
