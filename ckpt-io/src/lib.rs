@@ -8,7 +8,8 @@
 //! - [`MemoryTier`]: in-process memory, for tests.
 //!
 //! [`FaultTier`] wraps any tier and injects faults (failed writes, a full
-//! disk, a failed commit, latency) for tests.
+//! disk, a failed commit, latency) for tests; `conformance` (feature
+//! `conformance`) is the suite of checks every tier must pass.
 //!
 //! ```
 //! use ckpt_io::LocalTier;
@@ -20,6 +21,8 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod fault;
 mod local;
 
