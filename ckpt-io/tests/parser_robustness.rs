@@ -1,0 +1,238 @@
+//! The parsers of untrusted input (`Manifest::parse`, `RankManifest::parse`,
+//! `shard_file::parse_header`) return errors, never panic, on arbitrary
+//! bytes, on valid documents with flipped bytes, and on valid documents whose
+//! numbers, arrays and strings were replaced by extreme values. The same
+//! inputs drive the cargo-fuzz targets in `fuzz/`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+use ckpt_core::{
+    Checkpointer, DType, Manifest, MemoryTier, RankManifest, ShardSpec, TensorRef, Tier,
+    TierPolicy, TrainingState, layout, shard_file,
+};
+use proptest::prelude::*;
+use serde_json::Value;
+
+/// A real two-rank checkpoint's `MANIFEST.json` and rank manifests, and a
+/// shard header.
+struct Seeds {
+    manifest: Vec<u8>,
+    ranks: Vec<Vec<u8>>,
+    header: Vec<u8>,
+}
+
+static SEEDS: LazyLock<Seeds> = LazyLock::new(|| {
+    let tier = MemoryTier::new();
+    std::thread::scope(|s| {
+        for rank in 0..2u32 {
+            let tier = tier.clone();
+            s.spawn(move || {
+                let ckpt = Checkpointer::builder("fuzz")
+                    .tier(Arc::new(tier), TierPolicy::keep_last(2))
+                    .rank(rank, 2)
+                    .chunk_size(4096)
+                    .build()
+                    .expect("checkpointer");
+                let shard = ShardSpec::split(vec![6, 3000], 0, 2, u64::from(rank)).expect("split");
+                let w = vec![rank as f32; (shard.numel()) as usize];
+                let b = vec![7u8; 10];
+                let scalar = [1.5f64];
+                let tw = TensorRef::from_slice("w", &shard.shape.clone(), &w).with_shard(shard);
+                let tb = TensorRef::from_slice(format!("b{rank}"), &[10], &b);
+                let ts = TensorRef::from_slice(format!("s{rank}"), &[], &scalar);
+                let state = TrainingState::builder(5)
+                    .model([&tw as _, &tb as _])
+                    .optimizer([&ts as _])
+                    .rng(&[rank])
+                    .and_then(|b| b.data_loader(&5u64))
+                    .and_then(|b| b.lr_schedule(&0.1f64))
+                    .and_then(|b| b.build())
+                    .expect("state");
+                ckpt.save(&state).expect("save").wait().expect("durable");
+            });
+        }
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let dir = layout::step_dir("fuzz", 5);
+    let manifest = rt
+        .block_on(tier.get(&layout::manifest_path("fuzz", 5)))
+        .expect("manifest")
+        .to_vec();
+    let ranks = (0..2)
+        .map(|r| {
+            rt.block_on(tier.get(&format!("{dir}/{}", layout::rank_manifest_file(r))))
+                .expect("rank manifest")
+                .to_vec()
+        })
+        .collect();
+    let meta = BTreeMap::from([("run".to_string(), "fuzz".to_string())]);
+    let header = shard_file::layout(
+        &[
+            ("a", DType::F32, &[2, 3][..]),
+            ("b", DType::U8, &[5][..]),
+            ("s", DType::F64, &[][..]),
+            ("e", DType::BF16, &[0, 4][..]),
+        ],
+        &meta,
+    )
+    .expect("layout")
+    .header;
+    Seeds {
+        manifest,
+        ranks,
+        header,
+    }
+});
+
+fn parse_all(bytes: &[u8]) {
+    let _ = Manifest::parse("m", bytes);
+    let _ = RankManifest::parse("r", bytes);
+    for len in [0, bytes.len() as u64, bytes.len() as u64 + 4096, u64::MAX] {
+        let _ = shard_file::parse_header("h", bytes, len);
+    }
+}
+
+const EXTREMES: [u64; 10] = [
+    0,
+    1,
+    3,
+    4095,
+    4096,
+    1 << 30,
+    u32::MAX as u64,
+    (u32::MAX as u64) + 1,
+    1 << 63,
+    u64::MAX,
+];
+
+/// Replaces the nodes of `v` whose depth-first index is in `picks` (modulo
+/// the node count) with something hostile chosen by the pick's byte.
+fn mutate(v: &mut Value, picks: &[(usize, u8)]) {
+    fn count(v: &Value) -> usize {
+        1 + match v {
+            Value::Array(a) => a.iter().map(count).sum(),
+            Value::Object(o) => o.values().map(count).sum(),
+            _ => 0,
+        }
+    }
+    fn walk(v: &mut Value, k: &mut usize, target: usize, op: u8) {
+        if *k == target {
+            *v = match (v.take(), op % 8) {
+                (_, 0) => Value::from(EXTREMES[op as usize % EXTREMES.len()]),
+                (_, 1) => Value::from(-1i64),
+                (_, 2) => Value::Null,
+                (Value::Array(mut a), 3) => {
+                    a.pop();
+                    Value::Array(a)
+                }
+                (Value::Array(mut a), 4) => {
+                    if let Some(x) = a.first().cloned() {
+                        a.push(x);
+                    }
+                    Value::Array(a)
+                }
+                (_, 5) => Value::from("../../etc"),
+                (_, 6) => Value::Array(vec![Value::from(u64::MAX); 3]),
+                (old, _) => old,
+            };
+            *k += 1;
+            return;
+        }
+        *k += 1;
+        match v {
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, k, target, op)),
+            Value::Object(o) => o.values_mut().for_each(|x| walk(x, k, target, op)),
+            _ => {}
+        }
+    }
+    for &(i, op) in picks {
+        let n = count(v);
+        let mut k = 0;
+        walk(v, &mut k, i % n, op);
+    }
+}
+
+fn header_json(header: &[u8]) -> Value {
+    serde_json::from_slice(header[8..].trim_ascii_end()).expect("header json")
+}
+
+fn with_prefix(json: &[u8], prefix: u64) -> Vec<u8> {
+    let mut out = prefix.to_le_bytes().to_vec();
+    out.extend_from_slice(json);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        parse_all(&bytes);
+    }
+
+    #[test]
+    fn json_like_bytes_never_panic(s in r#"\{("[a-z_]{1,12}":(-?[0-9]{1,22}|\[[0-9,]{0,40}\]|"[a-z]{0,5}"|null|\{\}),?){0,8}\}"#) {
+        parse_all(s.as_bytes());
+        parse_all(&with_prefix(s.as_bytes(), s.len() as u64));
+    }
+
+    #[test]
+    fn flipped_bytes_in_valid_documents_never_panic(
+        which in 0usize..4,
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+    ) {
+        let seeds = &*SEEDS;
+        let mut doc = match which {
+            0 => seeds.manifest.clone(),
+            1 | 2 => seeds.ranks[which - 1].clone(),
+            _ => seeds.header.clone(),
+        };
+        for (at, b) in flips {
+            let i = at.index(doc.len());
+            doc[i] = b;
+        }
+        parse_all(&doc);
+    }
+
+    #[test]
+    fn hostile_values_in_valid_manifests_never_panic(
+        which in 0usize..3,
+        picks in prop::collection::vec((any::<usize>(), any::<u8>()), 1..5),
+    ) {
+        let seeds = &*SEEDS;
+        let doc = if which == 0 { &seeds.manifest } else { &seeds.ranks[which - 1] };
+        let mut v: Value = serde_json::from_slice(doc).expect("seed json");
+        mutate(&mut v, &picks);
+        let bytes = serde_json::to_vec(&v).expect("json");
+        let _ = Manifest::parse("m", &bytes);
+        let _ = RankManifest::parse("r", &bytes);
+    }
+
+    #[test]
+    fn hostile_shard_headers_never_panic(
+        picks in prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+        prefix in prop_oneof![Just(None), any::<u64>().prop_map(Some), (0u64..64).prop_map(Some)],
+        file_len in prop_oneof![Just(0u64), 0u64..20_000, Just(u64::MAX)],
+    ) {
+        let mut v = header_json(&SEEDS.header);
+        mutate(&mut v, &picks);
+        let json = serde_json::to_vec(&v).expect("json");
+        let bytes = with_prefix(&json, prefix.unwrap_or(json.len() as u64));
+        let _ = shard_file::parse_header("h", &bytes, file_len);
+    }
+}
+
+#[test]
+fn seeds_are_valid() {
+    let seeds = &*SEEDS;
+    let m = Manifest::parse("m", &seeds.manifest).expect("manifest");
+    assert_eq!((m.world_size, m.tensors["w"].pieces.len()), (2, 2));
+    for r in &seeds.ranks {
+        RankManifest::parse("r", r).expect("rank manifest");
+    }
+    let (tensors, _) = shard_file::parse_header("h", &seeds.header, u64::MAX).expect("header");
+    assert_eq!(tensors.len(), 4);
+}
