@@ -87,11 +87,36 @@ static SEEDS: LazyLock<Seeds> = LazyLock::new(|| {
     }
 });
 
+/// Parses `bytes` as both manifests: never panics, and what parses
+/// serializes back to a document that parses again.
+fn parse_manifests(bytes: &[u8]) {
+    if let Ok(m) = Manifest::parse("m", bytes) {
+        Manifest::parse("m", &m.to_json()).expect("a parsed manifest re-parses");
+    }
+    if let Ok(r) = RankManifest::parse("r", bytes) {
+        RankManifest::parse("r", &r.to_json()).expect("a parsed rank manifest re-parses");
+    }
+}
+
+/// Parses a shard header: never panics, and every tensor it accepts lies
+/// after the length prefix and inside the file.
+fn parse_header(bytes: &[u8], len: u64) {
+    if let Ok((tensors, _)) = shard_file::parse_header("h", bytes, len) {
+        for t in tensors {
+            assert!(
+                t.range.start >= 8 && t.range.start <= t.range.end && t.range.end <= len,
+                "tensor `{}` at {:?} outside a file of {len} bytes",
+                t.name,
+                t.range
+            );
+        }
+    }
+}
+
 fn parse_all(bytes: &[u8]) {
-    let _ = Manifest::parse("m", bytes);
-    let _ = RankManifest::parse("r", bytes);
+    parse_manifests(bytes);
     for len in [0, bytes.len() as u64, bytes.len() as u64 + 4096, u64::MAX] {
-        let _ = shard_file::parse_header("h", bytes, len);
+        parse_header(bytes, len);
     }
 }
 
@@ -206,9 +231,7 @@ proptest! {
         let doc = if which == 0 { &seeds.manifest } else { &seeds.ranks[which - 1] };
         let mut v: Value = serde_json::from_slice(doc).expect("seed json");
         mutate(&mut v, &picks);
-        let bytes = serde_json::to_vec(&v).expect("json");
-        let _ = Manifest::parse("m", &bytes);
-        let _ = RankManifest::parse("r", &bytes);
+        parse_manifests(&serde_json::to_vec(&v).expect("json"));
     }
 
     #[test]
@@ -221,7 +244,7 @@ proptest! {
         mutate(&mut v, &picks);
         let json = serde_json::to_vec(&v).expect("json");
         let bytes = with_prefix(&json, prefix.unwrap_or(json.len() as u64));
-        let _ = shard_file::parse_header("h", &bytes, file_len);
+        parse_header(&bytes, file_len);
     }
 }
 
