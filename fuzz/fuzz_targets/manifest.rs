@@ -10,10 +10,16 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = Manifest::parse("MANIFEST.json", data) {
         let again = Manifest::parse("MANIFEST.json", &m.to_json());
-        assert!(again.is_ok(), "a parsed manifest does not re-parse: {again:?}");
+        assert!(
+            again.is_ok(),
+            "a parsed manifest does not re-parse: {again:?}"
+        );
     }
     if let Ok(r) = RankManifest::parse("rank-00000.json", data) {
         let again = RankManifest::parse("rank-00000.json", &r.to_json());
-        assert!(again.is_ok(), "a parsed rank manifest does not re-parse: {again:?}");
+        assert!(
+            again.is_ok(),
+            "a parsed rank manifest does not re-parse: {again:?}"
+        );
     }
 });
