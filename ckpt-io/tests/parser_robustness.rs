@@ -258,4 +258,21 @@ fn seeds_are_valid() {
     }
     let (tensors, _) = shard_file::parse_header("h", &seeds.header, u64::MAX).expect("header");
     assert_eq!(tensors.len(), 4);
+    // `CKPT_FUZZ_SEEDS=fuzz/corpus` writes these documents as seeds for the
+    // cargo-fuzz targets.
+    if let Ok(dir) = std::env::var("CKPT_FUZZ_SEEDS") {
+        let dir = std::path::Path::new(&dir);
+        let write = |target: &str, name: &str, bytes: &[u8]| {
+            let d = dir.join(target);
+            std::fs::create_dir_all(&d).expect("seed dir");
+            std::fs::write(d.join(name), bytes).expect("write seed");
+        };
+        write("manifest", "manifest.json", &seeds.manifest);
+        for (r, bytes) in seeds.ranks.iter().enumerate() {
+            write("manifest", &format!("rank-{r}.json"), bytes);
+        }
+        let mut h = (seeds.header.len() as u64 + 64).to_le_bytes().to_vec();
+        h.extend_from_slice(&seeds.header);
+        write("shard_header", "header.bin", &h);
+    }
 }
