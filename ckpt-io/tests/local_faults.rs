@@ -380,6 +380,25 @@ fn is_permission_denied(e: &Error) -> bool {
     matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
+/// Creating step `step`'s shard fails with a typed PermissionDenied naming
+/// the step directory.
+fn assert_create_denied(s: &Store, step: u64) {
+    let path = format!(
+        "{}/{}",
+        layout::step_dir(RUN, step),
+        layout::rank_data_file(0)
+    );
+    match rt().block_on(s.tier.create(&path)) {
+        Err(Error::Io { path: p, source })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            assert!(p.ends_with(layout::step_dir(RUN, step)), "{}", p.display());
+        }
+        Err(e) => panic!("create of {path}: expected PermissionDenied, got {e}"),
+        Ok(_) => panic!("create of {path} must fail"),
+    }
+}
+
 /// The permission scenario, run by a user the permission bits apply to.
 fn permission_scenario(base: &Path) {
     let root = base.join("store");
@@ -422,9 +441,13 @@ fn permission_scenario(base: &Path) {
             .expect_err("saving into a read-only directory");
         let msg = err.to_string();
         assert!(
-            msg.contains("step-00000000000000000004") && msg.contains("ermission denied"),
+            matches!(err, Error::Backend { .. })
+                && msg.contains("step 4")
+                && msg.contains("step-00000000000000000004")
+                && msg.contains("ermission denied"),
             "{msg}"
         );
+        assert_create_denied(&s, 4);
         assert_eq!(s.newest().step, 3);
         s.assert_loadable(&[1, 2, 3]);
     }
@@ -583,9 +606,13 @@ fn immutable_run_directory_fails_the_save_and_keeps_checkpoints() {
         .expect_err("no step directory can be created");
     let msg = err.to_string();
     assert!(
-        msg.contains("step-00000000000000000003") && msg.contains("not permitted"),
+        matches!(err, Error::Backend { .. })
+            && msg.contains("step 3")
+            && msg.contains("step-00000000000000000003")
+            && msg.contains("not permitted"),
         "{msg}"
     );
+    assert_create_denied(&s, 3);
     assert_eq!(s.newest().step, 2);
     s.assert_loadable(&[1, 2]);
     drop(guard);
