@@ -12,9 +12,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
+use ckpt::schedule::{Policy, SchedulerConfig};
 use ckpt::{Checkpointer, SaveHandle, TensorMut, TensorRef, TensorView, TierPolicy, TrainingState};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -28,9 +28,22 @@ struct Args {
     /// Total training steps.
     #[arg(long, default_value_t = 300)]
     steps: u64,
-    /// Save every N steps.
-    #[arg(long, default_value_t = 25)]
-    every: u64,
+    /// Save every N steps. Without it, the interval comes from the
+    /// scheduler (`--policy`), fed with measured save times.
+    #[arg(long)]
+    every: Option<u64>,
+    /// Interval policy when `--every` is not given: availability, young,
+    /// daly.
+    #[arg(long, default_value = "availability")]
+    policy: String,
+    /// Prior MTBF of the whole job for the scheduler (s/m/h). Short by
+    /// default so a demo run saves several times.
+    #[arg(long, default_value = "2m")]
+    mtbf: String,
+    /// Expected restart time for the scheduler (s/m/h); replaced by the
+    /// measured one after a restore.
+    #[arg(long, default_value = "5s")]
+    restart: String,
     /// Extra parameter megabytes (an embedding table updated every step),
     /// so saves move a realistic amount of state.
     #[arg(long, default_value_t = 64)]
@@ -259,6 +272,22 @@ impl Model {
     }
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 90s, 5m or 2h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in `{s}`")),
+    };
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -283,14 +312,28 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let tier = ckpt::open_location(&args.dir)?;
-    let ckpt: Arc<Checkpointer> = Arc::new(
-        Checkpointer::builder(args.run.clone())
-            .tier(tier, TierPolicy::keep_last(args.keep))
-            .build()?,
-    );
-
+    let policy = match (args.every, args.policy.as_str()) {
+        (Some(n), _) => Policy::FixedSteps(n),
+        (None, "availability") => Policy::Availability,
+        (None, "young") => Policy::Young,
+        (None, "daly") => Policy::Daly,
+        (None, other) => {
+            return Err(format!("unknown --policy `{other}` (availability, young, daly)").into());
+        }
+    };
+    let schedule = SchedulerConfig::new(policy, parse_duration(&args.mtbf)?)
+        .with_restart(parse_duration(&args.restart)?)
+        .with_initial_interval(std::time::Duration::from_secs(1))
+        .with_min_interval(std::time::Duration::from_millis(500));
     let mut rng = Rng::seeded(42);
     let mut model = Model::new(&mut rng, args.state_mb);
+    let ckpt = Checkpointer::builder(args.run.clone())
+        .tier(tier, TierPolicy::keep_last(args.keep))
+        .schedule(schedule)
+        // Allocated, pre-faulted and locked once, here, not inside a save.
+        .staging_capacity(model.nbytes())
+        .build()?;
+
     let mut loader = Loader {
         epoch: 0,
         cursor: 0,
@@ -359,6 +402,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    say(format!("schedule: {}", ckpt.explain_schedule()));
+    ckpt.should_save(step); // starts the schedule's clock
     let mut pending: Option<SaveHandle> = None;
     while step < args.steps {
         let batch = loader.next_batch();
@@ -368,7 +413,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         if step.is_multiple_of(50) {
             say(format!("step {step:>5}  loss {loss:.5}  lr {lr:.2e}"));
         }
-        if step.is_multiple_of(args.every) || step == args.steps {
+        let due = match args.every {
+            Some(n) => step.is_multiple_of(n),
+            None => ckpt.should_save(step),
+        };
+        if due || step == args.steps {
             if let Some(h) = pending.take() {
                 if h.is_done() {
                     report_durable(&h, &say);
@@ -412,6 +461,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             ));
             if let Some(prev) = pending.replace(h) {
                 report_durable(&prev, &say);
+                if args.every.is_none() {
+                    say(format!(
+                        "             schedule: {}",
+                        ckpt.explain_schedule()
+                    ));
+                }
             }
         }
         if args.crash_at_step == Some(step) {
@@ -424,6 +479,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(h) = pending.take() {
         report_durable(&h, &say);
     }
+    ckpt.close();
     println!("final-state-blake3: {}", model.digest());
     Ok(())
 }

@@ -492,6 +492,21 @@ impl Checkpointer {
             }
         };
         let blocks_needed = staged_bytes.div_ceil(pool.block_size() as u64) as usize;
+        if staged_bytes > pool.capacity() {
+            // Streaming: the flush must hand blocks back before staging can
+            // finish, so no tier may hold more than the pool minus a block.
+            for slot in &self.tiers {
+                let held = slot.tier.capabilities().buffered_write;
+                let need = held.saturating_add(2 * pool.block_size() as u64);
+                if need > pool.capacity() {
+                    return Err(Error::Config(format!(
+                        "step {step}: {staged_bytes} bytes must stream through a staging pool of {} bytes, but tier {} holds up to {held} bytes per upload; raise the staging capacity to at least {need} bytes (or to the state's size)",
+                        pool.capacity(),
+                        slot.tier.location()
+                    )));
+                }
+            }
+        }
         let mut report = SaveReport {
             step,
             bytes: state.nbytes(),
@@ -748,7 +763,19 @@ impl Checkpointer {
     /// Whether the training loop should save at `step`: the interval policy
     /// of [`CheckpointerBuilder::schedule`], fed with this checkpointer's
     /// own measurements.
+    ///
+    /// Never true while an earlier save is still flushing: a save is never
+    /// requested faster than the tiers absorb them.
     pub fn should_save(&self, step: u64) -> bool {
+        let busy = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|h| !h.is_done());
+        if busy {
+            return false;
+        }
         self.scheduler
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -786,24 +813,25 @@ impl Checkpointer {
     /// Waits for in-flight saves and shuts the background runtime down.
     pub fn close(mut self) -> Vec<Result<SaveReport>> {
         let reports = self.wait_all();
-        if self.rank == 0 && *self.started.lock().unwrap_or_else(|e| e.into_inner()) {
-            if let Ok(handle) = self.handle() {
-                let tier = self.log_tier();
-                let run = self.run.clone();
-                let step = reports
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok())
-                    .map(|r| r.step)
-                    .max()
-                    .unwrap_or(0);
-                let event = FailureEvent::clean_stop(failure_events::now_unix_s(), step);
-                let r = std::thread::scope(|s| {
-                    s.spawn(|| handle.block_on(failure_events::append(tier.as_ref(), &run, &event)))
-                        .join()
-                });
-                if !matches!(r, Ok(Ok(()))) {
-                    tracing::warn!("cannot record the clean stop in the failure log");
-                }
+        if self.rank == 0
+            && *self.started.lock().unwrap_or_else(|e| e.into_inner())
+            && let Ok(handle) = self.handle()
+        {
+            let tier = self.log_tier();
+            let run = self.run.clone();
+            let step = reports
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .map(|r| r.step)
+                .max()
+                .unwrap_or(0);
+            let event = FailureEvent::clean_stop(failure_events::now_unix_s(), step);
+            let r = std::thread::scope(|s| {
+                s.spawn(|| handle.block_on(failure_events::append(tier.as_ref(), &run, &event)))
+                    .join()
+            });
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::warn!("cannot record the clean stop in the failure log");
             }
         }
         if let Some(Runtime::Owned(rt)) = self.runtime.take() {

@@ -44,6 +44,11 @@ pub struct Capabilities {
     pub survives_process: bool,
     /// Data survives the loss of this node.
     pub survives_node: bool,
+    /// Most bytes a [`TierWriter`] may hold (unwritten, by reference) before
+    /// it releases any: e.g. an object store's multipart part size times the
+    /// parts in flight. A save that streams through a staging pool smaller
+    /// than the state needs the pool to be larger than this.
+    pub buffered_write: u64,
 }
 
 impl Capabilities {
@@ -53,7 +58,14 @@ impl Capabilities {
             atomic_create,
             survives_process,
             survives_node,
+            buffered_write: 0,
         }
+    }
+
+    /// Declares how many staged bytes a writer may hold before releasing.
+    pub const fn with_buffered_write(mut self, bytes: u64) -> Self {
+        self.buffered_write = bytes;
+        self
     }
 }
 

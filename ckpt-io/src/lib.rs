@@ -7,6 +7,10 @@
 //!   `object_store`;
 //! - [`MemoryTier`]: in-process memory, for tests.
 //!
+//! [`FaultTier`] wraps any tier and injects faults (failed writes, a full
+//! disk, a failed commit, latency) for tests; `conformance` (feature
+//! `conformance`) is the suite of checks every tier must pass.
+//!
 //! ```
 //! use ckpt_io::LocalTier;
 //! use ckpt_core::Tier;
@@ -17,9 +21,13 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+mod fault;
 mod local;
 
 pub use ckpt_core::MemoryTier;
+pub use fault::{Fault, FaultTier, Op, OpKind};
 pub use local::LocalTier;
 
 #[cfg(feature = "s3")]

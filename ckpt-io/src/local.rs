@@ -130,7 +130,13 @@ impl LocalTier {
             let path = entry.path();
             let ft = entry.file_type().map_err(|e| Error::io(&path, e))?;
             if ft.is_dir() {
-                self.walk(&path, prefix, out)?;
+                // A subdirectory that cannot be read (no permission, I/O
+                // error) is left out rather than failing the whole listing:
+                // one unreadable step must not hide every other checkpoint
+                // of the run. Reading it directly still reports the error.
+                if let Err(e) = self.walk(&path, prefix, out) {
+                    tracing::warn!(dir = %path.display(), error = %e, "listing skips an unreadable directory");
+                }
             } else if ft.is_file() {
                 let rel = path
                     .strip_prefix(&self.root)
