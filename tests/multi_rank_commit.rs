@@ -266,3 +266,78 @@ fn rank_dying_mid_commit_leaves_the_step_uncommitted() {
         .expect("list");
     assert_eq!(steps.last(), Some(&40), "{steps:?}");
 }
+
+#[test]
+fn kills_at_random_steps_resume_from_the_newest_commit() {
+    let want = reference();
+    let seed: u64 = std::env::var("CKPT_MULTI_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("CKPT_MULTI_SEED={seed}");
+    let mut rng = common::TestRng(seed);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for round in 0..3 {
+        let rank = rng.range(0, 4);
+        // Half the kills land right after a save returned, with its flush
+        // and commit in flight.
+        let step = if rng.next() % 2 == 0 {
+            5 * rng.range(1, 8)
+        } else {
+            rng.range(1, 40)
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (r, s) = (rank.to_string(), step.to_string());
+        let out = launch(
+            dir.path(),
+            &["--kill-rank", &r, "--kill-at-step", &s],
+            Duration::from_secs(60),
+        );
+        let ctx = format!("round {round} (seed {seed}): kill rank {rank} at step {step}");
+        assert!(out.status.success(), "{ctx}: failed\n{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let committed = committed_at_failure(&stdout);
+        let after = stdout
+            .rsplit_once("restarting all 4 ranks")
+            .map(|(_, t)| t)
+            .unwrap_or_else(|| panic!("{ctx}: no restart\n{stdout}"));
+        let from = match committed.iter().copied().filter(|c| *c <= step).max() {
+            Some(newest) => {
+                let from = restored_step(&stdout, dir.path(), "restarting all 4 ranks");
+                assert_eq!(from, newest, "{ctx}\n{stdout}");
+                Some(from)
+            }
+            None => {
+                for r in 0..4 {
+                    assert!(
+                        after.contains(&format!("rank {r}: fresh start")),
+                        "{ctx}: nothing committed, rank {r} must start fresh\n{stdout}"
+                    );
+                }
+                None
+            }
+        };
+        assert_eq!(digest(&out), want, "{ctx}\n{stdout}");
+        // Everything committed in the end verifies.
+        let tier = LocalTier::new(dir.path()).expect("tier");
+        for s in rt
+            .block_on(store::committed_steps(&tier, RUN))
+            .expect("list")
+        {
+            let m = rt
+                .block_on(store::load_manifest(&tier, RUN, s))
+                .expect("manifest");
+            let report = rt.block_on(verify::verify_step(&tier, &m));
+            assert!(report.is_ok(), "{ctx}: step {s}: {:?}", report.failures);
+        }
+        eprintln!("{ctx}: committed {committed:?} at the kill, resumed from {from:?}");
+    }
+}
