@@ -610,3 +610,46 @@ fn a_missing_rank_or_a_rank_of_another_incarnation_is_never_committed() {
         .expect("list");
     assert_eq!(steps, vec![4]);
 }
+
+#[test]
+fn a_tensor_smaller_than_the_world_commits_with_empty_pieces() {
+    let rt = runtime();
+    let tier: Arc<dyn Tier> = Arc::new(MemoryTier::new());
+    // Two rows over four ranks: ranks 2 and 3 hold nothing of it.
+    let tensor = matrix(2, 5);
+    let g = vec![2u64, 5];
+    let pieces: Vec<Option<(ShardSpec, &str)>> = (0..4)
+        .map(|r| Some((ShardSpec::split(g.clone(), 0, 4, r).expect("split"), "0")))
+        .collect();
+    assert_eq!(pieces[3].as_ref().map(|p| p.0.numel()), Some(0));
+    let out = save_world(&rt, &tier, 1, &tensor, &pieces, Duration::from_secs(30));
+    for (r, o) in out.iter().enumerate() {
+        let rep = o.as_ref().expect("saved").as_ref();
+        assert!(rep.is_ok_and(SaveReport::is_durable), "rank {r}: {rep:?}");
+    }
+    let m = rt
+        .block_on(store::load_manifest(tier.as_ref(), RUN, 1))
+        .expect("manifest");
+    assert!(rt.block_on(verify::verify_step(tier.as_ref(), &m)).is_ok());
+    // Restored whole, and by 3 ranks along the columns.
+    let reader = checkpointer(&rt, &tier, 0, 1, "x", Duration::from_secs(5));
+    let (_, bufs) = restore_pieces(
+        &reader,
+        std::slice::from_ref(&tensor),
+        &[ShardSpec::full(g.clone())],
+    )
+    .expect("restore")
+    .expect("committed");
+    assert_eq!(bufs[0], tensor.2);
+    for r in 0..3 {
+        let want = ShardSpec::split(g.clone(), 1, 3, r).expect("split");
+        let (_, bufs) = restore_pieces(
+            &reader,
+            std::slice::from_ref(&tensor),
+            std::slice::from_ref(&want),
+        )
+        .expect("restore")
+        .expect("committed");
+        assert_eq!(bufs[0], cut(&tensor.2, &want, 4));
+    }
+}
