@@ -289,7 +289,7 @@ fn kills_at_random_steps_resume_from_the_newest_commit() {
         let rank = rng.range(0, 4);
         // Half the kills land right after a save returned, with its flush
         // and commit in flight.
-        let step = if rng.next() % 2 == 0 {
+        let step = if rng.next().is_multiple_of(2) {
             5 * rng.range(1, 8)
         } else {
             rng.range(1, 40)
