@@ -1,0 +1,343 @@
+//! The multi-rank example as a job: 4 rank processes commit through one
+//! shared directory. A rank killed mid-run makes the launcher restart all
+//! ranks, which resume from the newest committed step and end bit-exact
+//! with an uninterrupted run; a rank that dies in the middle of a commit
+//! leaves that step uncommitted and the previous one intact.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ckpt::{Error, LocalTier, Tier, layout, store, verify};
+use common::{digest, example};
+
+const RUN: &str = "multi_rank";
+/// Arguments every run of this file shares.
+const JOB: [&str; 10] = [
+    "--ranks",
+    "4",
+    "--steps",
+    "40",
+    "--every",
+    "5",
+    "--state-mb",
+    "2",
+    "--timeout-s",
+    "20",
+];
+
+/// Runs the launcher to completion, killing it (and, through its pipes,
+/// its ranks) if it takes longer than `limit`.
+fn launch(dir: &Path, extra: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(example("multi_rank"))
+        .arg("--dir")
+        .arg(dir)
+        .args(JOB)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start multi_rank");
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().expect("stdout")));
+    let err = pipe(Box::new(child.stderr.take().expect("stderr")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "multi_rank {extra:?} ran longer than {limit:?}:\n{}",
+                String::from_utf8_lossy(&out.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The digest of an uninterrupted run, computed once for the whole file.
+fn reference() -> &'static str {
+    static REFERENCE: OnceLock<String> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = launch(dir.path(), &[], Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "uninterrupted run failed\n{}",
+            text(&out)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for r in 0..4 {
+            assert!(
+                stdout.contains(&format!("rank {r}: fresh start")),
+                "rank {r} should start fresh\n{stdout}"
+            );
+        }
+        assert!(stdout.contains("restarts: 0"), "{stdout}");
+        digest(&out)
+    })
+}
+
+/// The step every rank restored from in the last incarnation, checking
+/// that all four name the same step and the shared directory.
+fn restored_step(stdout: &str, dir: &Path, after: &str) -> u64 {
+    let tail = stdout
+        .rsplit_once(after)
+        .unwrap_or_else(|| panic!("no {after:?} in output:\n{stdout}"))
+        .1;
+    let dir = dir.canonicalize().expect("canonical dir");
+    let steps: Vec<u64> = (0..4)
+        .map(|r| {
+            let prefix = format!("rank {r}: restored step ");
+            let line = tail
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("rank {r} did not restore:\n{stdout}"));
+            let rest = &line[prefix.len()..];
+            let (step, from) = rest.split_once(" from ").expect("`from` in restore line");
+            assert!(
+                from.starts_with(&dir.display().to_string()),
+                "rank {r} restored from {from}, expected the shared directory {}",
+                dir.display()
+            );
+            step.parse().expect("restored step")
+        })
+        .collect();
+    assert!(
+        steps.iter().all(|s| *s == steps[0]),
+        "ranks restored different steps: {steps:?}\n{stdout}"
+    );
+    steps[0]
+}
+
+/// The `committed steps: [..]` line the launcher prints after losing a rank.
+fn committed_at_failure(stdout: &str) -> Vec<u64> {
+    let list = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("committed steps: "))
+        .unwrap_or_else(|| panic!("no committed-steps line:\n{stdout}"));
+    list.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().expect("step"))
+        .collect()
+}
+
+#[test]
+fn killed_rank_restarts_the_job_and_it_ends_bit_exact() {
+    let want = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = launch(
+        dir.path(),
+        &["--kill-rank", "2", "--kill-at-step", "23"],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "killed run failed\n{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("killed rank 2 (SIGKILL) at step 23"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("restarts: 1"), "{stdout}");
+
+    // The newest step committed before the kill: 20, or 15 if the save of
+    // step 20 was still in flight when rank 2 died.
+    let committed = committed_at_failure(&stdout);
+    let newest = committed
+        .iter()
+        .copied()
+        .filter(|s| *s < 23)
+        .max()
+        .unwrap_or_else(|| panic!("nothing committed before the kill:\n{stdout}"));
+    assert!(
+        newest == 20 || newest == 15,
+        "newest committed {newest}\n{stdout}"
+    );
+    assert!(
+        committed.iter().all(|s| *s <= 20),
+        "a step after the kill was committed: {committed:?}"
+    );
+    let from = restored_step(&stdout, dir.path(), "restarting all 4 ranks");
+    assert_eq!(
+        from, newest,
+        "all ranks must restore the newest committed step\n{stdout}"
+    );
+    assert_eq!(
+        digest(&out),
+        want,
+        "the restarted job diverged from the uninterrupted one\n{stdout}"
+    );
+}
+
+#[test]
+fn rank_dying_mid_commit_leaves_the_step_uncommitted() {
+    let want = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Rank 3 dies while committing step 10: its shard file is durable, its
+    // rank manifest never written. No restarts: the job stops there.
+    let out = launch(
+        dir.path(),
+        &[
+            "--abort-rank",
+            "3",
+            "--abort-during-save",
+            "10",
+            "--max-restarts",
+            "0",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success(), "the job must fail\n{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("rank 3 died"), "{}", text(&out));
+    assert!(!stdout.contains("final-state-blake3"), "{stdout}");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let tier = LocalTier::new(dir.path()).expect("tier");
+    let steps = rt
+        .block_on(store::committed_steps(&tier, RUN))
+        .expect("list");
+    assert_eq!(steps, vec![5], "only step 5 may be committed");
+    assert_eq!(committed_at_failure(&stdout), vec![5]);
+    match rt.block_on(tier.size(&layout::manifest_path(RUN, 10))) {
+        Err(Error::NotFound { .. }) => {}
+        other => panic!("step 10 must have no MANIFEST: {other:?}"),
+    }
+    // Rank 3 died between its shard and its rank manifest.
+    let step10 = layout::step_dir(RUN, 10);
+    rt.block_on(tier.size(&format!("{step10}/{}", layout::rank_data_file(3))))
+        .expect("rank 3's shard of step 10 is durable");
+    assert!(matches!(
+        rt.block_on(tier.size(&format!("{step10}/{}", layout::rank_manifest_file(3)))),
+        Err(Error::NotFound { .. })
+    ));
+    // The previous step is whole and verifies, byte for byte.
+    let m = rt
+        .block_on(store::load_manifest(&tier, RUN, 5))
+        .expect("manifest of step 5");
+    assert_eq!(m.world_size, 4);
+    let report = rt.block_on(verify::verify_step(&tier, &m));
+    assert!(
+        report.is_ok(),
+        "step 5 does not verify: {:?}",
+        report.failures
+    );
+    assert!(report.bytes > 0);
+
+    // A new launch resumes every rank from step 5, never from step 10, and
+    // ends where the uninterrupted run did.
+    let out = launch(dir.path(), &[], Duration::from_secs(60));
+    assert!(out.status.success(), "resumed run failed\n{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(restored_step(&stdout, dir.path(), "started 4 ranks"), 5);
+    assert_eq!(digest(&out), want, "{stdout}");
+    let steps = rt
+        .block_on(store::committed_steps(&tier, RUN))
+        .expect("list");
+    assert_eq!(steps.last(), Some(&40), "{steps:?}");
+}
+
+#[test]
+fn kills_at_random_steps_resume_from_the_newest_commit() {
+    let want = reference();
+    let seed: u64 = std::env::var("CKPT_MULTI_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("CKPT_MULTI_SEED={seed}");
+    let mut rng = common::TestRng(seed);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for round in 0..3 {
+        let rank = rng.range(0, 4);
+        // Half the kills land right after a save returned, with its flush
+        // and commit in flight.
+        let step = if rng.next().is_multiple_of(2) {
+            5 * rng.range(1, 8)
+        } else {
+            rng.range(1, 40)
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (r, s) = (rank.to_string(), step.to_string());
+        let out = launch(
+            dir.path(),
+            &["--kill-rank", &r, "--kill-at-step", &s],
+            Duration::from_secs(60),
+        );
+        let ctx = format!("round {round} (seed {seed}): kill rank {rank} at step {step}");
+        assert!(out.status.success(), "{ctx}: failed\n{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let committed = committed_at_failure(&stdout);
+        let after = stdout
+            .rsplit_once("restarting all 4 ranks")
+            .map(|(_, t)| t)
+            .unwrap_or_else(|| panic!("{ctx}: no restart\n{stdout}"));
+        let from = match committed.iter().copied().filter(|c| *c <= step).max() {
+            Some(newest) => {
+                let from = restored_step(&stdout, dir.path(), "restarting all 4 ranks");
+                assert_eq!(from, newest, "{ctx}\n{stdout}");
+                Some(from)
+            }
+            None => {
+                for r in 0..4 {
+                    assert!(
+                        after.contains(&format!("rank {r}: fresh start")),
+                        "{ctx}: nothing committed, rank {r} must start fresh\n{stdout}"
+                    );
+                }
+                None
+            }
+        };
+        assert_eq!(digest(&out), want, "{ctx}\n{stdout}");
+        // Everything committed in the end verifies.
+        let tier = LocalTier::new(dir.path()).expect("tier");
+        for s in rt
+            .block_on(store::committed_steps(&tier, RUN))
+            .expect("list")
+        {
+            let m = rt
+                .block_on(store::load_manifest(&tier, RUN, s))
+                .expect("manifest");
+            let report = rt.block_on(verify::verify_step(&tier, &m));
+            assert!(report.is_ok(), "{ctx}: step {s}: {:?}", report.failures);
+        }
+        eprintln!("{ctx}: committed {committed:?} at the kill, resumed from {from:?}");
+    }
+}
