@@ -382,7 +382,6 @@ fn streaming_through_a_pool_smaller_than_a_tiers_buffer_is_a_clear_error() {
             self.0.delete(p)
         }
     }
-    use ckpt_core::Tier as _;
     let ckpt = Checkpointer::builder("r")
         .tier(
             Arc::new(Buffering(MemoryTier::new())),
