@@ -497,8 +497,8 @@ impl Checkpointer {
             // finish, so no tier may hold more than the pool minus a block.
             for slot in &self.tiers {
                 let held = slot.tier.capabilities().buffered_write;
-                let need = held.saturating_add(2 * pool.block_size() as u64);
-                if need > pool.capacity() {
+                let need = held.saturating_add(pool.block_size() as u64);
+                if held > 0 && need > pool.capacity() {
                     return Err(Error::Config(format!(
                         "step {step}: {staged_bytes} bytes must stream through a staging pool of {} bytes, but tier {} holds up to {held} bytes per upload; raise the staging capacity to at least {need} bytes (or to the state's size)",
                         pool.capacity(),
