@@ -668,19 +668,65 @@ impl PeerTier {
         Err(self.missed(op, &path, m))
     }
 
-    /// Sends `req` to every server at once; returns each one's result.
-    async fn broadcast(
+    /// Stores one metadata object on server `idx`: in one `Put` frame, or,
+    /// if larger than a frame, as a streamed write finished in `mode`.
+    async fn put_one(
         &self,
-        req: &Request,
-        only: Option<&[usize]>,
-    ) -> Vec<(usize, std::result::Result<Reply, Fail>)> {
-        let targets: Vec<usize> = match only {
-            Some(t) => t.to_vec(),
-            None => (0..self.inner.servers.len()).collect(),
+        idx: usize,
+        path: &str,
+        data: &Bytes,
+        mode: PutMode,
+    ) -> std::result::Result<(), Fail> {
+        if data.len() as u64 <= self.inner.chunk {
+            let req = Request::Put {
+                path: path.to_string(),
+                mode,
+                data: data.clone(),
+            };
+            return self.request(idx, &req, &mut Sink::None).await.map(|_| ());
+        }
+        let mut conn = match self.take_idle(idx) {
+            Some(c) => c,
+            None => self.connect(idx).await?,
         };
+        let result = async {
+            let begin = Request::BeginWrite {
+                path: path.to_string(),
+            };
+            conn.roundtrip(&begin, &mut Sink::None).await?;
+            let mut at = 0;
+            while at < data.len() {
+                let end = (at + self.inner.chunk as usize).min(data.len());
+                conn.call(
+                    Header::new(Opcode::WriteChunk, 0),
+                    &[],
+                    &[],
+                    &[data.slice(at..end)],
+                    &mut Sink::None,
+                )
+                .await?;
+                at = end;
+            }
+            conn.roundtrip(&Request::FinishWrite { mode }, &mut Sink::None)
+                .await
+                .map(|_| ())
+        }
+        .await;
+        let reusable = match &result {
+            Ok(()) => true,
+            Err(Fail::Refused { kind, .. }) => kind.keeps_connection(),
+            Err(_) => false,
+        };
+        if reusable {
+            self.put_idle(idx, conn);
+        }
+        result
+    }
+
+    /// Sends `req` to every server at once; returns each one's result.
+    async fn broadcast(&self, req: &Request) -> Vec<(usize, std::result::Result<Reply, Fail>)> {
         join_all(
-            targets
-                .into_iter()
+            self.order()
                 .map(|idx| async move { (idx, self.request(idx, req, &mut Sink::None).await) }),
         )
         .await
@@ -825,7 +871,10 @@ impl TierWriter for PeerWriter {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(Error::InvalidState("peer writer is closed".into()));
             };
-            match conn.roundtrip(&Request::FinishWrite, &mut Sink::None).await {
+            let finish = Request::FinishWrite {
+                mode: PutMode::Overwrite,
+            };
+            match conn.roundtrip(&finish, &mut Sink::None).await {
                 Ok(_) => Ok(()),
                 Err(f) => Err(self.fail("finish", f)),
             }
@@ -894,25 +943,25 @@ impl Tier for PeerTier {
         Box::pin(async move {
             self.check_path(path)?;
             let buddy = self.inner.buddy;
-            let req = Request::Put {
-                path: path.to_string(),
-                mode,
-                data,
-            };
             let others: Vec<usize> = self.order().skip(1).collect();
+            let copy_to = |targets: Vec<usize>| {
+                let data = &data;
+                join_all(targets.into_iter().map(move |idx| async move {
+                    (idx, self.put_one(idx, path, data, mode).await)
+                }))
+            };
             let results = match mode {
                 // The buddy decides a create: only if it succeeds there do
                 // the others get a copy.
                 PutMode::Create => {
-                    self.request(buddy, &req, &mut Sink::None)
+                    self.put_one(buddy, path, &data, mode)
                         .await
                         .map_err(|f| self.error(buddy, "put", path, f))?;
-                    self.broadcast(&req, Some(&others)).await
+                    copy_to(others).await
                 }
                 PutMode::Overwrite => {
-                    let mut all = self.broadcast(&req, None).await;
-                    let pos = all.iter().position(|(i, _)| *i == buddy);
-                    if let Some((_, Err(f))) = pos.map(|p| all.swap_remove(p)) {
+                    let mut all = copy_to(self.order().collect()).await;
+                    if let (_, Err(f)) = all.remove(0) {
                         return Err(self.error(buddy, "put", path, f));
                     }
                     all
@@ -1068,7 +1117,7 @@ impl Tier for PeerTier {
             };
             let mut m = Misses::default();
             let mut answered = false;
-            for (idx, r) in self.broadcast(&req, None).await {
+            for (idx, r) in self.broadcast(&req).await {
                 match r {
                     Ok(_) => answered = true,
                     Err(f) => {

@@ -11,7 +11,7 @@
 //! | 0      | 4    | magic `CKPP`                                        |
 //! | 4      | 1    | version, `1`                                        |
 //! | 5      | 1    | opcode (see [`Opcode`])                             |
-//! | 6      | 2    | flags: the [`PutMode`] of a `Put`, the [`ErrorKind`] of an `Err`, else 0 |
+//! | 6      | 2    | flags: the [`PutMode`] of a `Put` or `FinishWrite` (0 overwrite, 1 create), the [`ErrorKind`] of an `Err`, else 0 |
 //! | 8      | 8    | request id, chosen by the client, echoed by the reply |
 //! | 16     | 4    | path length, at most [`MAX_PATH`] bytes             |
 //! | 20     | 8    | payload length                                      |
@@ -45,7 +45,7 @@
 //! | `Delete`     | object | —                        | `Ok` (also when absent)      |
 //! | `BeginWrite` | object | —                        | `Ok`                         |
 //! | `WriteChunk` | —      | bytes (≤ max frame)      | `Ok`                         |
-//! | `FinishWrite`| —      | —                        | `Ok`: the object is visible  |
+//! | `FinishWrite`| —      | — (flags: put mode)      | `Ok`: the object is visible  |
 //! | `AbortWrite` | —      | —                        | `Ok`                         |
 //!
 //! Any request can instead be answered by `Err`: flags carry the
@@ -62,8 +62,10 @@
 //!
 //! `BeginWrite` opens one staged object per connection; `WriteChunk`s
 //! append to it; `FinishWrite` makes it visible under its path at once,
-//! replacing any older object; `AbortWrite`, a refused chunk or the end of
-//! the connection drops it. While a write is open, only `WriteChunk`,
+//! replacing any older object, or, in create mode, only if no object
+//! exists there (else `Err(AlreadyExists)` and the write is dropped);
+//! `AbortWrite`, a refused chunk or the end of the connection drops it.
+//! Clients send objects larger than one frame this way, also for `put`. While a write is open, only `WriteChunk`,
 //! `FinishWrite` and `AbortWrite` are accepted.
 //!
 //! # Rejected input
@@ -453,7 +455,7 @@ impl Header {
             }
         };
         let flags_ok = match self.opcode {
-            Opcode::Put => self.flags <= 1,
+            Opcode::Put | Opcode::FinishWrite => self.flags <= 1,
             Opcode::Err => ErrorKind::from_u16(self.flags).is_some(),
             _ => self.flags == 0,
         };
@@ -614,7 +616,10 @@ pub enum Request {
         data: Bytes,
     },
     /// Publish the open write.
-    FinishWrite,
+    FinishWrite {
+        /// Replace any existing object, or create only.
+        mode: PutMode,
+    },
     /// Drop the open write.
     AbortWrite,
 }
@@ -632,7 +637,7 @@ impl Request {
             Request::Delete { .. } => Opcode::Delete,
             Request::BeginWrite { .. } => Opcode::BeginWrite,
             Request::WriteChunk { .. } => Opcode::WriteChunk,
-            Request::FinishWrite => Opcode::FinishWrite,
+            Request::FinishWrite { .. } => Opcode::FinishWrite,
             Request::AbortWrite => Opcode::AbortWrite,
         }
     }
@@ -667,6 +672,7 @@ impl Request {
                 flags = put_mode_flag(*mode);
                 bulk = data.clone();
             }
+            Request::FinishWrite { mode } => flags = put_mode_flag(*mode),
             Request::GetRange { start, end, .. } => {
                 small.put_u64_le(*start);
                 small.put_u64_le(*end);
@@ -744,7 +750,12 @@ impl Request {
             Opcode::Delete => Request::Delete { path },
             Opcode::BeginWrite => Request::BeginWrite { path },
             Opcode::WriteChunk => Request::WriteChunk { data: p },
-            Opcode::FinishWrite => Request::FinishWrite,
+            Opcode::FinishWrite => Request::FinishWrite {
+                mode: put_mode_from_flag(header.flags).ok_or(ProtocolError::BadFlags {
+                    opcode: Opcode::FinishWrite,
+                    flags: header.flags,
+                })?,
+            },
             Opcode::AbortWrite => Request::AbortWrite,
             other => return Err(ProtocolError::WrongDirection(other)),
         })
@@ -912,7 +923,12 @@ mod tests {
             Request::WriteChunk {
                 data: Bytes::from(vec![1u8; 5000]),
             },
-            Request::FinishWrite,
+            Request::FinishWrite {
+                mode: PutMode::Overwrite,
+            },
+            Request::FinishWrite {
+                mode: PutMode::Create,
+            },
             Request::AbortWrite,
         ]
     }

@@ -753,7 +753,7 @@ impl Connection {
                 }
                 self.ok(id, &[]).await?;
             }
-            Request::FinishWrite => {
+            Request::FinishWrite { mode } => {
                 let Some(w) = self.write.take() else {
                     return Err(End::Quiet("internal: no write".into()));
                 };
@@ -761,8 +761,12 @@ impl Connection {
                     chunks: w.chunks,
                     len: w.len,
                 };
-                store.publish(w.path, object, w.reservation, PutMode::Overwrite);
-                self.ok(id, &[]).await?;
+                if store.publish(w.path.clone(), object, w.reservation, mode) {
+                    self.ok(id, &[]).await?;
+                } else {
+                    let msg = format!("`{}` already exists", w.path);
+                    self.error(id, ErrorKind::AlreadyExists, &msg).await?;
+                }
             }
             Request::AbortWrite => {
                 self.write = None;
