@@ -27,12 +27,33 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bound on every blocking read of a raw test client.
 const RAW_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+/// A runtime that, when dropped (also while a failed test unwinds), waits
+/// at most 2 s for its tasks instead of forever.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Rt {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("runtime")
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+fn rt() -> Rt {
+    Rt(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime"),
+    ))
 }
 
 fn server_config(budget: u64) -> PeerServerConfig {
@@ -42,7 +63,7 @@ fn server_config(budget: u64) -> PeerServerConfig {
     c
 }
 
-fn spawn_servers(rt: &tokio::runtime::Runtime, n: usize, budget: u64) -> Vec<PeerServerHandle> {
+fn spawn_servers(rt: &Rt, n: usize, budget: u64) -> Vec<PeerServerHandle> {
     let _guard = rt.enter();
     (0..n)
         .map(|_| PeerServer::spawn(server_config(budget)).expect("server"))
@@ -64,7 +85,7 @@ fn tier(servers: &[SocketAddr], rank: u32) -> PeerTier {
     PeerTier::new(peer_config(servers, rank)).expect("tier")
 }
 
-fn block_on<F: Future>(rt: &tokio::runtime::Runtime, f: F) -> F::Output {
+fn block_on<F: Future>(rt: &Rt, f: F) -> F::Output {
     rt.block_on(async {
         tokio::time::timeout(TEST_TIMEOUT, f)
             .await
@@ -956,4 +977,83 @@ fn two_ranks_checkpoint_and_restore_through_peers() {
     // checkpoint.
     let e = restore_shard(&checkpointer(&addrs, 1), 1).expect_err("rank 0's shard is lost");
     assert!(e.to_string().contains(&layout::rank_data_file(0)), "{e}");
+
+    // The lost server comes back, empty, on its old address: the next
+    // checkpoint commits and restores in full again.
+    let back = {
+        let _guard = rt.enter();
+        PeerServer::spawn(server_config(256 << 20).with_bind(addrs[1])).expect("rebind")
+    };
+    assert_eq!(back.object_count(), 0);
+    std::thread::scope(|s| {
+        for r in 0..2u32 {
+            let addrs = &addrs;
+            s.spawn(move || {
+                let ckpt = checkpointer(addrs, r);
+                let (spec, local) = shard_of(&weights(4), u64::from(r));
+                let shape = spec.shape.clone();
+                let t = TensorRef::from_slice("w", &shape, &local).with_shard(spec);
+                let state = TrainingState::builder(4)
+                    .model([&t as _])
+                    .without_optimizer()
+                    .without_rng()
+                    .without_lr_schedule()
+                    .data_loader(&400u64)
+                    .and_then(|b| b.build())
+                    .expect("state");
+                let report = ckpt.save(&state).expect("save").wait().expect("durable");
+                assert!(report.tiers[0].committed, "rank {r}: {:?}", report.tiers);
+            });
+        }
+    });
+    for r in 0..2u32 {
+        let (step, got, loader) =
+            restore_shard(&checkpointer(&addrs, r), u64::from(r)).expect("restore");
+        assert_eq!((step, loader), (4, 400));
+        assert!(got == shard_of(&weights(4), u64::from(r)).1, "rank {r}");
+    }
+    servers.push(back);
+}
+
+/// A staging pool much smaller than one save: the save streams through
+/// it, which only works if the tier lets go of each block once written.
+#[test]
+fn a_save_streams_through_a_small_staging_pool() {
+    let rt = rt();
+    let servers = spawn_servers(&rt, 2, 64 << 20);
+    let addrs = addrs(&servers);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addrs2 = addrs.clone();
+    // On a thread, so a stuck save fails the test instead of hanging it.
+    std::thread::spawn(move || {
+        let result = (|| {
+            let ckpt = Checkpointer::builder("small-pool")
+                .tier(Arc::new(tier(&addrs2, 0)), TierPolicy::keep_last(1))
+                .chunk_size(4096)
+                .block_size(8192)
+                .staging_capacity(6 * 8192)
+                .build()?;
+            let w: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+            let t = TensorRef::from_slice("w", &[100_000], &w);
+            let state = TrainingState::builder(1)
+                .model([&t as _])
+                .without_optimizer()
+                .without_rng()
+                .without_data_loader()
+                .without_lr_schedule()
+                .build()?;
+            ckpt.save(&state)?.wait()?;
+            let mut out = vec![0f32; 100_000];
+            let r = ckpt
+                .restore(&mut [&mut TensorMut::from_slice("w", &[100_000], &mut out)])?
+                .map(|r| r.step);
+            Ok::<_, Error>((r, out == w))
+        })();
+        let _ = tx.send(result);
+    });
+    let (step, same) = rx
+        .recv_timeout(TEST_TIMEOUT)
+        .expect("the save finished in time")
+        .expect("save and restore");
+    assert_eq!((step, same), (Some(1), true));
 }

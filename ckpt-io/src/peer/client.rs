@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ckpt_core::{Capabilities, Error, ObjectMeta, PutMode, Result, Tier, TierWriter};
 use futures::future::{BoxFuture, join_all};
 use tokio::io::BufReader;
@@ -779,13 +779,24 @@ fn map_fail(addr: SocketAddr, op: &str, path: &str, fail: Fail) -> Error {
     }
 }
 
+/// Writes shorter than this are copied into one buffer and sent together.
+const COALESCE_BELOW: usize = 64 << 10;
+/// The coalescing buffer is sent once it holds this much.
+const COALESCE_FLUSH: usize = 1 << 20;
+
 /// A streamed write to the buddy server on a connection of its own.
+///
+/// Each `write` is on the server (staged, acknowledged) when it returns,
+/// so the writer never holds on to the caller's buffers: a checkpoint's
+/// staging blocks go back to their pool as soon as they are sent. Large
+/// writes are sent as they are, in frames of at most 8 MiB sliced out of
+/// the caller's `Bytes`; small ones are copied together first, so a stream
+/// of small writes does not cost one round trip each.
 struct PeerWriter {
     conn: Option<Conn>,
     addr: SocketAddr,
     path: String,
-    pending: VecDeque<Bytes>,
-    pending_len: u64,
+    small: BytesMut,
     chunk: u64,
     failed: Option<String>,
 }
@@ -809,40 +820,46 @@ impl PeerWriter {
         }
     }
 
-    /// Sends the next `n` pending bytes as one `WriteChunk` frame, without
-    /// copying them.
-    async fn send_chunk(&mut self, n: u64) -> Result<()> {
-        let mut parts = Vec::new();
-        let mut left = n;
-        while left > 0 {
-            let Some(front) = self.pending.front_mut() else {
-                break;
+    /// Sends the coalesced small writes, then `data`, in `WriteChunk`
+    /// frames of at most `chunk` bytes, without copying `data`.
+    async fn send(&mut self, data: Option<Bytes>) -> Result<()> {
+        let mut pending: VecDeque<Bytes> = VecDeque::new();
+        if !self.small.is_empty() {
+            pending.push_back(self.small.split().freeze());
+        }
+        pending.extend(data.filter(|d| !d.is_empty()));
+        while !pending.is_empty() {
+            let mut parts = Vec::new();
+            let mut left = self.chunk as usize;
+            while left > 0 {
+                let Some(front) = pending.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    parts.extend(pending.pop_front());
+                } else {
+                    parts.push(front.split_to(left));
+                    left = 0;
+                }
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(Error::InvalidState("peer writer is closed".into()));
             };
-            if front.len() as u64 <= left {
-                left -= front.len() as u64;
-                parts.extend(self.pending.pop_front());
-            } else {
-                parts.push(front.split_to(left as usize));
-                left = 0;
+            let res = conn
+                .call(
+                    Header::new(Opcode::WriteChunk, 0),
+                    &[],
+                    &[],
+                    &parts,
+                    &mut Sink::None,
+                )
+                .await;
+            if let Err(f) = res {
+                return Err(self.fail("write", f));
             }
         }
-        self.pending_len -= n - left;
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(Error::InvalidState("peer writer is closed".into()));
-        };
-        let res = conn
-            .call(
-                Header::new(Opcode::WriteChunk, 0),
-                &[],
-                &[],
-                &parts,
-                &mut Sink::None,
-            )
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(f) => Err(self.fail("write", f)),
-        }
+        Ok(())
     }
 }
 
@@ -850,24 +867,21 @@ impl TierWriter for PeerWriter {
     fn write(&mut self, data: Bytes) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.check()?;
-            if !data.is_empty() {
-                self.pending_len += data.len() as u64;
-                self.pending.push_back(data);
+            if data.len() < COALESCE_BELOW {
+                self.small.extend_from_slice(&data);
+                if self.small.len() >= COALESCE_FLUSH.min(self.chunk as usize) {
+                    self.send(None).await?;
+                }
+                return Ok(());
             }
-            while self.pending_len >= self.chunk {
-                self.send_chunk(self.chunk).await?;
-            }
-            Ok(())
+            self.send(Some(data)).await
         })
     }
 
     fn finish(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
             self.check()?;
-            while self.pending_len > 0 {
-                let n = self.pending_len.min(self.chunk);
-                self.send_chunk(n).await?;
-            }
+            self.send(None).await?;
             let Some(conn) = self.conn.as_mut() else {
                 return Err(Error::InvalidState("peer writer is closed".into()));
             };
@@ -931,8 +945,7 @@ impl Tier for PeerTier {
                 conn: Some(conn),
                 addr,
                 path: path.to_string(),
-                pending: VecDeque::new(),
-                pending_len: 0,
+                small: BytesMut::new(),
                 chunk: self.inner.chunk,
                 failed: None,
             }) as Box<dyn TierWriter>)
