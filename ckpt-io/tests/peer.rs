@@ -1012,6 +1012,17 @@ fn two_ranks_checkpoint_and_restore_through_peers() {
         assert_eq!((step, loader), (4, 400));
         assert!(got == shard_of(&weights(4), u64::from(r)).1, "rank {r}");
     }
+    // A client from before the loss (its pooled connection to the old
+    // server is dead) reads from the new one.
+    block_on(&rt, async {
+        let dir = layout::step_dir(RUN, 4);
+        let rank0 = format!("{dir}/{}", layout::rank_data_file(0));
+        assert_eq!(observer.buddy_addr(), addrs[1]);
+        let size = observer.size(&rank0).await.expect("on the new server");
+        assert!(size > 4 * MIB as u64, "{size}");
+        let listed = observer.list(&format!("{dir}/")).await.expect("list");
+        assert!(listed.iter().any(|o| o.path == rank0), "{listed:?}");
+    });
     servers.push(back);
 }
 

@@ -40,9 +40,9 @@ pub struct PeerConfig {
     pub buddy: Option<u32>,
     /// The group's shared secret (not empty).
     pub secret: Vec<u8>,
-    /// Largest frame sent or accepted (default 64 MiB, at least 64 KiB);
-    /// streamed writes go in frames of at most 8 MiB and never more than
-    /// this.
+    /// Largest frame sent or accepted (default 64 MiB, at least 64 KiB).
+    /// Writes and puts go in frames of at most 8 MiB and never more than
+    /// this, which must not exceed the servers' own limit.
     pub max_frame: u64,
     /// Time allowed to connect and authenticate (default 5 s).
     pub connect_timeout: Duration,
@@ -564,27 +564,30 @@ impl PeerTier {
     }
 
     /// One request to one server, on a pooled connection when there is
-    /// one. A stale pooled connection is retried once on a fresh one,
-    /// except for a create, which must not run twice.
+    /// one; a stale pooled connection is retried once on a fresh one. A
+    /// create, which must not run twice, always takes a fresh connection:
+    /// a failure then means the server is gone, never that an idle
+    /// connection was.
     async fn request(
         &self,
         idx: usize,
         req: &Request,
         sink: &mut Sink<'_>,
     ) -> std::result::Result<Reply, Fail> {
-        let retry = !matches!(
+        let create = matches!(
             req,
             Request::Put {
                 mode: PutMode::Create,
                 ..
             }
         );
-        let (mut conn, pooled) = match self.take_idle(idx) {
+        let pooled_conn = if create { None } else { self.take_idle(idx) };
+        let (mut conn, pooled) = match pooled_conn {
             Some(c) => (c, true),
             None => (self.connect(idx).await?, false),
         };
         let mut result = conn.roundtrip(req, sink).await;
-        if pooled && retry && matches!(result, Err(Fail::Unreachable(_))) {
+        if pooled && matches!(result, Err(Fail::Unreachable(_))) {
             conn = self.connect(idx).await?;
             result = conn.roundtrip(req, sink).await;
         }
@@ -669,7 +672,8 @@ impl PeerTier {
     }
 
     /// Stores one metadata object on server `idx`: in one `Put` frame, or,
-    /// if larger than a frame, as a streamed write finished in `mode`.
+    /// if larger than a frame, as a streamed write finished in `mode`, on
+    /// a fresh connection.
     async fn put_one(
         &self,
         idx: usize,
@@ -685,10 +689,7 @@ impl PeerTier {
             };
             return self.request(idx, &req, &mut Sink::None).await.map(|_| ());
         }
-        let mut conn = match self.take_idle(idx) {
-            Some(c) => c,
-            None => self.connect(idx).await?,
-        };
+        let mut conn = self.connect(idx).await?;
         let result = async {
             let begin = Request::BeginWrite {
                 path: path.to_string(),
@@ -1005,7 +1006,7 @@ impl Tier for PeerTier {
             };
             match self.read_any("get", req, None).await? {
                 Reply::Data(b) => Ok(b),
-                other => Err(unexpected(path, &other)),
+                other => Err(unexpected(self, path, &other)),
             }
         })
     }
@@ -1029,7 +1030,7 @@ impl Tier for PeerTier {
                 .await?
             {
                 Reply::Data(b) => Ok(b),
-                other => Err(unexpected(path, &other)),
+                other => Err(unexpected(self, path, &other)),
             }
         })
     }
@@ -1074,7 +1075,7 @@ impl Tier for PeerTier {
                     v.copy_from_slice(&b);
                     Ok(u64::from_le_bytes(v))
                 }
-                other => Err(unexpected(path, &other)),
+                other => Err(unexpected(self, path, &other)),
             }
         })
     }
@@ -1104,7 +1105,7 @@ impl Tier for PeerTier {
                             merged.entry(e.path).or_insert(e.size);
                         }
                     }
-                    Ok(other) => return Err(unexpected(prefix, &other)),
+                    Ok(other) => return Err(unexpected(self, prefix, &other)),
                     Err(f) => {
                         if let Some(e) = self.miss(idx, "list", prefix, f, &mut m) {
                             return Err(e);
@@ -1149,14 +1150,14 @@ impl Tier for PeerTier {
     }
 }
 
-fn unexpected(path: &str, reply: &Reply) -> Error {
+fn unexpected(tier: &PeerTier, path: &str, reply: &Reply) -> Error {
     let what = match reply {
         Reply::Ok(_) => "Ok",
         Reply::Data(_) | Reply::Filled => "Data",
         Reply::Entries(_) => "Entries",
     };
     Error::Backend {
-        tier: "peer".into(),
+        tier: tier.inner.location.clone(),
         retryable: false,
         message: format!("unexpected {what} reply for `{path}`"),
     }

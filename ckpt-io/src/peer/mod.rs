@@ -28,7 +28,15 @@
 //!   `PutMode::Create` is decided by the buddy alone: it succeeds if and
 //!   only if the create succeeds there, and only then is the object copied
 //!   to the others (where finding it present already is fine). The commit
-//!   of a step happens once, on the coordinator's buddy.
+//!   of a step happens once, on the coordinator's buddy. Creates are
+//!   therefore exclusive among clients that share a buddy (every create of
+//!   a `MANIFEST.json` comes from the coordinator), not across clients
+//!   with different buddies.
+//! - Objects larger than one frame (8 MiB) are streamed, also by `put`.
+//!   Each `write` of a streamed object is staged on the server when it
+//!   returns, so the caller's buffers (a checkpoint's staging blocks) are
+//!   released at once; small writes are copied together and sent in one
+//!   frame.
 //! - **Reads** ([`Tier::get`], [`Tier::get_range`], [`Tier::read_into`],
 //!   [`Tier::size`]) ask the buddy first, then the other servers in rank
 //!   order, until one has the object. **Listings** are the union over all
