@@ -31,7 +31,10 @@ pub struct PeerServerConfig {
     /// Shared secret every client must prove it holds. Not empty; use 32
     /// random bytes.
     pub secret: Vec<u8>,
-    /// Most bytes of objects held at once, staged writes included.
+    /// Most bytes of objects held at once, staged writes included. A
+    /// payload is counted before it is read; an overwrite needs room for
+    /// the new object before the old one is released. Nothing is ever
+    /// evicted to make room.
     pub memory_budget: u64,
     /// Largest `Put` or `WriteChunk` payload accepted (default 64 MiB,
     /// at least 64 KiB).
