@@ -350,7 +350,20 @@ pub fn read_targets(
         regions.push(region);
     }
     let dir = layout::step_dir(&m.run, m.step);
-    block_on(handle, store::check_files(tier, m))?;
+    // Only the files holding pieces these targets need: a rank restores its
+    // shard even when another rank's file is gone from this tier.
+    let mut needed = std::collections::BTreeSet::new();
+    for (t, region) in targets.iter().zip(&regions) {
+        for p in &m.tensors[t.name()].pieces {
+            if p.shard(&region.global_shape).intersect(region).is_some() {
+                needed.insert(p.rank);
+            }
+        }
+    }
+    block_on(
+        handle,
+        store::check_rank_files(tier, m, |r| needed.contains(&r)),
+    )?;
 
     let mut units: Vec<Unit<'_>> = Vec::new();
     for (t, region) in targets.iter_mut().zip(regions) {

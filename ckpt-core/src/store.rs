@@ -60,8 +60,19 @@ pub async fn load_manifest(tier: &dyn Tier, run: &str, step: u64) -> Result<Mani
 /// Checks that every shard file the manifest names exists with the length
 /// the manifest recorded.
 pub async fn check_files(tier: &dyn Tier, m: &Manifest) -> Result<()> {
+    check_rank_files(tier, m, |_| true).await
+}
+
+/// Like [`check_files`], for the ranks `wanted` selects only (a restore
+/// checks the files it will read, so one rank can restore its shard while
+/// another rank's replica is gone).
+pub async fn check_rank_files(
+    tier: &dyn Tier,
+    m: &Manifest,
+    wanted: impl Fn(u32) -> bool,
+) -> Result<()> {
     let dir = layout::step_dir(&m.run, m.step);
-    for r in &m.ranks {
+    for r in m.ranks.iter().filter(|r| wanted(r.rank)) {
         let path = format!("{dir}/{}", r.file);
         let size = tier.size(&path).await?;
         if size != r.file_len {

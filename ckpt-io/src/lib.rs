@@ -6,6 +6,8 @@
 //! - `ObjectTier` (feature `s3`): S3-compatible object stores through
 //!   `object_store`;
 //! - [`MemoryTier`]: in-process memory, for tests.
+//! - `PeerTier` (feature `peer`): replicas in peer processes' RAM, served
+//!   by `PeerServer`s over TCP.
 //!
 //! [`FaultTier`] wraps any tier and injects faults (failed writes, a full
 //! disk, a failed commit, latency) for tests; `conformance` (feature
@@ -34,3 +36,8 @@ pub use local::LocalTier;
 pub mod object;
 #[cfg(feature = "s3")]
 pub use object::{ObjectTier, ObjectTierConfig};
+
+#[cfg(feature = "peer")]
+pub mod peer;
+#[cfg(feature = "peer")]
+pub use peer::{PeerConfig, PeerServer, PeerServerConfig, PeerServerHandle, PeerTier};

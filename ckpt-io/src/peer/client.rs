@@ -1,0 +1,1164 @@
+//! [`PeerTier`]: a rank's client of the whole peer group.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ckpt_core::{Capabilities, Error, ObjectMeta, PutMode, Result, Tier, TierWriter};
+use futures::future::{BoxFuture, join_all};
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+
+use super::protocol::{
+    self, ErrorKind, HEADER_LEN, Header, MAC_LEN, MIN_MAX_FRAME, NONCE_LEN, Opcode, ProtocolError,
+    Request,
+};
+use super::wire;
+
+/// Idle connections kept per server.
+const POOL_PER_SERVER: usize = 8;
+/// Most bytes reserved up front for a `Get` reply; the buffer grows as
+/// data arrives.
+const INITIAL_GET_BUFFER: u64 = 64 << 20;
+
+/// Settings of a [`PeerTier`].
+#[derive(Clone)]
+pub struct PeerConfig {
+    /// Every peer server's address; index `r` is rank `r`'s server.
+    pub servers: Vec<SocketAddr>,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks per node (default 1): the default buddy of rank `r` is
+    /// `(r + ranks_per_node) % servers.len()`, the same local rank on the
+    /// next node.
+    pub ranks_per_node: u32,
+    /// Overrides the buddy rank.
+    pub buddy: Option<u32>,
+    /// The group's shared secret (not empty).
+    pub secret: Vec<u8>,
+    /// Largest frame sent or accepted (default 64 MiB, at least 64 KiB).
+    /// Writes and puts go in frames of at most 8 MiB and never more than
+    /// this, which must not exceed the servers' own limit.
+    pub max_frame: u64,
+    /// Time allowed to connect and authenticate (default 5 s).
+    pub connect_timeout: Duration,
+    /// Time allowed without progress during a request (default 30 s).
+    pub io_timeout: Duration,
+}
+
+impl PeerConfig {
+    /// A configuration for `rank` in a group served at `servers`, with
+    /// defaults for the rest.
+    pub fn new(servers: Vec<SocketAddr>, rank: u32, secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            servers,
+            rank,
+            ranks_per_node: 1,
+            buddy: None,
+            secret: secret.into(),
+            max_frame: protocol::DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The buddy rank this configuration selects.
+    pub fn buddy_rank(&self) -> u32 {
+        let n = self.servers.len().max(1) as u64;
+        self.buddy
+            .unwrap_or_else(|| ((u64::from(self.rank) + u64::from(self.ranks_per_node)) % n) as u32)
+    }
+}
+
+impl fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("servers", &self.servers)
+            .field("rank", &self.rank)
+            .field("ranks_per_node", &self.ranks_per_node)
+            .field("buddy", &self.buddy)
+            .field("secret", &"<redacted>")
+            .field("max_frame", &self.max_frame)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("io_timeout", &self.io_timeout)
+            .finish()
+    }
+}
+
+/// Why one request to one server failed.
+#[derive(Debug)]
+enum Fail {
+    /// Could not connect, or the connection broke or stalled: the server
+    /// is treated as absent.
+    Unreachable(String),
+    /// The server answered with an error.
+    Refused { kind: ErrorKind, message: String },
+    /// The server answered something this client cannot accept.
+    Broken(String),
+}
+
+impl From<std::io::Error> for Fail {
+    fn from(e: std::io::Error) -> Self {
+        Fail::Unreachable(e.to_string())
+    }
+}
+
+fn broken(e: ProtocolError) -> Fail {
+    Fail::Broken(e.to_string())
+}
+
+/// Where a `Data` reply goes.
+enum Sink<'b> {
+    /// No data expected.
+    None,
+    /// A new buffer; `Some(n)`: exactly `n` bytes expected.
+    Alloc(Option<u64>),
+    /// Exactly this buffer.
+    Into(&'b mut [u8]),
+}
+
+enum Reply {
+    Ok(Bytes),
+    Data(Bytes),
+    Filled,
+    Entries(Vec<ObjectMeta>),
+}
+
+/// One authenticated connection.
+struct Conn {
+    stream: BufReader<TcpStream>,
+    next_id: u64,
+    io_timeout: Duration,
+    max_frame: u64,
+}
+
+impl Conn {
+    async fn open(
+        addr: SocketAddr,
+        secret: &[u8],
+        connect_timeout: Duration,
+        io_timeout: Duration,
+        max_frame: u64,
+    ) -> std::result::Result<Conn, Fail> {
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| Fail::Unreachable(format!("no connection within {connect_timeout:?}")))?
+            .map_err(|e| Fail::Unreachable(format!("cannot connect: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn {
+            stream: BufReader::with_capacity(64 << 10, stream),
+            next_id: 1,
+            io_timeout: io_timeout.min(connect_timeout),
+            max_frame,
+        };
+        let hello = conn.read_header().await?;
+        if hello.opcode != Opcode::Hello {
+            return Err(Fail::Broken(format!(
+                "expected a Hello frame, got {}",
+                hello.opcode
+            )));
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        wire::read_exact_timed(
+            &mut conn.stream,
+            &mut nonce,
+            conn.io_timeout,
+            "authenticating",
+        )
+        .await?;
+        let client_nonce =
+            wire::nonce().map_err(|e| Fail::Broken(format!("no randomness: {e}")))?;
+        let auth = Request::Auth {
+            mac: wire::client_proof(secret, &nonce),
+            nonce: client_nonce,
+        };
+        match conn.roundtrip(&auth, &mut Sink::None).await? {
+            Reply::Ok(proof)
+                if proof.len() == MAC_LEN
+                    && wire::verify_server_proof(secret, &client_nonce, &proof) => {}
+            _ => {
+                return Err(Fail::Broken(
+                    "the server could not prove it holds the shared secret".into(),
+                ));
+            }
+        }
+        conn.io_timeout = io_timeout;
+        Ok(conn)
+    }
+
+    /// Whether an idle pooled connection still looks usable: nothing
+    /// unread, not closed by the server.
+    fn healthy(&self) -> bool {
+        if !self.stream.buffer().is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(
+            self.stream.get_ref().try_read(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        )
+    }
+
+    async fn send(&mut self, head: &[u8], bulk: &[Bytes]) -> std::io::Result<()> {
+        let t = self.io_timeout;
+        let bulk_len: usize = bulk.iter().map(Bytes::len).sum();
+        let w = self.stream.get_mut();
+        if bulk_len <= 64 << 10 {
+            let mut frame = Vec::with_capacity(head.len() + bulk_len);
+            frame.extend_from_slice(head);
+            for b in bulk {
+                frame.extend_from_slice(b);
+            }
+            wire::write_all_timed(w, &frame, t, "sending a request").await
+        } else {
+            wire::write_all_timed(w, head, t, "sending a request").await?;
+            for b in bulk {
+                wire::write_all_timed(w, b, t, "sending a request").await?;
+            }
+            Ok(())
+        }
+    }
+
+    async fn read_header(&mut self) -> std::result::Result<Header, Fail> {
+        let mut buf = [0u8; HEADER_LEN];
+        wire::read_exact_timed(
+            &mut self.stream,
+            &mut buf,
+            self.io_timeout,
+            "waiting for a reply",
+        )
+        .await?;
+        let h = Header::decode(&buf).map_err(broken)?;
+        if h.opcode.is_request() {
+            return Err(broken(ProtocolError::WrongDirection(h.opcode)));
+        }
+        h.check_payload(self.max_frame).map_err(broken)?;
+        Ok(h)
+    }
+
+    /// Sends a request (with `bulk` as its payload when given) and reads
+    /// its reply.
+    async fn call(
+        &mut self,
+        head: Header,
+        path: &[u8],
+        small: &[u8],
+        bulk: &[Bytes],
+        sink: &mut Sink<'_>,
+    ) -> std::result::Result<Reply, Fail> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let header = Header {
+            request_id: id,
+            path_len: path.len() as u32,
+            payload_len: (small.len() + bulk.iter().map(Bytes::len).sum::<usize>()) as u64,
+            ..head
+        };
+        let mut frame = Vec::with_capacity(HEADER_LEN + path.len() + small.len());
+        frame.extend_from_slice(&header.encode());
+        frame.extend_from_slice(path);
+        frame.extend_from_slice(small);
+        self.send(&frame, bulk).await?;
+        self.read_reply(id, sink).await
+    }
+
+    async fn roundtrip(
+        &mut self,
+        req: &Request,
+        sink: &mut Sink<'_>,
+    ) -> std::result::Result<Reply, Fail> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (head, bulk) = req.encode_parts(id);
+        self.send(&head, std::slice::from_ref(&bulk)).await?;
+        self.read_reply(id, sink).await
+    }
+
+    async fn read_reply(
+        &mut self,
+        id: u64,
+        sink: &mut Sink<'_>,
+    ) -> std::result::Result<Reply, Fail> {
+        let h = self.read_header().await?;
+        if h.request_id != id {
+            return Err(Fail::Broken(format!(
+                "reply to request {} while waiting for {id}",
+                h.request_id
+            )));
+        }
+        let t = self.io_timeout;
+        match h.opcode {
+            Opcode::Ok => {
+                let b = wire::read_bytes_timed(
+                    &mut self.stream,
+                    h.payload_len,
+                    h.payload_len,
+                    t,
+                    "reading a reply",
+                )
+                .await?;
+                Ok(Reply::Ok(b))
+            }
+            Opcode::Err => {
+                let b = wire::read_bytes_timed(
+                    &mut self.stream,
+                    h.payload_len,
+                    h.payload_len,
+                    t,
+                    "reading an error",
+                )
+                .await?;
+                let kind = ErrorKind::from_u16(h.flags).unwrap_or(ErrorKind::Internal);
+                Err(Fail::Refused {
+                    kind,
+                    message: String::from_utf8_lossy(&b).into_owned(),
+                })
+            }
+            Opcode::Entries => {
+                let b = wire::read_bytes_timed(
+                    &mut self.stream,
+                    h.payload_len,
+                    h.payload_len,
+                    t,
+                    "reading a listing",
+                )
+                .await?;
+                Ok(Reply::Entries(
+                    protocol::decode_entries(&b).map_err(broken)?,
+                ))
+            }
+            Opcode::Data => match sink {
+                Sink::Into(buf) => {
+                    if h.payload_len != buf.len() as u64 {
+                        return Err(Fail::Broken(format!(
+                            "sent {} bytes for a read of {}",
+                            h.payload_len,
+                            buf.len()
+                        )));
+                    }
+                    wire::read_exact_timed(&mut self.stream, buf, t, "reading data").await?;
+                    Ok(Reply::Filled)
+                }
+                Sink::Alloc(expect) => {
+                    if let Some(n) = *expect
+                        && n != h.payload_len
+                    {
+                        return Err(Fail::Broken(format!(
+                            "sent {} bytes for a read of {n}",
+                            h.payload_len
+                        )));
+                    }
+                    let b = wire::read_bytes_timed(
+                        &mut self.stream,
+                        h.payload_len,
+                        h.payload_len.min(INITIAL_GET_BUFFER),
+                        t,
+                        "reading data",
+                    )
+                    .await?;
+                    Ok(Reply::Data(b))
+                }
+                Sink::None => Err(Fail::Broken("unexpected data".into())),
+            },
+            other => Err(Fail::Broken(format!("unexpected {other} frame"))),
+        }
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    idle: Mutex<VecDeque<(tokio::runtime::Id, Conn)>>,
+}
+
+struct Inner {
+    servers: Vec<Server>,
+    buddy: usize,
+    rank: u32,
+    secret: Vec<u8>,
+    max_frame: u64,
+    chunk: u64,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    location: String,
+}
+
+/// A tier in peer servers' memory. See the [module docs](super) for
+/// where each object goes and what survives what.
+///
+/// Cheap to clone; clones share connections. Its futures must run inside
+/// a tokio runtime.
+#[derive(Clone)]
+pub struct PeerTier {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for PeerTier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerTier")
+            .field("location", &self.inner.location)
+            .field("rank", &self.inner.rank)
+            .field(
+                "servers",
+                &self
+                    .inner
+                    .servers
+                    .iter()
+                    .map(|s| s.addr)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// What is known after asking servers in turn for one object.
+#[derive(Default)]
+struct Misses {
+    not_found: bool,
+    unreachable: Vec<String>,
+}
+
+impl PeerTier {
+    /// A client of the peer group `config.servers` for `config.rank`.
+    /// Connects lazily: servers need not be up yet.
+    pub fn new(config: PeerConfig) -> Result<Self> {
+        let n = config.servers.len();
+        if n == 0 {
+            return Err(Error::Config("peer tier: no servers given".into()));
+        }
+        if config.rank as usize >= n {
+            return Err(Error::Config(format!(
+                "peer tier: rank {} but only {n} servers",
+                config.rank
+            )));
+        }
+        if config.ranks_per_node == 0 {
+            return Err(Error::Config(
+                "peer tier: ranks_per_node must be at least 1".into(),
+            ));
+        }
+        let buddy = config.buddy_rank() as usize;
+        if buddy >= n {
+            return Err(Error::Config(format!(
+                "peer tier: buddy rank {buddy} but only {n} servers"
+            )));
+        }
+        if config.secret.is_empty() {
+            return Err(Error::Config("peer tier: the secret is empty".into()));
+        }
+        if config.max_frame < MIN_MAX_FRAME {
+            return Err(Error::Config(format!(
+                "peer tier: max frame {} is below the minimum {MIN_MAX_FRAME}",
+                config.max_frame
+            )));
+        }
+        if config.connect_timeout.is_zero() || config.io_timeout.is_zero() {
+            return Err(Error::Config("peer tier: a timeout is zero".into()));
+        }
+        if buddy == config.rank as usize && n > 1 {
+            tracing::warn!(
+                rank = config.rank,
+                "peer tier: the buddy is this rank's own server; set ranks_per_node or buddy"
+            );
+        }
+        let location = format!("peer://{}", config.servers[buddy]);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                servers: config
+                    .servers
+                    .iter()
+                    .map(|&addr| Server {
+                        addr,
+                        idle: Mutex::default(),
+                    })
+                    .collect(),
+                buddy,
+                rank: config.rank,
+                secret: config.secret,
+                chunk: protocol::WRITE_CHUNK.min(config.max_frame),
+                max_frame: config.max_frame,
+                connect_timeout: config.connect_timeout,
+                io_timeout: config.io_timeout,
+                location,
+            }),
+        })
+    }
+
+    /// The buddy's rank: the server that holds this rank's data objects.
+    pub fn buddy(&self) -> u32 {
+        self.inner.buddy as u32
+    }
+
+    /// The buddy server's address.
+    pub fn buddy_addr(&self) -> SocketAddr {
+        self.inner.servers[self.inner.buddy].addr
+    }
+
+    /// Every server's address, in rank order.
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        self.inner.servers.iter().map(|s| s.addr).collect()
+    }
+
+    fn addr(&self, idx: usize) -> SocketAddr {
+        self.inner.servers[idx].addr
+    }
+
+    /// Server indices to read from: the buddy first, then the others.
+    fn order(&self) -> impl Iterator<Item = usize> + use<> {
+        let b = self.inner.buddy;
+        std::iter::once(b).chain((0..self.inner.servers.len()).filter(move |&i| i != b))
+    }
+
+    fn check_path(&self, path: &str) -> Result<()> {
+        protocol::validate_object_path(path).map_err(|e| {
+            Error::Config(format!(
+                "invalid object path for {}: {e}",
+                self.inner.location
+            ))
+        })
+    }
+
+    async fn connect(&self, idx: usize) -> std::result::Result<Conn, Fail> {
+        let i = &self.inner;
+        Conn::open(
+            self.addr(idx),
+            &i.secret,
+            i.connect_timeout,
+            i.io_timeout,
+            i.max_frame,
+        )
+        .await
+    }
+
+    fn take_idle(&self, idx: usize) -> Option<Conn> {
+        let rt = tokio::runtime::Handle::try_current().ok()?.id();
+        let mut idle = self.inner.servers[idx]
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        while let Some(pos) = idle.iter().rposition(|(id, _)| *id == rt) {
+            if let Some((_, c)) = idle.remove(pos)
+                && c.healthy()
+            {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, idx: usize, conn: Conn) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut idle = self.inner.servers[idx]
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if idle.len() >= POOL_PER_SERVER {
+            idle.pop_front();
+        }
+        idle.push_back((rt.id(), conn));
+    }
+
+    /// One request to one server, on a pooled connection when there is
+    /// one; a stale pooled connection is retried once on a fresh one. A
+    /// create, which must not run twice, always takes a fresh connection:
+    /// a failure then means the server is gone, never that an idle
+    /// connection was.
+    async fn request(
+        &self,
+        idx: usize,
+        req: &Request,
+        sink: &mut Sink<'_>,
+    ) -> std::result::Result<Reply, Fail> {
+        let create = matches!(
+            req,
+            Request::Put {
+                mode: PutMode::Create,
+                ..
+            }
+        );
+        let pooled_conn = if create { None } else { self.take_idle(idx) };
+        let (mut conn, pooled) = match pooled_conn {
+            Some(c) => (c, true),
+            None => (self.connect(idx).await?, false),
+        };
+        let mut result = conn.roundtrip(req, sink).await;
+        if pooled && matches!(result, Err(Fail::Unreachable(_))) {
+            conn = self.connect(idx).await?;
+            result = conn.roundtrip(req, sink).await;
+        }
+        let reusable = match &result {
+            Ok(_) => true,
+            Err(Fail::Refused { kind, .. }) => kind.keeps_connection(),
+            Err(_) => false,
+        };
+        if reusable {
+            self.put_idle(idx, conn);
+        }
+        result
+    }
+
+    /// Maps a failure of `op` on `path` at server `idx` to an error.
+    fn error(&self, idx: usize, op: &str, path: &str, fail: Fail) -> Error {
+        map_fail(self.addr(idx), op, path, fail)
+    }
+
+    /// Records a miss (absent or unreachable) while reading in turn; any
+    /// other failure is the answer and is returned.
+    fn miss(&self, idx: usize, op: &str, path: &str, fail: Fail, m: &mut Misses) -> Option<Error> {
+        match fail {
+            Fail::Refused {
+                kind: ErrorKind::NotFound,
+                ..
+            } => {
+                m.not_found = true;
+                None
+            }
+            Fail::Unreachable(why) => {
+                let addr = self.addr(idx);
+                tracing::warn!(server = %addr, op, path, error = %why, "peer server unreachable; trying the next one");
+                m.unreachable.push(format!("{addr}: {why}"));
+                None
+            }
+            other => Some(self.error(idx, op, path, other)),
+        }
+    }
+
+    fn missed(&self, op: &str, path: &str, m: Misses) -> Error {
+        if m.not_found {
+            Error::NotFound {
+                path: path.to_string(),
+            }
+        } else {
+            Error::Backend {
+                tier: self.inner.location.clone(),
+                retryable: true,
+                message: format!(
+                    "{op} `{path}`: no peer server reachable ({})",
+                    m.unreachable.join("; ")
+                ),
+            }
+        }
+    }
+
+    /// Asks the buddy, then the others, until one has `path`.
+    async fn read_any(&self, op: &str, req: Request, expect: Option<u64>) -> Result<Reply> {
+        let path = match &req {
+            Request::Get { path } | Request::GetRange { path, .. } | Request::Size { path } => {
+                path.clone()
+            }
+            _ => String::new(),
+        };
+        let mut m = Misses::default();
+        for idx in self.order() {
+            let mut sink = match &req {
+                Request::Size { .. } => Sink::None,
+                _ => Sink::Alloc(expect),
+            };
+            match self.request(idx, &req, &mut sink).await {
+                Ok(r) => return Ok(r),
+                Err(f) => {
+                    if let Some(e) = self.miss(idx, op, &path, f, &mut m) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Err(self.missed(op, &path, m))
+    }
+
+    /// Stores one metadata object on server `idx`: in one `Put` frame, or,
+    /// if larger than a frame, as a streamed write finished in `mode`, on
+    /// a fresh connection.
+    async fn put_one(
+        &self,
+        idx: usize,
+        path: &str,
+        data: &Bytes,
+        mode: PutMode,
+    ) -> std::result::Result<(), Fail> {
+        if data.len() as u64 <= self.inner.chunk {
+            let req = Request::Put {
+                path: path.to_string(),
+                mode,
+                data: data.clone(),
+            };
+            return self.request(idx, &req, &mut Sink::None).await.map(|_| ());
+        }
+        let mut conn = self.connect(idx).await?;
+        let result = async {
+            let begin = Request::BeginWrite {
+                path: path.to_string(),
+            };
+            conn.roundtrip(&begin, &mut Sink::None).await?;
+            let mut at = 0;
+            while at < data.len() {
+                let end = (at + self.inner.chunk as usize).min(data.len());
+                conn.call(
+                    Header::new(Opcode::WriteChunk, 0),
+                    &[],
+                    &[],
+                    &[data.slice(at..end)],
+                    &mut Sink::None,
+                )
+                .await?;
+                at = end;
+            }
+            conn.roundtrip(&Request::FinishWrite { mode }, &mut Sink::None)
+                .await
+                .map(|_| ())
+        }
+        .await;
+        let reusable = match &result {
+            Ok(()) => true,
+            Err(Fail::Refused { kind, .. }) => kind.keeps_connection(),
+            Err(_) => false,
+        };
+        if reusable {
+            self.put_idle(idx, conn);
+        }
+        result
+    }
+
+    /// Sends `req` to every server at once; returns each one's result.
+    async fn broadcast(&self, req: &Request) -> Vec<(usize, std::result::Result<Reply, Fail>)> {
+        join_all(
+            self.order()
+                .map(|idx| async move { (idx, self.request(idx, req, &mut Sink::None).await) }),
+        )
+        .await
+    }
+}
+
+fn map_fail(addr: SocketAddr, op: &str, path: &str, fail: Fail) -> Error {
+    let tier = format!("peer://{addr}");
+    match fail {
+        Fail::Unreachable(why) => Error::Backend {
+            tier,
+            retryable: true,
+            message: format!("{op} `{path}`: peer server {addr} unreachable: {why}"),
+        },
+        Fail::Broken(why) => Error::Backend {
+            tier,
+            retryable: false,
+            message: format!("{op} `{path}`: peer server {addr} broke the protocol: {why}"),
+        },
+        Fail::Refused { kind, message } => match kind {
+            ErrorKind::NotFound => Error::NotFound {
+                path: path.to_string(),
+            },
+            ErrorKind::AlreadyExists => Error::AlreadyExists {
+                path: path.to_string(),
+            },
+            ErrorKind::OutOfRange => Error::Incomplete {
+                path: path.to_string(),
+                reason: format!("{message} (peer server {addr})"),
+            },
+            ErrorKind::Auth => Error::Backend {
+                tier,
+                retryable: false,
+                message: format!(
+                    "{op} `{path}`: peer server {addr} rejected authentication \
+                     (is the shared secret the same on every rank?): {message}"
+                ),
+            },
+            ErrorKind::Budget => Error::Backend {
+                tier,
+                retryable: false,
+                message: format!("{op} `{path}`: peer server {addr} refused: {message}"),
+            },
+            ErrorKind::Protocol | ErrorKind::InvalidPath | ErrorKind::Internal => Error::Backend {
+                tier,
+                retryable: false,
+                message: format!("{op} `{path}`: peer server {addr} failed ({kind:?}): {message}"),
+            },
+        },
+    }
+}
+
+/// Writes shorter than this are copied into one buffer and sent together.
+const COALESCE_BELOW: usize = 64 << 10;
+/// The coalescing buffer is sent once it holds this much.
+const COALESCE_FLUSH: usize = 1 << 20;
+
+/// A streamed write to the buddy server on a connection of its own.
+///
+/// Each `write` is on the server (staged, acknowledged) when it returns,
+/// so the writer never holds on to the caller's buffers: a checkpoint's
+/// staging blocks go back to their pool as soon as they are sent. Large
+/// writes are sent as they are, in frames of at most 8 MiB sliced out of
+/// the caller's `Bytes`; small ones are copied together first, so a stream
+/// of small writes does not cost one round trip each.
+struct PeerWriter {
+    conn: Option<Conn>,
+    addr: SocketAddr,
+    path: String,
+    small: BytesMut,
+    chunk: u64,
+    failed: Option<String>,
+}
+
+impl PeerWriter {
+    fn fail(&mut self, op: &str, fail: Fail) -> Error {
+        self.conn = None;
+        let e = map_fail(self.addr, op, &self.path, fail);
+        self.failed = Some(e.to_string());
+        e
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => Err(Error::Backend {
+                tier: format!("peer://{}", self.addr),
+                retryable: false,
+                message: format!("write `{}` failed earlier: {why}", self.path),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends the coalesced small writes, then `data`, in `WriteChunk`
+    /// frames of at most `chunk` bytes, without copying `data`.
+    async fn send(&mut self, data: Option<Bytes>) -> Result<()> {
+        let mut pending: VecDeque<Bytes> = VecDeque::new();
+        if !self.small.is_empty() {
+            pending.push_back(self.small.split().freeze());
+        }
+        pending.extend(data.filter(|d| !d.is_empty()));
+        while !pending.is_empty() {
+            let mut parts = Vec::new();
+            let mut left = self.chunk as usize;
+            while left > 0 {
+                let Some(front) = pending.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    parts.extend(pending.pop_front());
+                } else {
+                    parts.push(front.split_to(left));
+                    left = 0;
+                }
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(Error::InvalidState("peer writer is closed".into()));
+            };
+            let res = conn
+                .call(
+                    Header::new(Opcode::WriteChunk, 0),
+                    &[],
+                    &[],
+                    &parts,
+                    &mut Sink::None,
+                )
+                .await;
+            if let Err(f) = res {
+                return Err(self.fail("write", f));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TierWriter for PeerWriter {
+    fn write(&mut self, data: Bytes) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.check()?;
+            if data.len() < COALESCE_BELOW {
+                self.small.extend_from_slice(&data);
+                if self.small.len() >= COALESCE_FLUSH.min(self.chunk as usize) {
+                    self.send(None).await?;
+                }
+                return Ok(());
+            }
+            self.send(Some(data)).await
+        })
+    }
+
+    fn finish(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async move {
+            self.check()?;
+            self.send(None).await?;
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(Error::InvalidState("peer writer is closed".into()));
+            };
+            let finish = Request::FinishWrite {
+                mode: PutMode::Overwrite,
+            };
+            match conn.roundtrip(&finish, &mut Sink::None).await {
+                Ok(_) => Ok(()),
+                Err(f) => Err(self.fail("finish", f)),
+            }
+        })
+    }
+
+    fn abort(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async move {
+            if let Some(mut conn) = self.conn.take() {
+                // Best effort: closing the connection drops the staged
+                // write on the server anyway.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    conn.roundtrip(&Request::AbortWrite, &mut Sink::None),
+                )
+                .await;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Tier for PeerTier {
+    fn location(&self) -> String {
+        self.inner.location.clone()
+    }
+
+    /// Creates are atomic on the server that decides them (the
+    /// coordinator's buddy); the data is in another process's memory; a
+    /// node loss loses the objects held there (one replica per shard), so
+    /// `survives_node` is `false`.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(true, true, false)
+    }
+
+    fn create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {
+        Box::pin(async move {
+            self.check_path(path)?;
+            let idx = self.inner.buddy;
+            let addr = self.addr(idx);
+            let mut conn = self
+                .connect(idx)
+                .await
+                .map_err(|f| self.error(idx, "create", path, f))?;
+            conn.roundtrip(
+                &Request::BeginWrite {
+                    path: path.to_string(),
+                },
+                &mut Sink::None,
+            )
+            .await
+            .map_err(|f| self.error(idx, "create", path, f))?;
+            Ok(Box::new(PeerWriter {
+                conn: Some(conn),
+                addr,
+                path: path.to_string(),
+                small: BytesMut::new(),
+                chunk: self.inner.chunk,
+                failed: None,
+            }) as Box<dyn TierWriter>)
+        })
+    }
+
+    fn put<'a>(&'a self, path: &'a str, data: Bytes, mode: PutMode) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_path(path)?;
+            let buddy = self.inner.buddy;
+            let others: Vec<usize> = self.order().skip(1).collect();
+            let copy_to = |targets: Vec<usize>| {
+                let data = &data;
+                join_all(targets.into_iter().map(move |idx| async move {
+                    (idx, self.put_one(idx, path, data, mode).await)
+                }))
+            };
+            let results = match mode {
+                // The buddy decides a create: only if it succeeds there do
+                // the others get a copy.
+                PutMode::Create => {
+                    self.put_one(buddy, path, &data, mode)
+                        .await
+                        .map_err(|f| self.error(buddy, "put", path, f))?;
+                    copy_to(others).await
+                }
+                PutMode::Overwrite => {
+                    let mut all = copy_to(self.order().collect()).await;
+                    if let (_, Err(f)) = all.remove(0) {
+                        return Err(self.error(buddy, "put", path, f));
+                    }
+                    all
+                }
+            };
+            for (idx, r) in results {
+                match r {
+                    Ok(_)
+                    | Err(Fail::Refused {
+                        kind: ErrorKind::AlreadyExists,
+                        ..
+                    }) => {}
+                    Err(f) => {
+                        let e = self.error(idx, "put", path, f);
+                        tracing::warn!(server = %self.addr(idx), path, error = %e, "peer tier: copy of a metadata object not stored on one server");
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes>> {
+        Box::pin(async move {
+            self.check_path(path)?;
+            let req = Request::Get {
+                path: path.to_string(),
+            };
+            match self.read_any("get", req, None).await? {
+                Reply::Data(b) => Ok(b),
+                other => Err(unexpected(self, path, &other)),
+            }
+        })
+    }
+
+    fn get_range<'a>(&'a self, path: &'a str, range: Range<u64>) -> BoxFuture<'a, Result<Bytes>> {
+        Box::pin(async move {
+            self.check_path(path)?;
+            if range.start > range.end {
+                return Err(Error::Incomplete {
+                    path: path.to_string(),
+                    reason: format!("empty range {range:?}"),
+                });
+            }
+            let req = Request::GetRange {
+                path: path.to_string(),
+                start: range.start,
+                end: range.end,
+            };
+            match self
+                .read_any("get_range", req, Some(range.end - range.start))
+                .await?
+            {
+                Reply::Data(b) => Ok(b),
+                other => Err(unexpected(self, path, &other)),
+            }
+        })
+    }
+
+    fn read_into<'a>(
+        &'a self,
+        path: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_path(path)?;
+            let req = Request::GetRange {
+                path: path.to_string(),
+                start: offset,
+                end: offset + buf.len() as u64,
+            };
+            let mut m = Misses::default();
+            for idx in self.order() {
+                match self.request(idx, &req, &mut Sink::Into(buf)).await {
+                    Ok(_) => return Ok(()),
+                    Err(f) => {
+                        if let Some(e) = self.miss(idx, "read", path, f, &mut m) {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            Err(self.missed("read", path, m))
+        })
+    }
+
+    fn size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            self.check_path(path)?;
+            let req = Request::Size {
+                path: path.to_string(),
+            };
+            match self.read_any("size", req, None).await? {
+                Reply::Ok(b) if b.len() == 8 => {
+                    let mut v = [0u8; 8];
+                    v.copy_from_slice(&b);
+                    Ok(u64::from_le_bytes(v))
+                }
+                other => Err(unexpected(self, path, &other)),
+            }
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {
+        Box::pin(async move {
+            protocol::validate_prefix(prefix).map_err(|e| {
+                Error::Config(format!("invalid prefix for {}: {e}", self.inner.location))
+            })?;
+            let req = Request::List {
+                prefix: prefix.to_string(),
+            };
+            let results = join_all(self.order().map(|idx| {
+                let req = &req;
+                async move { (idx, self.request(idx, req, &mut Sink::None).await) }
+            }))
+            .await;
+            let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+            let mut m = Misses::default();
+            let mut answered = false;
+            for (idx, r) in results {
+                match r {
+                    Ok(Reply::Entries(entries)) => {
+                        answered = true;
+                        for e in entries {
+                            // The buddy's answer comes first and wins.
+                            merged.entry(e.path).or_insert(e.size);
+                        }
+                    }
+                    Ok(other) => return Err(unexpected(self, prefix, &other)),
+                    Err(f) => {
+                        if let Some(e) = self.miss(idx, "list", prefix, f, &mut m) {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            if !answered {
+                return Err(self.missed("list", prefix, m));
+            }
+            Ok(merged
+                .into_iter()
+                .map(|(path, size)| ObjectMeta { path, size })
+                .collect())
+        })
+    }
+
+    fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_path(path)?;
+            let req = Request::Delete {
+                path: path.to_string(),
+            };
+            let mut m = Misses::default();
+            let mut answered = false;
+            for (idx, r) in self.broadcast(&req).await {
+                match r {
+                    Ok(_) => answered = true,
+                    Err(f) => {
+                        if let Some(e) = self.miss(idx, "delete", path, f, &mut m) {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            if answered {
+                Ok(())
+            } else {
+                Err(self.missed("delete", path, m))
+            }
+        })
+    }
+}
+
+fn unexpected(tier: &PeerTier, path: &str, reply: &Reply) -> Error {
+    let what = match reply {
+        Reply::Ok(_) => "Ok",
+        Reply::Data(_) | Reply::Filled => "Data",
+        Reply::Entries(_) => "Entries",
+    };
+    Error::Backend {
+        tier: tier.inner.location.clone(),
+        retryable: false,
+        message: format!("unexpected {what} reply for `{path}`"),
+    }
+}

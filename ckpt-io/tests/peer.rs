@@ -1,0 +1,1075 @@
+//! The peer tier against real peer servers on 127.0.0.1: tier semantics,
+//! authentication, hostile input, the memory budget, and a two-rank
+//! checkpoint through the unchanged commit protocol.
+//!
+//! Every server listens on a loopback port chosen by the kernel; every
+//! network wait is bounded by a timeout, and every loop by a count.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ckpt_core::{
+    Checkpointer, Error, PutMode, ShardSpec, TensorMut, TensorRef, Tier, TierPolicy, TrainingState,
+    checksum, layout, store,
+};
+use ckpt_io::peer::protocol::{self, ErrorKind, HEADER_LEN, Header, Opcode};
+use ckpt_io::peer::{PeerConfig, PeerServer, PeerServerConfig, PeerServerHandle, PeerTier};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+const SECRET: &[u8] = b"test secret shared by the peer group";
+const MIB: usize = 1 << 20;
+/// Bound on every test's async body.
+const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound on every blocking read of a raw test client.
+const RAW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A runtime that, when dropped (also while a failed test unwinds), waits
+/// at most 2 s for its tasks instead of forever.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Rt {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("runtime")
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+fn rt() -> Rt {
+    Rt(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime"),
+    ))
+}
+
+fn server_config(budget: u64) -> PeerServerConfig {
+    let mut c = PeerServerConfig::new(SECRET, budget);
+    c.handshake_timeout = Duration::from_millis(500);
+    c.io_timeout = Duration::from_secs(5);
+    c
+}
+
+fn spawn_servers(rt: &Rt, n: usize, budget: u64) -> Vec<PeerServerHandle> {
+    let _guard = rt.enter();
+    (0..n)
+        .map(|_| PeerServer::spawn(server_config(budget)).expect("server"))
+        .collect()
+}
+
+fn addrs(servers: &[PeerServerHandle]) -> Vec<SocketAddr> {
+    servers.iter().map(PeerServerHandle::local_addr).collect()
+}
+
+fn peer_config(servers: &[SocketAddr], rank: u32) -> PeerConfig {
+    let mut c = PeerConfig::new(servers.to_vec(), rank, SECRET);
+    c.connect_timeout = Duration::from_secs(2);
+    c.io_timeout = Duration::from_secs(5);
+    c
+}
+
+fn tier(servers: &[SocketAddr], rank: u32) -> PeerTier {
+    PeerTier::new(peer_config(servers, rank)).expect("tier")
+}
+
+fn block_on<F: Future>(rt: &Rt, f: F) -> F::Output {
+    rt.block_on(async {
+        tokio::time::timeout(TEST_TIMEOUT, f)
+            .await
+            .expect("test body timed out")
+    })
+}
+
+fn pattern(len: usize, seed: u8) -> Bytes {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn paths(list: &[ckpt_core::ObjectMeta]) -> Vec<&str> {
+    let mut v: Vec<&str> = list.iter().map(|o| o.path.as_str()).collect();
+    v.sort_unstable();
+    v
+}
+
+/// Waits (bounded) until `f` holds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What every tier must do, checked through `dyn Tier` only.
+async fn tier_semantics(t: Arc<dyn Tier>) {
+    // put / get / size, both modes.
+    t.put("sem/a.json", Bytes::from_static(b"one"), PutMode::Overwrite)
+        .await
+        .expect("put");
+    assert_eq!(t.get("sem/a.json").await.expect("get"), "one");
+    t.put(
+        "sem/a.json",
+        Bytes::from_static(b"two!"),
+        PutMode::Overwrite,
+    )
+    .await
+    .expect("overwrite");
+    assert_eq!(t.get("sem/a.json").await.expect("get"), "two!");
+    assert_eq!(t.size("sem/a.json").await.expect("size"), 4);
+    t.put("sem/m.json", Bytes::from_static(b"first"), PutMode::Create)
+        .await
+        .expect("create");
+    let again = t
+        .put("sem/m.json", Bytes::from_static(b"second"), PutMode::Create)
+        .await;
+    assert!(
+        matches!(again, Err(Error::AlreadyExists { ref path }) if path == "sem/m.json"),
+        "{again:?}"
+    );
+    assert_eq!(t.get("sem/m.json").await.expect("get"), "first");
+
+    // A put larger than one frame, in both modes.
+    let large = pattern(9 * MIB, 5);
+    t.put("sem/large.json", large.clone(), PutMode::Create)
+        .await
+        .expect("large create");
+    let again = t
+        .put("sem/large.json", pattern(9 * MIB, 6), PutMode::Create)
+        .await;
+    assert!(
+        matches!(again, Err(Error::AlreadyExists { .. })),
+        "{again:?}"
+    );
+    assert!(t.get("sem/large.json").await.expect("get") == large);
+    t.put(
+        "sem/large.json",
+        Bytes::from_static(b"small"),
+        PutMode::Overwrite,
+    )
+    .await
+    .expect("overwrite");
+    assert_eq!(t.get("sem/large.json").await.expect("get"), "small");
+
+    // Concurrent creates of one path: exactly one wins.
+    let results = futures::future::join_all((0..8u8).map(|i| {
+        let t = t.clone();
+        async move {
+            t.put("sem/race.json", Bytes::from(vec![i]), PutMode::Create)
+                .await
+        }
+    }))
+    .await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.is_ok() || matches!(r, Err(Error::AlreadyExists { .. })))
+    );
+
+    // Missing objects.
+    for r in [
+        t.get("sem/missing").await.map(|_| ()),
+        t.size("sem/missing").await.map(|_| ()),
+        t.get_range("sem/missing", 0..1).await.map(|_| ()),
+    ] {
+        assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    }
+
+    // Streamed writes: many pieces, one larger than a frame.
+    let big = pattern(9 * MIB + 123, 7);
+    let mut w = t.create("sem/data.bin").await.expect("create");
+    w.write(big.slice(..10)).await.expect("write");
+    w.write(Bytes::new()).await.expect("empty write");
+    w.write(big.slice(10..4 * MIB)).await.expect("write");
+    w.write(big.slice(4 * MIB..)).await.expect("write");
+    // Not visible before finish.
+    assert!(matches!(
+        t.size("sem/data.bin").await,
+        Err(Error::NotFound { .. })
+    ));
+    w.finish().await.expect("finish");
+    assert!(t.get("sem/data.bin").await.expect("get") == big);
+    assert_eq!(
+        t.size("sem/data.bin").await.expect("size"),
+        big.len() as u64
+    );
+    for (a, b) in [
+        (0, 0),
+        (0, 1),
+        (5, 9 * MIB + 100),
+        (8 * MIB - 3, 8 * MIB + 3),
+    ] {
+        let got = t
+            .get_range("sem/data.bin", a as u64..b as u64)
+            .await
+            .expect("range");
+        assert!(got == big.slice(a..b), "range {a}..{b}");
+    }
+    let mut buf = vec![0u8; 3 * MIB];
+    t.read_into("sem/data.bin", MIB as u64, &mut buf)
+        .await
+        .expect("read_into");
+    assert!(buf[..] == big[MIB..4 * MIB]);
+    let past = t.get_range("sem/data.bin", 0..big.len() as u64 + 1).await;
+    assert!(matches!(past, Err(Error::Incomplete { .. })), "{past:?}");
+    let mut buf = vec![0u8; 16];
+    let past = t
+        .read_into("sem/data.bin", big.len() as u64 - 8, &mut buf)
+        .await;
+    assert!(matches!(past, Err(Error::Incomplete { .. })), "{past:?}");
+
+    // Torn writes never become visible, nor replace the old object.
+    let mut w = t.create("sem/data.bin").await.expect("create");
+    w.write(pattern(MIB, 1)).await.expect("write");
+    w.abort().await.expect("abort");
+    let mut w = t.create("sem/data.bin").await.expect("create");
+    w.write(pattern(2 * MIB, 2)).await.expect("write");
+    drop(w);
+    let mut w = t.create("sem/torn.bin").await.expect("create");
+    w.write(pattern(100, 3)).await.expect("write");
+    drop(w);
+    assert!(t.get("sem/data.bin").await.expect("old object") == big);
+    assert!(matches!(
+        t.get("sem/torn.bin").await,
+        Err(Error::NotFound { .. })
+    ));
+    // An empty object.
+    t.create("sem/empty")
+        .await
+        .expect("create")
+        .finish()
+        .await
+        .expect("finish");
+    assert_eq!(t.get("sem/empty").await.expect("get").len(), 0);
+
+    // Listing: prefix as a string, recursive.
+    t.put("sem/sub/x", Bytes::from_static(b"x"), PutMode::Overwrite)
+        .await
+        .expect("put");
+    t.put("semantics", Bytes::from_static(b"y"), PutMode::Overwrite)
+        .await
+        .expect("put");
+    let all = t.list("sem/").await.expect("list");
+    assert_eq!(
+        paths(&all),
+        [
+            "sem/a.json",
+            "sem/data.bin",
+            "sem/empty",
+            "sem/large.json",
+            "sem/m.json",
+            "sem/race.json",
+            "sem/sub/x"
+        ]
+    );
+    let data = all.iter().find(|o| o.path == "sem/data.bin");
+    assert_eq!(data.map(|o| o.size), Some(big.len() as u64));
+    assert_eq!(paths(&t.list("sem/s").await.expect("list")), ["sem/sub/x"]);
+    assert_eq!(
+        paths(&t.list("sem").await.expect("list")).len(),
+        all.len() + 1
+    );
+    assert!(t.list("nothing/").await.expect("list").is_empty());
+
+    // Deletes, also of absent objects.
+    for p in paths(&t.list("sem").await.expect("list")) {
+        t.delete(p).await.expect("delete");
+    }
+    t.delete("sem/a.json").await.expect("delete absent");
+    assert!(t.list("sem").await.expect("list").is_empty());
+    assert!(matches!(
+        t.get("sem/a.json").await,
+        Err(Error::NotFound { .. })
+    ));
+
+    // Paths that could escape are refused.
+    for bad in ["/abs", "a/../b", "", "a//b"] {
+        assert!(t.get(bad).await.is_err(), "{bad:?}");
+        assert!(t.put(bad, Bytes::new(), PutMode::Overwrite).await.is_err());
+    }
+}
+
+#[test]
+fn tier_semantics_and_placement() {
+    let rt = rt();
+    let servers = spawn_servers(&rt, 3, 256 << 20);
+    let addrs = addrs(&servers);
+    let rank0 = tier(&addrs, 0);
+    assert_eq!(rank0.buddy(), 1);
+    assert_eq!(rank0.location(), format!("peer://{}", addrs[1]));
+    let caps = rank0.capabilities();
+    assert!(caps.atomic_create && caps.survives_process && !caps.survives_node);
+    let dyn_tier: Arc<dyn Tier> = Arc::new(rank0.clone());
+    block_on(&rt, async {
+        // The conformance suite every tier passes.
+        ckpt_io::conformance::run_all(dyn_tier.clone()).await;
+        tier_semantics(dyn_tier).await;
+    });
+    for s in &servers {
+        assert_eq!(s.object_count(), 0, "everything was deleted");
+        assert_eq!(s.used_bytes(), 0, "{s:?}");
+    }
+
+    // Placement: data on the buddy only, metadata everywhere.
+    let rank2 = tier(&addrs, 2);
+    assert_eq!(rank2.buddy(), 0);
+    block_on(&rt, async {
+        let mut w = rank0.create("p/rank-0.safetensors").await.expect("create");
+        w.write(pattern(MIB, 9)).await.expect("write");
+        w.finish().await.expect("finish");
+        rank0
+            .put(
+                "p/rank-0.json",
+                Bytes::from_static(b"{}"),
+                PutMode::Overwrite,
+            )
+            .await
+            .expect("put");
+        // Another rank reads both: the data from rank 0's buddy.
+        assert!(rank2.get("p/rank-0.safetensors").await.expect("get") == pattern(MIB, 9));
+        assert_eq!(rank2.size("p/rank-0.json").await.expect("size"), 2);
+        assert_eq!(rank2.list("p/").await.expect("list").len(), 2);
+    });
+    assert_eq!(
+        servers.iter().map(|s| s.object_count()).collect::<Vec<_>>(),
+        [1, 2, 1]
+    );
+    assert!(servers[1].used_bytes() > MIB as u64);
+    assert!(servers[0].used_bytes() < 100);
+    block_on(&rt, async {
+        rank2.delete("p/rank-0.safetensors").await.expect("delete");
+        rank2.delete("p/rank-0.json").await.expect("delete");
+    });
+    assert!(servers.iter().all(|s| s.object_count() == 0));
+
+    // A server that goes away is skipped by reads and lists; an object
+    // only it held is then not found.
+    block_on(&rt, async {
+        rank0
+            .put("q/meta", Bytes::from_static(b"m"), PutMode::Overwrite)
+            .await
+            .expect("put");
+        let mut w = rank0.create("q/data").await.expect("create");
+        w.write(pattern(1000, 1)).await.expect("write");
+        w.finish().await.expect("finish");
+    });
+    let mut servers = servers;
+    let lost = servers.remove(1);
+    block_on(&rt, lost.shutdown());
+    block_on(&rt, async {
+        assert_eq!(rank0.get("q/meta").await.expect("from another server"), "m");
+        assert_eq!(paths(&rank0.list("q/").await.expect("list")), ["q/meta"]);
+        let gone = rank0.get("q/data").await;
+        assert!(matches!(gone, Err(Error::NotFound { .. })), "{gone:?}");
+        // Writing data needs the buddy.
+        let e = rank0.create("q/more").await.err().expect("buddy is down");
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains(&addrs[1].to_string()), "{e}");
+    });
+    for s in servers {
+        block_on(&rt, s.shutdown());
+    }
+    // No server at all: a retryable error, not "not found".
+    block_on(&rt, async {
+        let e = rank0.get("q/meta").await.expect_err("nothing up");
+        assert!(
+            matches!(
+                e,
+                Error::Backend {
+                    retryable: true,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(rank0.list("").await.is_err());
+    });
+}
+
+#[test]
+fn wrong_secret_is_rejected_both_ways() {
+    let rt = rt();
+    let servers = spawn_servers(&rt, 2, 64 << 20);
+    let addrs = addrs(&servers);
+    let mut cfg = peer_config(&addrs, 0);
+    cfg.secret = b"not the secret".to_vec();
+    let intruder = PeerTier::new(cfg).expect("tier");
+    block_on(&rt, async {
+        let e = intruder.get("x").await.expect_err("wrong secret");
+        let msg = e.to_string();
+        assert!(!e.is_retryable(), "{msg}");
+        assert!(msg.contains("rejected authentication"), "{msg}");
+        assert!(msg.contains(&addrs[1].to_string()), "{msg}");
+        let e = intruder
+            .put("x", Bytes::from_static(b"x"), PutMode::Overwrite)
+            .await
+            .expect_err("wrong secret");
+        assert!(e.to_string().contains("rejected authentication"), "{e}");
+        assert!(intruder.create("x").await.is_err());
+    });
+    assert!(servers.iter().all(|s| s.object_count() == 0));
+
+    // A server that does not hold the secret cannot pass for one.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let fake_addr = fake.local_addr().expect("addr");
+    let impostor = std::thread::spawn(move || {
+        fake.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + RAW_TIMEOUT;
+        let mut s = loop {
+            match fake.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("no client: {e}"),
+            }
+        };
+        s.set_nonblocking(false).expect("blocking");
+        s.set_read_timeout(Some(RAW_TIMEOUT)).expect("timeout");
+        s.write_all(&protocol::encode_reply(Opcode::Hello, 0, 0, &[1; 32]))
+            .expect("hello");
+        let mut auth = [0u8; HEADER_LEN + 64];
+        s.read_exact(&mut auth).expect("auth");
+        let id = u64::from_le_bytes(auth[8..16].try_into().expect("id"));
+        // Accepts anything and "proves" itself with zeros.
+        s.write_all(&protocol::encode_reply(Opcode::Ok, 0, id, &[0; 32]))
+            .expect("ok");
+        let _ = s.read(&mut [0u8; 1]);
+    });
+    let victim = tier(&[fake_addr, fake_addr], 0);
+    block_on(&rt, async {
+        let e = victim.get("x").await.expect_err("impostor");
+        assert!(
+            e.to_string()
+                .contains("could not prove it holds the shared secret"),
+            "{e}"
+        );
+    });
+    impostor.join().expect("impostor thread");
+
+    // The real group still serves the right secret.
+    let good = tier(&addrs, 0);
+    block_on(&rt, async {
+        good.put("ok", Bytes::from_static(b"1"), PutMode::Create)
+            .await
+            .expect("put");
+        assert_eq!(good.get("ok").await.expect("get"), "1");
+    });
+}
+
+/// A hand-driven client speaking the wire format directly.
+struct Raw {
+    s: TcpStream,
+    nonce: [u8; 32],
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let mut s = TcpStream::connect_timeout(&addr, RAW_TIMEOUT).expect("connect");
+        s.set_read_timeout(Some(RAW_TIMEOUT)).expect("timeout");
+        s.set_write_timeout(Some(RAW_TIMEOUT)).expect("timeout");
+        let mut hello = [0u8; HEADER_LEN + 32];
+        s.read_exact(&mut hello).expect("hello");
+        let h = Header::decode(hello[..HEADER_LEN].try_into().expect("header")).expect("decode");
+        assert_eq!((h.opcode, h.payload_len), (Opcode::Hello, 32));
+        let mut nonce = [0u8; 32];
+        nonce.copy_from_slice(&hello[HEADER_LEN..]);
+        Raw { s, nonce }
+    }
+
+    /// Connects and authenticates, computing the MAC independently of the
+    /// crate: HMAC-SHA256(secret, nonce || "ckpt-peer-v1").
+    fn authed(addr: SocketAddr) -> Raw {
+        let mut raw = Raw::connect(addr);
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(SECRET).expect("key");
+        mac.update(&raw.nonce);
+        mac.update(b"ckpt-peer-v1");
+        let mut payload = mac.finalize().into_bytes().to_vec();
+        payload.extend_from_slice(&[5u8; 32]);
+        let mut h = Header::new(Opcode::Auth, 1);
+        h.payload_len = 64;
+        raw.send(&[&h.encode()[..], &payload].concat());
+        let (op, _, body) = raw.reply();
+        assert_eq!((op, body.len()), (Opcode::Ok, 32), "auth accepted");
+        raw
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        // The server may already have closed: that is an acceptable answer.
+        let _ = self.s.write_all(bytes);
+    }
+
+    fn reply(&mut self) -> (Opcode, u16, Vec<u8>) {
+        let mut head = [0u8; HEADER_LEN];
+        self.s.read_exact(&mut head).expect("reply header");
+        let h = Header::decode(&head).expect("valid reply header");
+        let mut body = vec![0u8; h.payload_len as usize];
+        self.s.read_exact(&mut body).expect("reply body");
+        (h.opcode, h.flags, body)
+    }
+
+    /// Expects an error frame of `kind`, then the end of the connection.
+    fn expect_refusal(mut self, kind: ErrorKind, needle: &str) {
+        let (op, flags, body) = self.reply();
+        let msg = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(op, Opcode::Err, "{msg}");
+        assert_eq!(ErrorKind::from_u16(flags), Some(kind), "{msg}");
+        assert!(msg.contains(needle), "`{msg}` lacks `{needle}`");
+        self.expect_closed();
+    }
+
+    /// Expects the server to close the connection (EOF or reset), after
+    /// at most one error frame.
+    fn expect_closed(mut self) {
+        let deadline = Instant::now() + RAW_TIMEOUT;
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => assert!(Instant::now() < deadline, "connection stays open"),
+            }
+        }
+    }
+}
+
+fn frame(op: Opcode, flags: u16, path: &[u8], payload_len: u64, payload: &[u8]) -> Vec<u8> {
+    let h = Header {
+        opcode: op,
+        flags,
+        request_id: 42,
+        path_len: path.len() as u32,
+        payload_len,
+    };
+    [&h.encode()[..], path, payload].concat()
+}
+
+#[test]
+fn hostile_input_is_refused_and_the_server_keeps_serving() {
+    let rt = rt();
+    let servers = spawn_servers(&rt, 1, 64 << 20);
+    let addr = servers[0].local_addr();
+    let good = tier(&[addr], 0);
+    let check_alive = |round: u8| {
+        block_on(&rt, async {
+            let p = format!("alive/{round}");
+            good.put(&p, Bytes::from(vec![round]), PutMode::Overwrite)
+                .await
+                .expect("put");
+            assert_eq!(good.get(&p).await.expect("get")[..], [round]);
+        });
+    };
+    check_alive(0);
+
+    // Random bytes instead of an Auth frame.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let garbage: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut raw = Raw::connect(addr);
+    raw.send(&garbage);
+    raw.expect_closed();
+    check_alive(1);
+
+    // A frame before authentication.
+    let mut raw = Raw::connect(addr);
+    raw.send(&frame(Opcode::Get, 0, b"alive/0", 0, &[]));
+    raw.expect_refusal(ErrorKind::Protocol, "before authentication");
+    check_alive(2);
+
+    // Saying nothing: closed after the handshake timeout.
+    let start = Instant::now();
+    Raw::connect(addr).expect_closed();
+    assert!(start.elapsed() < Duration::from_secs(3));
+
+    // Authenticated, then hostile.
+    let cases: Vec<(Vec<u8>, ErrorKind, &str)> = vec![
+        // A header claiming a 1 TiB payload: refused before any allocation.
+        (
+            frame(Opcode::Put, 0, b"huge", 1 << 40, &[]),
+            ErrorKind::Protocol,
+            "exceeds the limit",
+        ),
+        (
+            frame(Opcode::WriteChunk, 0, b"", 10, &[0; 10]),
+            ErrorKind::Protocol,
+            "no write open",
+        ),
+        (
+            frame(Opcode::FinishWrite, 0, b"", 0, &[]),
+            ErrorKind::Protocol,
+            "no write open",
+        ),
+        (
+            [
+                frame(Opcode::BeginWrite, 0, b"w", 0, &[]),
+                frame(Opcode::BeginWrite, 0, b"w2", 0, &[]),
+            ]
+            .concat(),
+            ErrorKind::Protocol,
+            "while a write is open",
+        ),
+        (
+            [
+                frame(Opcode::BeginWrite, 0, b"w", 0, &[]),
+                frame(Opcode::Get, 0, b"alive/0", 0, &[]),
+            ]
+            .concat(),
+            ErrorKind::Protocol,
+            "while a write is open",
+        ),
+        (
+            frame(Opcode::Auth, 0, b"", 64, &[0; 64]),
+            ErrorKind::Protocol,
+            "after authentication",
+        ),
+        (
+            frame(Opcode::Get, 0, b"a/../../etc/passwd", 0, &[]),
+            ErrorKind::InvalidPath,
+            "invalid path",
+        ),
+        (
+            frame(Opcode::Get, 0, b"/etc/passwd", 0, &[]),
+            ErrorKind::InvalidPath,
+            "absolute",
+        ),
+        (
+            frame(Opcode::Get, 0, &[b'a'; 2000], 0, &[]),
+            ErrorKind::InvalidPath,
+            "longer than 1024",
+        ),
+        (
+            frame(Opcode::Data, 0, b"", 3, b"abc"),
+            ErrorKind::Protocol,
+            "wrong way",
+        ),
+        (
+            frame(Opcode::Get, 0, b"x", 5, b"extra"),
+            ErrorKind::Protocol,
+            "expected 0",
+        ),
+        (
+            frame(Opcode::Put, 7, b"x", 1, b"x"),
+            ErrorKind::Protocol,
+            "invalid flags",
+        ),
+        (
+            {
+                let mut f = frame(Opcode::Get, 0, b"x", 0, &[]);
+                f[5] = 0x42;
+                f
+            },
+            ErrorKind::Protocol,
+            "unknown opcode",
+        ),
+        (
+            {
+                let mut f = frame(Opcode::Get, 0, b"x", 0, &[]);
+                f[4] = 9;
+                f
+            },
+            ErrorKind::Protocol,
+            "version",
+        ),
+        (
+            {
+                let mut f = frame(Opcode::Get, 0, b"x", 0, &[]);
+                f[0] = b'G';
+                f
+            },
+            ErrorKind::Protocol,
+            "magic",
+        ),
+    ];
+    let ncases = cases.len();
+    for (i, (bytes, kind, needle)) in cases.into_iter().enumerate() {
+        let mut raw = Raw::authed(addr);
+        raw.send(&bytes);
+        if bytes.len() > HEADER_LEN + 1 && bytes[5] == Opcode::BeginWrite as u8 {
+            let (op, _, _) = raw.reply();
+            assert_eq!(op, Opcode::Ok, "first BeginWrite is fine");
+        }
+        raw.expect_refusal(kind, needle);
+        check_alive(10 + i as u8);
+    }
+    assert!(ncases >= 15);
+    // Nothing hostile was stored, and nothing staged is left counted.
+    let tier_objects = block_on(&rt, good.list("")).expect("list");
+    assert!(tier_objects.iter().all(|o| o.path.starts_with("alive/")));
+    eventually("staged bytes released", || {
+        servers[0].used_bytes() == tier_objects.iter().map(|o| o.size).sum::<u64>()
+    });
+
+    // A well-formed session by hand: the documented protocol works.
+    let mut raw = Raw::authed(addr);
+    raw.send(&frame(Opcode::Size, 0, b"alive/0", 0, &[]));
+    let (op, _, body) = raw.reply();
+    assert_eq!((op, body), (Opcode::Ok, 1u64.to_le_bytes().to_vec()));
+    raw.send(&frame(Opcode::Get, 0, b"nope", 0, &[]));
+    let (op, flags, _) = raw.reply();
+    assert_eq!(
+        (op, ErrorKind::from_u16(flags)),
+        (Opcode::Err, Some(ErrorKind::NotFound))
+    );
+    raw.send(&frame(
+        Opcode::GetRange,
+        0,
+        b"alive/0",
+        16,
+        &[0u64.to_le_bytes(), 1u64.to_le_bytes()].concat(),
+    ));
+    let (op, _, body) = raw.reply();
+    assert_eq!((op, body), (Opcode::Data, vec![0u8]));
+    check_alive(100);
+}
+
+#[test]
+fn memory_budget_refuses_writes_and_never_evicts() {
+    const BUDGET: u64 = 4 << 20;
+    let rt = rt();
+    let servers = spawn_servers(&rt, 2, BUDGET);
+    let addrs = addrs(&servers);
+    // Frames of 1 MiB, so a write is staged on the server as it goes.
+    let mut cfg = peer_config(&addrs, 0);
+    cfg.max_frame = MIB as u64;
+    let t = PeerTier::new(cfg).expect("tier");
+    let buddy = &servers[1];
+    let old = pattern(MIB, 4);
+    block_on(&rt, async {
+        t.put(
+            "keep/meta.json",
+            Bytes::from_static(b"{}"),
+            PutMode::Overwrite,
+        )
+        .await
+        .expect("put");
+        let mut w = t.create("keep/old.bin").await.expect("create");
+        w.write(old.clone()).await.expect("write");
+        w.finish().await.expect("finish");
+    });
+    let before = buddy.used_bytes();
+    assert_eq!(before, MIB as u64 + 2);
+
+    // 5 MiB do not fit in a 4 MiB budget that already holds 1 MiB.
+    let err = block_on(&rt, async {
+        let mut w = t.create("big/new.bin").await.expect("create");
+        for i in 0..5u8 {
+            if let Err(e) = w.write(pattern(MIB, i)).await {
+                assert!(i >= 2, "refused too early, at MiB {i}: {e}");
+                let again = w.write(pattern(1, 0)).await;
+                assert!(again.is_err(), "a failed writer stays failed");
+                let _ = w.abort().await;
+                return e;
+            }
+        }
+        w.finish().await.expect_err("over budget")
+    });
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                retryable: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    for needle in [
+        "memory budget of 4194304 bytes",
+        "big/new.bin",
+        &addrs[1].to_string(),
+    ] {
+        assert!(msg.contains(needle), "`{msg}` lacks `{needle}`");
+    }
+    // Nothing of it is visible, the staged bytes are released, the old
+    // object is untouched.
+    block_on(&rt, async {
+        assert!(matches!(
+            t.get("big/new.bin").await,
+            Err(Error::NotFound { .. })
+        ));
+        assert!(t.get("keep/old.bin").await.expect("old") == old);
+        assert_eq!(t.get("keep/meta.json").await.expect("meta"), "{}");
+    });
+    eventually("refused write released", || buddy.used_bytes() == before);
+
+    // A write in progress counts against the budget.
+    let other = tier(&addrs, 0);
+    block_on(&rt, async {
+        let mut w = t.create("big/staged.bin").await.expect("create");
+        w.write(pattern(2 * MIB, 1)).await.expect("2 MiB staged");
+        let e = other
+            .put("big/put.bin", pattern(2 * MIB, 2), PutMode::Overwrite)
+            .await
+            .expect_err("staged bytes count");
+        assert!(e.to_string().contains("memory budget"), "{e}");
+        w.finish().await.expect("finish");
+        assert_eq!(
+            t.size("big/staged.bin").await.expect("size"),
+            2 * MIB as u64
+        );
+        // 3 MiB held now: space comes back only through deletes.
+        let e = other
+            .put("big/put.bin", pattern(MIB, 2), PutMode::Overwrite)
+            .await
+            .expect_err("full");
+        assert!(!e.is_retryable(), "{e}");
+        assert!(t.get("keep/old.bin").await.expect("not evicted") == old);
+        other.delete("keep/old.bin").await.expect("delete");
+        other
+            .put("big/put.bin", pattern(MIB, 2), PutMode::Overwrite)
+            .await
+            .expect("fits after the delete");
+    });
+}
+
+const ROWS: u64 = 16;
+const COLS: u64 = 131_072;
+const RUN: &str = "peer-run";
+
+/// The full tensor at `step`.
+fn weights(step: u64) -> Vec<f32> {
+    (0..ROWS * COLS)
+        .map(|i| (i % 9973) as f32 * 0.5 + step as f32)
+        .collect()
+}
+
+/// Rank `r`'s half of it.
+fn shard_of(full: &[f32], r: u64) -> (ShardSpec, Vec<f32>) {
+    let spec = ShardSpec::split(vec![ROWS, COLS], 0, 2, r).expect("split");
+    let start = (spec.offsets[0] * COLS) as usize;
+    let len = (spec.shape[0] * COLS) as usize;
+    (spec, full[start..start + len].to_vec())
+}
+
+fn checkpointer(addrs: &[SocketAddr], rank: u32) -> Checkpointer {
+    Checkpointer::builder(RUN)
+        .tier(Arc::new(tier(addrs, rank)), TierPolicy::keep_last(2))
+        .rank(rank, 2)
+        .chunk_size(256 << 10)
+        .commit_timeout(Duration::from_secs(10))
+        .build()
+        .expect("checkpointer")
+}
+
+fn restore_shard(ckpt: &Checkpointer, r: u64) -> ckpt_core::Result<(u64, Vec<f32>, u64)> {
+    let (spec, _) = shard_of(&weights(0), r);
+    let mut out = vec![0f32; spec.numel() as usize];
+    let shape = spec.shape.clone();
+    let restored = ckpt
+        .restore(&mut [&mut TensorMut::from_slice("w", &shape, &mut out).with_shard(spec)])?
+        .expect("a checkpoint");
+    let loader = restored.loop_state.data_loader::<u64>()?;
+    Ok((restored.step, out, loader))
+}
+
+#[test]
+fn two_ranks_checkpoint_and_restore_through_peers() {
+    let rt = rt();
+    let mut servers = spawn_servers(&rt, 2, 256 << 20);
+    let addrs = addrs(&servers);
+
+    // Two ranks in one process, each with its own PeerTier, saving their
+    // own shard concurrently; steps 1..=3, keeping the last 2.
+    std::thread::scope(|s| {
+        for r in 0..2u32 {
+            let addrs = &addrs;
+            s.spawn(move || {
+                let ckpt = checkpointer(addrs, r);
+                for step in 1..=3u64 {
+                    let (spec, local) = shard_of(&weights(step), u64::from(r));
+                    let shape = spec.shape.clone();
+                    let t = TensorRef::from_slice("w", &shape, &local).with_shard(spec);
+                    let state = TrainingState::builder(step)
+                        .model([&t as _])
+                        .without_optimizer()
+                        .without_rng()
+                        .without_lr_schedule()
+                        .data_loader(&(step * 100))
+                        .and_then(|b| b.build())
+                        .expect("state");
+                    let report = ckpt.save(&state).expect("save").wait().expect("durable");
+                    assert!(report.tiers[0].committed, "rank {r}: {:?}", report.tiers);
+                }
+                for r in ckpt.close() {
+                    r.expect("save");
+                }
+            });
+        }
+    });
+
+    let observer = tier(&addrs, 0);
+    block_on(&rt, async {
+        let steps = store::committed_steps(&observer, RUN).await.expect("steps");
+        assert_eq!(steps, [2, 3], "retention kept the last two");
+        let step1 = format!("{}/", layout::step_dir(RUN, 1));
+        assert!(observer.list(&step1).await.expect("list").is_empty());
+    });
+    // Each server holds the other rank's shards of steps 2 and 3 (4 MiB
+    // each) plus the small metadata.
+    for s in &servers {
+        let used = s.used_bytes();
+        assert!(
+            (8 * MIB as u64..9 * MIB as u64).contains(&used),
+            "{s:?}: {used}"
+        );
+    }
+
+    // A restarted rank 1 (new tier, new checkpointer) restores its shard.
+    let (_, want1) = shard_of(&weights(3), 1);
+    let restarted = checkpointer(&addrs, 1);
+    let (step, got, loader) = restore_shard(&restarted, 1).expect("restore");
+    assert_eq!((step, loader), (3, 300));
+    assert!(got == want1, "rank 1's shard differs");
+    drop(restarted);
+    let (step, got, _) = restore_shard(&checkpointer(&addrs, 0), 0).expect("restore");
+    assert_eq!(step, 3);
+    assert!(got == shard_of(&weights(3), 0).1, "rank 0's shard differs");
+
+    // Rank 1's own server dies. Its shard lives on its buddy (server 0),
+    // which survives: a restarted rank 1 finds it there, whole and
+    // verified against the committed manifest.
+    block_on(&rt, servers.remove(1).shutdown());
+    let survivor = tier(&addrs, 1);
+    assert_eq!(survivor.buddy_addr(), addrs[0]);
+    block_on(&rt, async {
+        let steps = store::committed_steps(&survivor, RUN).await.expect("steps");
+        assert_eq!(steps, [2, 3]);
+        let m = store::load_manifest(&survivor, RUN, 3)
+            .await
+            .expect("manifest");
+        let piece = m.tensors["w"]
+            .pieces
+            .iter()
+            .find(|p| p.rank == 1)
+            .expect("rank 1's piece");
+        let path = format!("{}/{}", layout::step_dir(RUN, 3), piece.file);
+        let bytes = survivor
+            .get_range(&path, piece.offset..piece.offset + piece.length)
+            .await
+            .expect("rank 1's shard from its buddy");
+        assert_eq!(checksum::chunk_crcs(&bytes, m.chunk_size), piece.crc32c);
+        assert!(bytes[..] == *ckpt_core::as_bytes(&want1));
+    });
+    // A restarted rank 1 restores its own shard through the Checkpointer
+    // from its buddy: restore checks only the files its targets read, so
+    // rank 0's replica (held only by the lost server) is not needed.
+    let (step, got, _) =
+        restore_shard(&checkpointer(&addrs, 1), 1).expect("rank 1 restores from its buddy");
+    assert_eq!(step, 3);
+    assert!(got == want1, "rank 1's restored shard differs");
+    // Rank 0's shard was held only by the lost server (one replica per
+    // shard): its restore fails and names the missing file instead of
+    // loading a partial checkpoint.
+    let e = restore_shard(&checkpointer(&addrs, 0), 0).expect_err("rank 0's replica is lost");
+    assert!(e.to_string().contains(&layout::rank_data_file(0)), "{e}");
+
+    // The lost server comes back, empty, on its old address: the next
+    // checkpoint commits and restores in full again.
+    let back = {
+        let _guard = rt.enter();
+        PeerServer::spawn(server_config(256 << 20).with_bind(addrs[1])).expect("rebind")
+    };
+    assert_eq!(back.object_count(), 0);
+    std::thread::scope(|s| {
+        for r in 0..2u32 {
+            let addrs = &addrs;
+            s.spawn(move || {
+                let ckpt = checkpointer(addrs, r);
+                let (spec, local) = shard_of(&weights(4), u64::from(r));
+                let shape = spec.shape.clone();
+                let t = TensorRef::from_slice("w", &shape, &local).with_shard(spec);
+                let state = TrainingState::builder(4)
+                    .model([&t as _])
+                    .without_optimizer()
+                    .without_rng()
+                    .without_lr_schedule()
+                    .data_loader(&400u64)
+                    .and_then(|b| b.build())
+                    .expect("state");
+                let report = ckpt.save(&state).expect("save").wait().expect("durable");
+                assert!(report.tiers[0].committed, "rank {r}: {:?}", report.tiers);
+            });
+        }
+    });
+    for r in 0..2u32 {
+        let (step, got, loader) =
+            restore_shard(&checkpointer(&addrs, r), u64::from(r)).expect("restore");
+        assert_eq!((step, loader), (4, 400));
+        assert!(got == shard_of(&weights(4), u64::from(r)).1, "rank {r}");
+    }
+    // A client from before the loss (its pooled connection to the old
+    // server is dead) reads from the new one.
+    block_on(&rt, async {
+        let dir = layout::step_dir(RUN, 4);
+        let rank0 = format!("{dir}/{}", layout::rank_data_file(0));
+        assert_eq!(observer.buddy_addr(), addrs[1]);
+        let size = observer.size(&rank0).await.expect("on the new server");
+        assert!(size > 4 * MIB as u64, "{size}");
+        let listed = observer.list(&format!("{dir}/")).await.expect("list");
+        assert!(listed.iter().any(|o| o.path == rank0), "{listed:?}");
+    });
+    servers.push(back);
+}
+
+/// A staging pool much smaller than one save: the save streams through
+/// it, which only works if the tier lets go of each block once written.
+#[test]
+fn a_save_streams_through_a_small_staging_pool() {
+    let rt = rt();
+    let servers = spawn_servers(&rt, 2, 64 << 20);
+    let addrs = addrs(&servers);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addrs2 = addrs.clone();
+    // On a thread, so a stuck save fails the test instead of hanging it.
+    std::thread::spawn(move || {
+        let result = (|| {
+            let ckpt = Checkpointer::builder("small-pool")
+                .tier(Arc::new(tier(&addrs2, 0)), TierPolicy::keep_last(1))
+                .chunk_size(4096)
+                .block_size(8192)
+                .staging_capacity(6 * 8192)
+                .build()?;
+            let w: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+            let t = TensorRef::from_slice("w", &[100_000], &w);
+            let state = TrainingState::builder(1)
+                .model([&t as _])
+                .without_optimizer()
+                .without_rng()
+                .without_data_loader()
+                .without_lr_schedule()
+                .build()?;
+            ckpt.save(&state)?.wait()?;
+            let mut out = vec![0f32; 100_000];
+            let r = ckpt
+                .restore(&mut [&mut TensorMut::from_slice("w", &[100_000], &mut out)])?
+                .map(|r| r.step);
+            Ok::<_, Error>((r, out == w))
+        })();
+        let _ = tx.send(result);
+    });
+    let (step, same) = rx
+        .recv_timeout(TEST_TIMEOUT)
+        .expect("the save finished in time")
+        .expect("save and restore");
+    assert_eq!((step, same), (Some(1), true));
+}
