@@ -149,6 +149,41 @@ pub fn raw_read(path: &Path) -> std::io::Result<(Duration, u64)> {
     Ok((t.elapsed(), total))
 }
 
+/// Cold read of a whole file by `threads` threads, each issuing `unit`-byte
+/// positioned reads: the floor for a restore that reads the same way.
+pub fn raw_read_parallel(path: &Path, threads: usize, unit: usize) -> std::io::Result<Duration> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    evict(path);
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let next = AtomicU64::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| -> std::io::Result<()> {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<()> {
+                    let mut buf = vec![0u8; unit];
+                    loop {
+                        let off = next.fetch_add(unit as u64, Ordering::Relaxed);
+                        if off >= len {
+                            return Ok(());
+                        }
+                        let n = (len - off).min(unit as u64) as usize;
+                        f.read_exact_at(&mut buf[..n], off)?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| std::io::Error::other("reader panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(t.elapsed())
+}
+
 /// Median of a sample.
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -52,7 +52,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         let state = synth::state(&views, i as u64 + 1)?;
         let report = ckpt.save(&state)?.wait()?;
-        durable.push(report.total.as_secs_f64());
+        durable.push(report.durable_after().ok_or("not committed")?.as_secs_f64());
     }
     let (d, r) = (floors::median(&mut durable), floors::median(&mut raw));
     let od = (!direct.is_empty()).then(|| floors::median(&mut direct));

@@ -56,10 +56,11 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         .join(layout::step_dir(&run, 1))
         .join(layout::rank_data_file(0));
     let mut outs: Vec<Vec<u8>> = tensors.iter().map(|t| vec![0u8; t.len()]).collect();
-    let (mut restore, mut raw) = (vec![], vec![]);
+    let (mut restore, mut raw, mut rawp) = (vec![], vec![], vec![]);
     for _ in 0..a.iters {
         let (r, _) = floors::raw_read(&shard)?;
         raw.push(r.as_secs_f64());
+        rawp.push(floors::raw_read_parallel(&shard, a.threads, 64 << 20)?.as_secs_f64());
         floors::evict(&shard);
         let mut targets: Vec<TensorMut<'_>> = outs
             .iter_mut()
@@ -79,14 +80,19 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err("restored bytes differ from the saved state".into());
     }
     let (rs, rr) = (floors::median(&mut restore), floors::median(&mut raw));
+    let rp = floors::median(&mut rawp);
+    // The floor is the faster of the two ways of reading the same bytes.
+    let floor = rr.min(rp);
     let result = json!({
         "bench": "restore",
         "state_bytes": bytes,
         "iters": a.iters,
         "threads": a.threads,
         "restore_s": rs,
-        "raw_read_floor_s": rr,
-        "bandwidth_ratio": rr / rs,
+        "raw_read_floor_s": floor,
+        "raw_read_sequential_s": rr,
+        "raw_read_parallel_s": rp,
+        "bandwidth_ratio": floor / rs,
     });
     if a.json {
         println!("{result}");
@@ -100,9 +106,15 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
         println!(
             "{:<44} {:>8.3} s {:>8.2} GiB/s",
-            "raw sequential read (floor)",
+            "raw sequential read, 1 stream of 8 MiB",
             rr,
             gib(rr)
+        );
+        println!(
+            "{:<44} {:>8.3} s {:>8.2} GiB/s",
+            format!("raw read, {} threads x 64 MiB pread", a.threads),
+            rp,
+            gib(rp)
         );
         println!(
             "{:<44} {:>8.3} s {:>8.2} GiB/s",
@@ -110,7 +122,10 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
             rs,
             gib(rs)
         );
-        println!("restore bandwidth = {:.2}x raw read", rr / rs);
+        println!(
+            "restore bandwidth = {:.2}x the raw read floor (the faster raw read)",
+            floor / rs
+        );
     }
     drop(ckpt);
     let _ = std::fs::remove_dir_all(a.dir.join(run));

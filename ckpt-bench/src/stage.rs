@@ -95,7 +95,7 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
         let report = h.wait()?;
         if i > 0 {
             asyncs.push(ms);
-            durables.push(report.total.as_secs_f64());
+            durables.push(report.durable_after().ok_or("not committed")?.as_secs_f64());
         }
     }
     let peak = floors::peak_rss();

@@ -641,6 +641,7 @@ impl Checkpointer {
                         tier: "?".into(),
                         flush: Duration::ZERO,
                         commit: Duration::ZERO,
+                        retention: Duration::ZERO,
                         committed: false,
                         error: Some(format!("flush task failed: {e}")),
                     }),

@@ -289,13 +289,16 @@ pub(crate) async fn flush_tier(ctx: Arc<SaveCtx>, mut job: TierJob) -> TierRepor
     let location = job.tier.location();
     let start = Instant::now();
     let mut flush = Duration::ZERO;
-    let result = run_tier(&ctx, &mut job, start, &mut flush).await;
+    let mut committed_at = None;
+    let result = run_tier(&ctx, &mut job, start, &mut flush, &mut committed_at).await;
     let total = start.elapsed();
     let _ = job.done.send(());
+    let durable = committed_at.unwrap_or(total);
     let report = TierReport {
         tier: location,
         flush,
-        commit: total.saturating_sub(flush),
+        commit: durable.saturating_sub(flush),
+        retention: total.saturating_sub(durable),
         committed: result.is_ok(),
         error: result.err().map(|e| e.to_string()),
     };
@@ -328,6 +331,7 @@ async fn run_tier(
     job: &mut TierJob,
     start: Instant,
     flush: &mut Duration,
+    committed_at: &mut Option<Duration>,
 ) -> Result<()> {
     let tier = job.tier.as_ref();
     let manifest_path = layout::manifest_path(&ctx.run, ctx.step);
@@ -389,6 +393,7 @@ async fn run_tier(
             PutMode::Create,
         )
         .await?;
+        *committed_at = Some(start.elapsed());
         match store::gc(tier, &ctx.run, &job.policy.retention).await {
             Ok(r) if !r.deleted_steps.is_empty() || !r.removed_leftovers.is_empty() => {
                 tracing::debug!(tier = %tier.location(), deleted = ?r.deleted_steps, leftovers = ?r.removed_leftovers, "retention");
@@ -405,6 +410,7 @@ async fn run_tier(
             "the coordinator's MANIFEST",
         )
         .await?;
+        *committed_at = Some(start.elapsed());
     }
     Ok(())
 }

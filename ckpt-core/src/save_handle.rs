@@ -18,6 +18,9 @@ pub struct TierReport {
     /// Time spent committing (rank manifest, waiting for other ranks,
     /// MANIFEST).
     pub commit: Duration,
+    /// Time spent applying retention after the commit (not part of the
+    /// time to durable).
+    pub retention: Duration,
     /// Whether this rank's data and the step's commit marker are durable on
     /// the tier. For a rank other than the coordinator: its own piece.
     pub committed: bool,
@@ -45,11 +48,22 @@ pub struct SaveReport {
     /// Per-tier outcome, in tier order (tiers whose policy skipped this
     /// step are absent).
     pub tiers: Vec<TierReport>,
-    /// Time from the start of the save until every tier finished.
+    /// Time from the start of the save until every tier finished,
+    /// retention included.
     pub total: Duration,
 }
 
 impl SaveReport {
+    /// Time from the start of the save until the last tier that committed
+    /// had its commit marker durable (retention excluded).
+    pub fn durable_after(&self) -> Option<Duration> {
+        self.tiers
+            .iter()
+            .filter(|t| t.committed)
+            .map(|t| self.math_stop + t.flush + t.commit)
+            .max()
+    }
+
     /// Whether at least one tier committed the checkpoint.
     pub fn is_durable(&self) -> bool {
         self.tiers.iter().any(|t| t.committed)
