@@ -12,6 +12,7 @@ mod restore;
 mod simulate;
 mod stage;
 mod synth;
+mod tiers;
 
 use std::io::Write;
 use std::process::ExitCode;
