@@ -1356,7 +1356,7 @@ fn launcher(args: &Args) -> Result<(), Error> {
         format!("{ms:x}-{}", std::process::id())
     });
     // `--peer` is the default; `--no-peer` turns it off (clap rejects both).
-    let peer_env = if !(args.peer || !args.no_peer) {
+    let peer_env = if !args.peer && args.no_peer {
         None
     } else {
         let addrs = free_addrs(args.ranks)?;
