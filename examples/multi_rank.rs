@@ -536,7 +536,12 @@ enum Ended {
 
 fn worker(args: &Args) -> Result<(), Error> {
     let timeout = Duration::from_secs(args.timeout_s);
-    let gate = Gate::new(timeout);
+    // The launcher bounds every wait itself; this bound only ends a rank
+    // whose launcher went silent. A rank restarted alone may wait at its
+    // first barrier while the others roll back, which takes up to the
+    // commit timeout (a save of theirs in flight cannot commit without the
+    // killed rank) plus their restore: hence three times the timeout.
+    let gate = Gate::new(3 * timeout);
     let rank = env_u32("RANK")?;
     let world = env_u32("WORLD_SIZE")?;
     // The server comes up before anything is restored and outlives every
