@@ -1,18 +1,30 @@
 //! Multi-rank: a data-parallel job with a sharded optimizer, N rank
-//! processes on one machine, checkpointing into one shared directory (as
-//! they would into a shared file system), rank 0 coordinating each commit.
+//! processes on one machine, checkpointing into peer memory (each rank's
+//! shard replicated in the next rank's RAM) and into one shared directory
+//! (as they would into a shared file system or an object store), rank 0
+//! coordinating each commit.
 //!
 //! The launcher starts N processes of this same binary the way torchrun
-//! does (`RANK`, `WORLD_SIZE` and the incarnation in the environment),
-//! steps them in lockstep over their stdin/stdout, and can SIGKILL one rank
-//! mid-run. Then, as every real job does when a worker dies, it kills the
-//! others and restarts all ranks as the next incarnation; they restore the
-//! newest committed checkpoint (all the same step) and go on.
+//! does (`RANK`, `WORLD_SIZE` and the incarnation in the environment) and
+//! steps them in lockstep over their stdin/stdout. Each rank runs a peer
+//! server on a loopback port the launcher picked (`CKPT_PEER_ADDRS`, with
+//! the group's secret in `CKPT_PEER_SECRET`); its tiers are the peer tier,
+//! then the shared directory.
+//!
+//! `--kill-rank R --kill-at-step K` SIGKILLs rank R once, taking its peer
+//! server (and the replica of rank R-1 it held) with it. The launcher
+//! restarts rank R alone as the next incarnation and tells the other ranks
+//! to roll back: they build a new checkpointer for that incarnation and
+//! restore the newest committed step in-process, their servers keeping
+//! their memory. Rank R's new process brings up an empty server on the same
+//! port and restores its shard from its buddy's memory. With `--no-peer`
+//! (the shared directory only) the launcher instead kills every rank and
+//! restarts them all, as torchrun does.
 //!
 //! ```text
 //! cargo run --release --example multi_rank -- --ranks 4 --dir /tmp/mr-a --steps 40 --every 5
 //! cargo run --release --example multi_rank -- --ranks 4 --dir /tmp/mr-b --steps 40 --every 5 \
-//!     --kill-rank 2 --kill-at-step 23
+//!     --kill-rank 1 --kill-at-step 23
 //! ```
 //!
 //! Both print the same `final-state-blake3`.
@@ -97,6 +109,15 @@ struct Args {
     /// Default: fresh for every launch.
     #[arg(long)]
     job_id: Option<String>,
+    /// Replicate every rank's shard into the next rank's memory: a peer
+    /// tier in front of the shared directory, and a killed rank restarts
+    /// alone (the default).
+    #[arg(long, conflicts_with = "no_peer")]
+    peer: bool,
+    /// The shared directory only: no peer servers, and a killed rank
+    /// restarts the whole job.
+    #[arg(long)]
+    no_peer: bool,
     /// Internal: run as one rank (started by the launcher).
     #[arg(long, hide = true)]
     rank_worker: bool,
@@ -365,6 +386,17 @@ struct Gate {
     timeout: Duration,
 }
 
+/// What the launcher says at a barrier.
+enum Cmd {
+    /// Take the next step.
+    Go,
+    /// Another rank was lost and restarted: drop the in-memory state and
+    /// resume from the newest committed step as this incarnation.
+    Rollback(String),
+    /// Every rank has reported its result: exit.
+    Exit,
+}
+
 impl Gate {
     fn new(timeout: Duration) -> Self {
         let (tx, rx) = mpsc::channel();
@@ -379,10 +411,20 @@ impl Gate {
         Self { rx, timeout }
     }
 
-    fn wait_go(&self) -> Result<(), Error> {
+    fn wait(&self) -> Result<Cmd, Error> {
         match self.rx.recv_timeout(self.timeout) {
-            Ok(l) if l.trim() == "go" => Ok(()),
-            Ok(l) => Err(format!("unexpected message from the launcher: {l:?}").into()),
+            Ok(l) => {
+                let l = l.trim();
+                if l == "go" {
+                    Ok(Cmd::Go)
+                } else if l == "exit" {
+                    Ok(Cmd::Exit)
+                } else if let Some(inc) = l.strip_prefix("rollback ") {
+                    Ok(Cmd::Rollback(inc.to_string()))
+                } else {
+                    Err(format!("unexpected message from the launcher: {l:?}").into())
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {
                 Err(format!("no word from the launcher for {:?}", self.timeout).into())
             }
@@ -398,11 +440,145 @@ fn env_u32(name: &str) -> Result<u32, Error> {
         .map_err(|_| format!("{name}={v} is not a number"))?)
 }
 
+/// Environment variable with the peer servers' addresses, in rank order.
+const PEER_ADDRS_ENV: &str = "CKPT_PEER_ADDRS";
+/// Environment variable with the peer group's secret (hex).
+const PEER_SECRET_ENV: &str = "CKPT_PEER_SECRET";
+/// Most bytes a rank's peer server holds (its buddy's replicas and every
+/// rank's manifests); a cap, not an allocation.
+const PEER_BUDGET: u64 = 1 << 30;
+/// Steps kept in peer memory.
+const PEER_KEEP: usize = 2;
+
+/// This rank's part of the peer group: its own server, which lives as
+/// long as the process (across rollbacks), and what its tier needs to
+/// reach every server.
+struct Peer {
+    servers: Vec<std::net::SocketAddr>,
+    secret: Vec<u8>,
+    // Dropped before the runtime it runs on.
+    _server: ckpt_io::PeerServerHandle,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Peer {
+    /// Starts this rank's server on its address from the environment;
+    /// `None` when the launcher runs without peers.
+    fn from_env(rank: u32, world: u32) -> Result<Option<Self>, Error> {
+        let Ok(addrs) = std::env::var(PEER_ADDRS_ENV) else {
+            return Ok(None);
+        };
+        let servers = addrs
+            .split(',')
+            .map(|a| a.trim().parse())
+            .collect::<Result<Vec<std::net::SocketAddr>, _>>()
+            .map_err(|e| format!("{PEER_ADDRS_ENV}={addrs}: {e}"))?;
+        if servers.len() != world as usize {
+            return Err(format!(
+                "{PEER_ADDRS_ENV} names {} servers for {world} ranks",
+                servers.len()
+            )
+            .into());
+        }
+        let secret = std::env::var(PEER_SECRET_ENV)
+            .map_err(|_| format!("{PEER_SECRET_ENV} is not set"))?
+            .into_bytes();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("peer-server")
+            .enable_all()
+            .build()?;
+        let server = {
+            let _guard = rt.enter();
+            ckpt_io::PeerServer::spawn(
+                ckpt_io::PeerServerConfig::new(secret.clone(), PEER_BUDGET)
+                    .with_bind(servers[rank as usize]),
+            )?
+        };
+        Ok(Some(Self {
+            servers,
+            secret,
+            _server: server,
+            _rt: rt,
+        }))
+    }
+
+    /// Waits (at most `timeout`) until every server of the group accepts
+    /// connections, so the first restore and save find the whole group.
+    fn wait_for_group(&self, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        for addr in &self.servers {
+            while std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_err() {
+                if Instant::now() >= deadline {
+                    return Err(format!("peer server {addr} not up within {timeout:?}").into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    fn tier(&self, rank: u32) -> Result<Arc<dyn Tier>, Error> {
+        let mut cfg = ckpt_io::PeerConfig::new(self.servers.clone(), rank, self.secret.clone());
+        // One rank per "node": every rank's buddy is the next rank.
+        cfg.ranks_per_node = 1;
+        Ok(Arc::new(ckpt_io::PeerTier::new(cfg)?))
+    }
+}
+
+/// How one life of a rank's training loop ended.
+enum Ended {
+    /// The run is complete and its digest reported.
+    Done,
+    /// The launcher asked for a rollback as this incarnation.
+    Rollback(String),
+}
+
 fn worker(args: &Args) -> Result<(), Error> {
     let timeout = Duration::from_secs(args.timeout_s);
-    let gate = Gate::new(timeout);
+    // The launcher bounds every wait itself; this bound only ends a rank
+    // whose launcher went silent. A rank restarted alone may wait at its
+    // first barrier while the others roll back, which takes up to the
+    // commit timeout (a save of theirs in flight cannot commit without the
+    // killed rank) plus their restore: hence three times the timeout.
+    let gate = Gate::new(3 * timeout);
     let rank = env_u32("RANK")?;
     let world = env_u32("WORLD_SIZE")?;
+    // The server comes up before anything is restored and outlives every
+    // rollback: the replicas it holds for its neighbour stay in its RAM.
+    let peer = Peer::from_env(rank, world)?;
+    if let Some(p) = &peer {
+        p.wait_for_group(timeout)?;
+    }
+    let mut incarnation = None;
+    loop {
+        match train(args, &gate, rank, world, peer.as_ref(), incarnation.take())? {
+            Ended::Rollback(inc) => incarnation = Some(inc),
+            Ended::Done => {
+                // Other ranks may still be finishing their last commit
+                // through this rank's server: it stays up until the
+                // launcher has every rank's result.
+                return match gate.wait()? {
+                    Cmd::Exit => Ok(()),
+                    _ => Err("expected `exit` from the launcher".into()),
+                };
+            }
+        }
+    }
+}
+
+/// Builds a checkpointer (as `incarnation`, else the one in the
+/// environment), restores the newest committed step and trains to the end
+/// or until the launcher orders a rollback.
+fn train(
+    args: &Args,
+    gate: &Gate,
+    rank: u32,
+    world: u32,
+    peer: Option<&Peer>,
+    incarnation: Option<String>,
+) -> Result<Ended, Error> {
+    let timeout = Duration::from_secs(args.timeout_s);
     let say = |s: String| println!("{s}");
     let info = |s: String| {
         if rank == 0 {
@@ -413,12 +589,12 @@ fn worker(args: &Args) -> Result<(), Error> {
     // The tiers this rank writes, fastest first; restore tries them in this
     // order and takes the newest step that verifies.
     let mut tiers: Vec<(Arc<dyn Tier>, TierPolicy)> = Vec::new();
-    // -- Peer tier goes here. --------------------------------------------
-    // A peer-memory tier (`PeerTier` in ckpt-io, in progress) belongs first
-    // in this list: each rank's shard replicated into a neighbour's memory,
-    // so a restart restores from RAM when the shard survived there and from
-    // the shared directory otherwise. Its policy would keep 1 or 2 steps.
-    // ----------------------------------------------------------------------
+    // Peer memory: this rank's shard replicated into its buddy's server
+    // (the next rank's), so a restarted rank restores from RAM when its
+    // shard survived there and from the shared directory otherwise.
+    if let Some(peer) = peer {
+        tiers.push((peer.tier(rank)?, TierPolicy::keep_last(PEER_KEEP)));
+    }
     let mut shared = ckpt::open_location(&args.dir)?;
     if let (Some(r), Some(step)) = (args.abort_rank, args.abort_during_save)
         && r == rank
@@ -442,6 +618,9 @@ fn worker(args: &Args) -> Result<(), Error> {
         .copy_threads(1)
         .restore_threads(2)
         .commit_timeout(timeout);
+    if let Some(inc) = incarnation {
+        builder = builder.incarnation(inc);
+    }
     for (tier, policy) in tiers {
         builder = builder.tier(tier, policy);
     }
@@ -512,7 +691,11 @@ fn worker(args: &Args) -> Result<(), Error> {
         shard.nbytes() as f64 / (1 << 20) as f64
     ));
     say(format!("ready {step}"));
-    gate.wait_go()?;
+    match gate.wait()? {
+        Cmd::Go => {}
+        Cmd::Rollback(inc) => return Ok(Ended::Rollback(inc)),
+        Cmd::Exit => return Err("told to exit before the last step".into()),
+    }
 
     let mut pending: Option<SaveHandle> = None;
     while step < args.steps {
@@ -566,7 +749,13 @@ fn worker(args: &Args) -> Result<(), Error> {
             }
         }
         say(format!("ready {step}"));
-        gate.wait_go()?;
+        match gate.wait()? {
+            Cmd::Go => {}
+            // The save in flight (if any) finishes or fails within the
+            // commit timeout as the checkpointer is dropped.
+            Cmd::Rollback(inc) => return Ok(Ended::Rollback(inc)),
+            Cmd::Exit => return Err("told to exit before the last step".into()),
+        }
     }
     // The last save must be durable before the rank reports its result.
     if let Some(h) = pending.take() {
@@ -584,7 +773,7 @@ fn worker(args: &Args) -> Result<(), Error> {
         r?;
     }
     say(format!("digest {}", digest(&shard, &rng, &loader)?));
-    Ok(())
+    Ok(Ended::Done)
 }
 
 fn report_durable(h: &SaveHandle, info: &impl Fn(String)) {
@@ -687,94 +876,47 @@ enum Event {
     Closed,
 }
 
-/// A line (or end of output) from rank `rank` of incarnation `inc`.
+/// A line (or end of output) from the rank process with spawn id `id`.
 struct Msg {
-    inc: u32,
+    id: u64,
     rank: u32,
     event: Event,
 }
 
-/// The rank processes of one incarnation. Dropping it SIGKILLs and reaps
-/// every one still running, so no rank outlives the launcher's scope, on
-/// success, error or panic alike.
+/// The rank processes of the job. Dropping it SIGKILLs and reaps every one
+/// still running, so no rank outlives the launcher's scope, on success,
+/// error or panic alike.
 struct Ranks {
     children: Vec<Child>,
     stdins: Vec<Option<ChildStdin>>,
+    /// The spawn id of each rank's current process: lines from a process
+    /// that was replaced are ignored.
+    ids: Vec<u64>,
 }
 
 impl Ranks {
-    fn spawn(args: &Args, job: &str, inc: u32, tx: &Sender<Msg>) -> Result<Self, Error> {
-        let exe = std::env::current_exe()?;
-        let mut ranks = Ranks {
-            children: Vec::new(),
-            stdins: Vec::new(),
-        };
-        for rank in 0..args.ranks {
-            let mut cmd = Command::new(&exe);
-            cmd.arg("--rank-worker")
-                .arg("--dir")
-                .arg(&args.dir)
-                .args(["--steps", &args.steps.to_string()])
-                .args(["--every", &args.every.to_string()])
-                .args(["--state-mb", &args.state_mb.to_string()])
-                .args(["--run", &args.run])
-                .args(["--keep", &args.keep.to_string()])
-                .args(["--timeout-s", &args.timeout_s.to_string()])
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", args.ranks.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("TORCHELASTIC_RESTART_COUNT", inc.to_string())
-                .env("CKPT_INCARNATION", format!("{job}.{inc}"))
-                .env_remove("CKPT_RUN")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
-            if inc == 0
-                && let (Some(r), Some(s)) = (args.abort_rank, args.abort_during_save)
-            {
-                cmd.args(["--abort-rank", &r.to_string()])
-                    .args(["--abort-during-save", &s.to_string()]);
-            }
-            let mut child = cmd
-                .spawn()
-                .map_err(|e| format!("cannot start rank {rank}: {e}"))?;
-            let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-            ranks.stdins.push(child.stdin.take());
-            ranks.children.push(child);
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let msg = Msg {
-                        inc,
-                        rank,
-                        event: Event::Line(line),
-                    };
-                    if tx.send(msg).is_err() {
-                        return;
-                    }
-                }
-                let _ = tx.send(Msg {
-                    inc,
-                    rank,
-                    event: Event::Closed,
-                });
-            });
-        }
-        Ok(ranks)
-    }
-
-    /// Tells every rank to take its next step. `Err(rank)` if one is gone.
-    fn go(&mut self) -> Result<(), u32> {
+    /// Writes one line to every rank but `skip`. `Err(rank)` if one is gone.
+    fn tell(&mut self, line: &str, skip: Option<u32>) -> Result<(), u32> {
         for (r, stdin) in self.stdins.iter_mut().enumerate() {
-            let ok = stdin
-                .as_mut()
-                .is_some_and(|s| s.write_all(b"go\n").and_then(|()| s.flush()).is_ok());
+            if skip == Some(r as u32) {
+                continue;
+            }
+            let ok = stdin.as_mut().is_some_and(|s| {
+                s.write_all(line.as_bytes())
+                    .and_then(|()| s.write_all(b"\n"))
+                    .and_then(|()| s.flush())
+                    .is_ok()
+            });
             if !ok {
                 return Err(r as u32);
             }
         }
         Ok(())
+    }
+
+    /// Tells every rank to take its next step. `Err(rank)` if one is gone.
+    fn go(&mut self) -> Result<(), u32> {
+        self.tell("go", None)
     }
 
     /// SIGKILLs one rank and reaps it.
@@ -820,11 +962,28 @@ enum Outcome {
     RankLost(String),
 }
 
+/// How the lockstep loop ended.
+enum Lockstep {
+    /// Every rank took the last step.
+    Finished,
+    /// A rank was lost: restart the job.
+    Lost(Outcome),
+    /// With peers: rank `.0` was killed; every other rank reached the
+    /// barrier and waits for the launcher's word.
+    Rollback(u32),
+}
+
 struct Launcher<'a> {
     args: &'a Args,
+    job: String,
+    /// With peers: `CKPT_PEER_ADDRS` and `CKPT_PEER_SECRET` for the ranks.
+    peer_env: Option<(String, String)>,
     rx: Receiver<Msg>,
     tx: Sender<Msg>,
+    next_id: u64,
     kill_pending: bool,
+    /// The current incarnation number: restarts (or rollbacks) so far.
+    inc: u32,
 }
 
 impl Launcher<'_> {
@@ -832,17 +991,99 @@ impl Launcher<'_> {
         Duration::from_secs(self.args.timeout_s)
     }
 
-    /// The next message of incarnation `inc`, within `deadline`.
-    fn next(&self, inc: u32, deadline: Instant, waiting_for: &str) -> Result<Msg, Error> {
+    fn incarnation(&self) -> String {
+        format!("{}.{}", self.job, self.inc)
+    }
+
+    /// Starts rank `rank` as a process of the current incarnation.
+    fn spawn_rank(&mut self, rank: u32) -> Result<(Child, Option<ChildStdin>, u64), Error> {
+        let args = self.args;
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--rank-worker")
+            .arg("--dir")
+            .arg(&args.dir)
+            .args(["--steps", &args.steps.to_string()])
+            .args(["--every", &args.every.to_string()])
+            .args(["--state-mb", &args.state_mb.to_string()])
+            .args(["--run", &args.run])
+            .args(["--keep", &args.keep.to_string()])
+            .args(["--timeout-s", &args.timeout_s.to_string()])
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", args.ranks.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("TORCHELASTIC_RESTART_COUNT", self.inc.to_string())
+            .env("CKPT_INCARNATION", self.incarnation())
+            .env_remove("CKPT_RUN")
+            .env_remove(PEER_ADDRS_ENV)
+            .env_remove(PEER_SECRET_ENV)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some((addrs, secret)) = &self.peer_env {
+            cmd.env(PEER_ADDRS_ENV, addrs).env(PEER_SECRET_ENV, secret);
+        }
+        if self.inc == 0
+            && let (Some(r), Some(s)) = (args.abort_rank, args.abort_during_save)
+        {
+            cmd.args(["--abort-rank", &r.to_string()])
+                .args(["--abort-during-save", &s.to_string()]);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start rank {rank}: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+        let stdin = child.stdin.take();
+        let id = self.next_id;
+        self.next_id += 1;
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let msg = Msg {
+                    id,
+                    rank,
+                    event: Event::Line(line),
+                };
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Msg {
+                id,
+                rank,
+                event: Event::Closed,
+            });
+        });
+        Ok((child, stdin, id))
+    }
+
+    fn spawn_all(&mut self) -> Result<Ranks, Error> {
+        let mut ranks = Ranks {
+            children: Vec::new(),
+            stdins: Vec::new(),
+            ids: Vec::new(),
+        };
+        for rank in 0..self.args.ranks {
+            let (child, stdin, id) = self.spawn_rank(rank)?;
+            ranks.children.push(child);
+            ranks.stdins.push(stdin);
+            ranks.ids.push(id);
+        }
+        Ok(ranks)
+    }
+
+    /// The next message from a current rank process, within `deadline`.
+    fn next(&self, ranks: &Ranks, deadline: Instant, waiting_for: &str) -> Result<Msg, Error> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
-                Ok(m) if m.inc == inc => return Ok(m),
-                Ok(_) => continue, // from a killed incarnation
+                Ok(m) if ranks.ids.get(m.rank as usize) == Some(&m.id) => return Ok(m),
+                Ok(_) => continue, // from a killed or replaced process
                 Err(_) => {
                     return Err(format!(
                         "timed out after {:?} waiting for {waiting_for}",
-                        self.timeout()
+                        deadline.saturating_duration_since(Instant::now())
                     )
                     .into());
                 }
@@ -857,20 +1098,19 @@ impl Launcher<'_> {
         Outcome::RankLost(format!("rank {rank} died {when} ({status})"))
     }
 
-    fn run_incarnation(&mut self, job: &str, inc: u32) -> Result<Outcome, Error> {
+    /// Every rank says where it restored from, then reports ready; they
+    /// must all name the same step. `Err` carries a lost rank.
+    fn restore_phase(&self, ranks: &mut Ranks) -> Result<Result<u64, Outcome>, Error> {
         let n = self.args.ranks;
-        let mut ranks = Ranks::spawn(self.args, job, inc, &self.tx)?;
-        println!("incarnation {job}.{inc}: started {n} ranks");
-
-        // Restore: every rank says where from, then reports ready.
         let mut start: Vec<Option<u64>> = vec![None; n as usize];
-        let mut restored: Vec<Option<u64>> = vec![None; n as usize];
-        let deadline = Instant::now() + self.timeout();
+        // Twice the timeout: a rank rolling back first waits (at most the
+        // commit timeout) for a save that was in flight.
+        let deadline = Instant::now() + 2 * self.timeout();
         while start.iter().any(Option::is_none) {
-            let msg = self.next(inc, deadline, "the ranks to restore")?;
+            let msg = self.next(ranks, deadline, "the ranks to restore")?;
             let r = msg.rank;
             let line = match msg.event {
-                Event::Closed => return Ok(Self::lost(&mut ranks, r, "while restoring")),
+                Event::Closed => return Ok(Err(Self::lost(ranks, r, "while restoring"))),
                 Event::Line(l) => l,
             };
             let mut words = line.splitn(6, ' ');
@@ -881,7 +1121,6 @@ impl Launcher<'_> {
                     let [step, tier_index, bytes, ms, tier] = f.as_slice() else {
                         return Err(format!("rank {r}: bad line {line:?}").into());
                     };
-                    restored[r as usize] = Some(step.parse()?);
                     println!(
                         "rank {r}: restored step {step} from {tier} (tier {tier_index}, {bytes} bytes verified, {ms} ms)"
                     );
@@ -898,26 +1137,37 @@ impl Launcher<'_> {
             )
             .into());
         }
+        Ok(Ok(first))
+    }
 
+    /// Steps every rank in lockstep from `first` to the last step.
+    fn lockstep(&mut self, ranks: &mut Ranks, first: u64) -> Result<Lockstep, Error> {
+        let n = self.args.ranks;
         let mut step = first;
         loop {
             if let Err(r) = ranks.go() {
-                return Ok(Self::lost(&mut ranks, r, &format!("after step {step}")));
+                let why = format!("after step {step}");
+                return Ok(Lockstep::Lost(Self::lost(ranks, r, &why)));
             }
             if step >= self.args.steps {
-                break;
+                return Ok(Lockstep::Finished);
             }
             // The barrier: every rank reports the next step.
             let want = step + 1;
             let mut ready = vec![false; n as usize];
+            let mut killed = None;
             let deadline = Instant::now() + self.timeout();
             while ready.iter().any(|r| !r) {
                 let what = format!("step {want} on every rank");
-                let msg = self.next(inc, deadline, &what)?;
+                let msg = self.next(ranks, deadline, &what)?;
                 let r = msg.rank;
+                if killed == Some(r) {
+                    continue; // the last words of the killed rank
+                }
                 let line = match msg.event {
                     Event::Closed => {
-                        return Ok(Self::lost(&mut ranks, r, &format!("during step {want}")));
+                        let why = format!("during step {want}");
+                        return Ok(Lockstep::Lost(Self::lost(ranks, r, &why)));
                     }
                     Event::Line(l) => l,
                 };
@@ -932,11 +1182,21 @@ impl Launcher<'_> {
                     {
                         self.kill_pending = false;
                         ranks.kill(r);
-                        println!("killed rank {r} (SIGKILL) at step {want}; stopping the others");
-                        drop(ranks);
-                        return Ok(Outcome::RankLost(format!(
-                            "rank {r} was killed at step {want}"
-                        )));
+                        if self.peer_env.is_some() {
+                            // Only this rank goes: its peer server, and the
+                            // replica it held for its neighbour, die with it.
+                            println!(
+                                "killed rank {r} (SIGKILL) at step {want}; its peer server died with it"
+                            );
+                            killed = Some(r);
+                        } else {
+                            println!(
+                                "killed rank {r} (SIGKILL) at step {want}; stopping the others"
+                            );
+                            return Ok(Lockstep::Lost(Outcome::RankLost(format!(
+                                "rank {r} was killed at step {want}"
+                            ))));
+                        }
                     }
                 } else if line.starts_with("info ") {
                     print_info(r, &line);
@@ -944,14 +1204,69 @@ impl Launcher<'_> {
                     return Err(format!("rank {r}: unexpected line {line:?}").into());
                 }
             }
+            if let Some(r) = killed {
+                return Ok(Lockstep::Rollback(r));
+            }
             step = want;
+        }
+    }
+
+    /// With peers: restarts the killed rank `r` alone, as the next
+    /// incarnation, and tells the others to roll back in-process to the
+    /// newest committed step (their peer servers keep their memory).
+    fn rollback(&mut self, ranks: &mut Ranks, r: u32) -> Result<Option<Outcome>, Error> {
+        let steps = committed_steps(self.args)?;
+        println!("committed steps: {steps:?}");
+        if self.inc >= self.args.max_restarts {
+            return Err(format!(
+                "rank {r} was lost, and no restarts are left (--max-restarts {})",
+                self.args.max_restarts
+            )
+            .into());
+        }
+        self.inc += 1;
+        let inc = self.incarnation();
+        println!(
+            "restarting rank {r} alone as incarnation {inc}; the other ranks roll back in-process"
+        );
+        let (child, stdin, id) = self.spawn_rank(r)?;
+        let i = r as usize;
+        // The old process is reaped already; replacing it drops its handle.
+        ranks.children[i] = child;
+        ranks.stdins[i] = stdin;
+        ranks.ids[i] = id;
+        if let Err(lost) = ranks.tell(&format!("rollback {inc}"), Some(r)) {
+            return Ok(Some(Self::lost(ranks, lost, "before the rollback")));
+        }
+        Ok(None)
+    }
+
+    fn run_incarnation(&mut self) -> Result<Outcome, Error> {
+        let n = self.args.ranks;
+        let mut ranks = self.spawn_all()?;
+        println!("incarnation {}: started {n} ranks", self.incarnation());
+
+        loop {
+            let first = match self.restore_phase(&mut ranks)? {
+                Ok(s) => s,
+                Err(lost) => return Ok(lost),
+            };
+            match self.lockstep(&mut ranks, first)? {
+                Lockstep::Finished => break,
+                Lockstep::Lost(o) => return Ok(o),
+                Lockstep::Rollback(r) => {
+                    if let Some(o) = self.rollback(&mut ranks, r)? {
+                        return Ok(o);
+                    }
+                }
+            }
         }
 
         // The end: each rank makes its last save durable and reports.
         let mut digests: Vec<Option<String>> = vec![None; n as usize];
         let deadline = Instant::now() + self.timeout();
         while digests.iter().any(Option::is_none) {
-            let msg = self.next(inc, deadline, "the ranks' final digests")?;
+            let msg = self.next(&ranks, deadline, "the ranks' final digests")?;
             let r = msg.rank;
             match msg.event {
                 Event::Closed if digests[r as usize].is_some() => {} // done
@@ -968,6 +1283,11 @@ impl Launcher<'_> {
                     }
                 }
             }
+        }
+        // Every rank's checkpointer is closed: the ranks (and their peer
+        // servers) may go.
+        if let Err(r) = ranks.tell("exit", None) {
+            return Ok(Self::lost(&mut ranks, r, "before it was told to exit"));
         }
         for r in 0..n {
             match ranks.exit_status(r, deadline) {
@@ -995,6 +1315,35 @@ fn committed_steps(args: &Args) -> Result<Vec<u64>, Error> {
     Ok(rt.block_on(store::committed_steps(tier.as_ref(), &args.run))?)
 }
 
+/// `n` free loopback addresses for the ranks' peer servers. Each rank
+/// binds its own; a restarted rank binds the same one again.
+fn free_addrs(n: u32) -> Result<Vec<std::net::SocketAddr>, Error> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(listeners
+        .iter()
+        .map(std::net::TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// A fresh secret for the peer group, as hex: 256 bits from the standard
+/// library's per-process random hash keys, the clock and the process id.
+fn random_secret() -> String {
+    use std::hash::BuildHasher;
+    let mut h = blake3::Hasher::new();
+    for i in 0..8u64 {
+        h.update(&std::hash::RandomState::new().hash_one(i).to_le_bytes());
+    }
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.update(&nanos.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.finalize().to_hex().to_string()
+}
+
 fn launcher(args: &Args) -> Result<(), Error> {
     if args.ranks == 0 || args.every == 0 {
         return Err("--ranks and --every must be at least 1".into());
@@ -1011,27 +1360,48 @@ fn launcher(args: &Args) -> Result<(), Error> {
             .unwrap_or(0);
         format!("{ms:x}-{}", std::process::id())
     });
+    // `--peer` is the default; `--no-peer` turns it off (clap rejects both).
+    let peer_env = if !args.peer && args.no_peer {
+        None
+    } else {
+        let addrs = free_addrs(args.ranks)?;
+        let list = addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        Some((list, random_secret()))
+    };
     println!(
         "multi_rank: {} ranks, {} steps, save every {}, checkpoints in {} (run {})",
         args.ranks, args.steps, args.every, args.dir, args.run
     );
+    match &peer_env {
+        Some((addrs, _)) => {
+            println!("peer tier: rank r's shard replicated in rank (r+1)'s server; servers {addrs}")
+        }
+        None => println!("peer tier: off (--no-peer)"),
+    }
     let (tx, rx) = mpsc::channel();
     let mut l = Launcher {
         args,
+        job: job.clone(),
+        peer_env,
         rx,
         tx,
+        next_id: 0,
         kill_pending: args.kill_rank.is_some(),
+        inc: 0,
     };
-    let mut inc = 0u32;
     loop {
-        match l.run_incarnation(&job, inc)? {
+        match l.run_incarnation()? {
             Outcome::Finished(digests) => {
                 let mut h = blake3::Hasher::new();
                 for (r, d) in digests.iter().enumerate() {
                     println!("rank {r} final shard digest: {d}");
                     h.update(d.as_bytes());
                 }
-                println!("restarts: {inc}");
+                println!("restarts: {}", l.inc);
                 println!("final-state-blake3: {}", h.finalize().to_hex());
                 return Ok(());
             }
@@ -1039,17 +1409,17 @@ fn launcher(args: &Args) -> Result<(), Error> {
                 println!("{why}; all ranks stopped");
                 let steps = committed_steps(args)?;
                 println!("committed steps: {steps:?}");
-                if inc >= args.max_restarts {
+                if l.inc >= args.max_restarts {
                     return Err(format!(
                         "{why}, and no restarts are left (--max-restarts {})",
                         args.max_restarts
                     )
                     .into());
                 }
-                inc += 1;
+                l.inc += 1;
                 println!(
-                    "restarting all {} ranks as incarnation {job}.{inc}",
-                    args.ranks
+                    "restarting all {} ranks as incarnation {job}.{}",
+                    args.ranks, l.inc
                 );
             }
         }

@@ -2,7 +2,10 @@
 //! shared directory. A rank killed mid-run makes the launcher restart all
 //! ranks, which resume from the newest committed step and end bit-exact
 //! with an uninterrupted run; a rank that dies in the middle of a commit
-//! leaves that step uncommitted and the previous one intact.
+//! leaves that step uncommitted and the previous one intact. With peer
+//! memory, a killed rank restarts alone, restores its shard from its
+//! buddy's server while the others roll back in-process, and the job ends
+//! bit-exact as well.
 
 mod common;
 
@@ -30,13 +33,25 @@ const JOB: [&str; 10] = [
     "20",
 ];
 
-/// Runs the launcher to completion, killing it (and, through its pipes,
-/// its ranks) if it takes longer than `limit`.
+/// Runs the launcher without peer memory (the shared directory only, a
+/// lost rank restarts the whole job) to completion, killing it (and,
+/// through its pipes, its ranks) if it takes longer than `limit`.
 fn launch(dir: &Path, extra: &[&str], limit: Duration) -> Output {
+    launch_mode(dir, "--no-peer", extra, limit)
+}
+
+/// As [`launch`], with every rank's shard replicated in the next rank's
+/// peer server; a killed rank restarts alone.
+fn launch_peer(dir: &Path, extra: &[&str], limit: Duration) -> Output {
+    launch_mode(dir, "--peer", extra, limit)
+}
+
+fn launch_mode(dir: &Path, mode: &str, extra: &[&str], limit: Duration) -> Output {
     let mut child = Command::new(example("multi_rank"))
         .arg("--dir")
         .arg(dir)
         .args(JOB)
+        .arg(mode)
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -340,4 +355,78 @@ fn kills_at_random_steps_resume_from_the_newest_commit() {
         }
         eprintln!("{ctx}: committed {committed:?} at the kill, resumed from {from:?}");
     }
+}
+
+/// The digest of an uninterrupted run with peer memory.
+fn reference_peer() -> &'static str {
+    static REFERENCE: OnceLock<String> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = launch_peer(dir.path(), &[], Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "uninterrupted peer run failed\n{}",
+            text(&out)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("restarts: 0"), "{stdout}");
+        digest(&out)
+    })
+}
+
+#[test]
+fn killed_rank_restarts_alone_and_restores_from_its_buddy() {
+    let want = reference_peer();
+    // Peer memory changes where state is kept, never what it is.
+    assert_eq!(want, reference(), "peer and shared-only runs differ");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = launch_peer(
+        dir.path(),
+        &["--kill-rank", "1", "--kill-at-step", "23"],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "killed peer run failed\n{}",
+        text(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("killed rank 1 (SIGKILL) at step 23"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("restarts: 1"), "{stdout}");
+    let after = stdout
+        .rsplit_once("restarting rank 1 alone")
+        .unwrap_or_else(|| panic!("rank 1 was not restarted alone:\n{stdout}"))
+        .1;
+    // Every rank restored the same step; rank 1's new process found its
+    // shard in its buddy's (rank 2's) memory.
+    let mut steps = Vec::new();
+    for r in 0..4 {
+        let prefix = format!("rank {r}: restored step ");
+        let line = after
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("rank {r} did not restore:\n{stdout}"));
+        let (step, from) = line[prefix.len()..]
+            .split_once(" from ")
+            .expect("`from` in restore line");
+        steps.push(step.parse::<u64>().expect("step"));
+        if r == 1 {
+            assert!(
+                from.starts_with("peer://"),
+                "rank 1 restored from {from}, expected its buddy's memory\n{stdout}"
+            );
+        }
+    }
+    assert!(
+        steps.iter().all(|s| *s == steps[0]) && (steps[0] == 20 || steps[0] == 15),
+        "ranks restored {steps:?}, expected all 20 (or 15)\n{stdout}"
+    );
+    assert_eq!(
+        digest(&out),
+        want,
+        "the rolled-back job diverged from the uninterrupted one\n{stdout}"
+    );
 }
