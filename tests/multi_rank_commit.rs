@@ -47,7 +47,18 @@ fn launch_peer(dir: &Path, extra: &[&str], limit: Duration) -> Output {
 }
 
 fn launch_mode(dir: &Path, mode: &str, extra: &[&str], limit: Duration) -> Output {
+    launch_env(dir, mode, extra, limit, &[])
+}
+
+fn launch_env(
+    dir: &Path,
+    mode: &str,
+    extra: &[&str],
+    limit: Duration,
+    env: &[(&str, &str)],
+) -> Output {
     let mut child = Command::new(example("multi_rank"))
+        .envs(env.iter().copied())
         .arg("--dir")
         .arg(dir)
         .args(JOB)
@@ -380,10 +391,16 @@ fn killed_rank_restarts_alone_and_restores_from_its_buddy() {
     // Peer memory changes where state is kept, never what it is.
     assert_eq!(want, reference(), "peer and shared-only runs differ");
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = launch_peer(
+    // Every save is committed on both tiers before the next step, so the
+    // newest committed step is on the peer tier when rank 1 dies (without
+    // this, the step-20 save can still be in flight on the peer tier under
+    // load, and restore rightly takes step 20 from the shared directory).
+    let out = launch_env(
         dir.path(),
+        "--peer",
         &["--kill-rank", "1", "--kill-at-step", "23"],
         Duration::from_secs(60),
+        &[("CKPT_MULTI_WAIT_DURABLE", "1")],
     );
     assert!(
         out.status.success(),
