@@ -1,8 +1,6 @@
 //! `ckpt-bench flush`: time from save to durable on a local directory,
 //! beside the raw sequential write bandwidth of the same directory.
 
-use std::path::PathBuf;
-
 use ckpt_core::{Checkpointer, TierPolicy};
 use clap::Args;
 use serde_json::json;
@@ -13,18 +11,9 @@ use crate::synth;
 /// Arguments of `flush`.
 #[derive(Debug, Args)]
 pub struct FlushArgs {
-    /// Total state size (e.g. 2G).
-    #[arg(long, default_value = "2G", value_parser = synth::parse_bytes)]
-    pub state_bytes: u64,
-    /// Number of tensors.
-    #[arg(long, default_value_t = 16)]
-    pub tensors: usize,
-    /// Measured saves.
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
-    /// Directory (the device under test).
-    #[arg(long, default_value = "target/bench-ckpt")]
-    pub dir: PathBuf,
+    /// The state and the directory.
+    #[command(flatten)]
+    pub state: synth::StateArgs,
     /// Tier under test.
     #[arg(long, value_enum, default_value = "local")]
     pub tier: crate::tiers::TierKind,
@@ -38,23 +27,28 @@ pub struct FlushArgs {
 
 /// Runs the benchmark.
 pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
-    std::fs::create_dir_all(&a.dir)?;
-    let tensors = synth::tensors(a.state_bytes, a.tensors);
+    std::fs::create_dir_all(&a.state.dir)?;
+    let tensors = synth::tensors(a.state.state_bytes, a.state.tensors);
     let bytes: u64 = tensors.iter().map(|t| t.len() as u64).sum();
     let views = synth::views(&tensors);
     let run = format!("bench-flush-{}", std::process::id());
-    let opened = crate::tiers::open(a.tier, &a.dir, a.s3_url.as_deref(), 2 * bytes + (64 << 20))?;
+    let opened = crate::tiers::open(
+        a.tier,
+        &a.state.dir,
+        a.s3_url.as_deref(),
+        2 * bytes + (64 << 20),
+    )?;
     let ckpt = Checkpointer::builder(run.clone())
         .tier(opened.tier.clone(), TierPolicy::keep_last(1))
         .staging_capacity(bytes)
         .build()?;
     let (mut durable, mut raw, mut direct) = (vec![], vec![], vec![]);
-    for i in 0..a.iters {
+    for i in 0..a.state.iters {
         // Alternate so drift in the device's state affects both alike. The
         // raw floors are for a local directory only.
         if a.tier == crate::tiers::TierKind::Local {
-            raw.push(floors::raw_write(&a.dir, &tensors)?.as_secs_f64());
-            if let Some(d) = floors::raw_write_direct(&a.dir, &tensors) {
+            raw.push(floors::raw_write(&a.state.dir, &tensors)?.as_secs_f64());
+            if let Some(d) = floors::raw_write_direct(&a.state.dir, &tensors) {
                 direct.push(d.as_secs_f64());
             }
         }
@@ -69,7 +63,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         "tier": format!("{:?}", a.tier).to_lowercase(),
         "location": opened.tier.location(),
         "state_bytes": bytes,
-        "iters": a.iters,
+        "iters": a.state.iters,
         "durable_s": d,
         "raw_write_floor_s": r,
         "raw_write_direct_s": od,
@@ -83,7 +77,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
             "flush: {:.2} GiB to {} ({} iterations, median)",
             bytes as f64 / (1u64 << 30) as f64,
             opened.tier.location(),
-            a.iters
+            a.state.iters
         );
         if !r.is_nan() {
             println!(
@@ -112,6 +106,6 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop(ckpt);
-    let _ = std::fs::remove_dir_all(a.dir.join(run));
+    let _ = std::fs::remove_dir_all(a.state.dir.join(run));
     Ok(())
 }

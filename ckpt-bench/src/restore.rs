@@ -1,7 +1,6 @@
 //! `ckpt-bench restore`: a cold restore with full crc32c verification
 //! beside a raw cold sequential read of the same file.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use ckpt_core::{Checkpointer, TensorMut, TensorViewMut, TierPolicy, layout};
@@ -14,21 +13,12 @@ use crate::synth;
 /// Arguments of `restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Total state size (e.g. 2G).
-    #[arg(long, default_value = "2G", value_parser = synth::parse_bytes)]
-    pub state_bytes: u64,
-    /// Number of tensors.
-    #[arg(long, default_value_t = 16)]
-    pub tensors: usize,
-    /// Measured restores.
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
+    /// The state and the directory.
+    #[command(flatten)]
+    pub state: synth::StateArgs,
     /// Parallel reads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
-    /// Directory (the device under test).
-    #[arg(long, default_value = "target/bench-ckpt")]
-    pub dir: PathBuf,
     /// Tier under test.
     #[arg(long, value_enum, default_value = "local")]
     pub tier: crate::tiers::TierKind,
@@ -42,11 +32,16 @@ pub struct RestoreArgs {
 
 /// Runs the benchmark.
 pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
-    std::fs::create_dir_all(&a.dir)?;
-    let tensors = synth::tensors(a.state_bytes, a.tensors);
+    std::fs::create_dir_all(&a.state.dir)?;
+    let tensors = synth::tensors(a.state.state_bytes, a.state.tensors);
     let bytes: u64 = tensors.iter().map(|t| t.len() as u64).sum();
     let run = format!("bench-restore-{}", std::process::id());
-    let opened = crate::tiers::open(a.tier, &a.dir, a.s3_url.as_deref(), 2 * bytes + (64 << 20))?;
+    let opened = crate::tiers::open(
+        a.tier,
+        &a.state.dir,
+        a.s3_url.as_deref(),
+        2 * bytes + (64 << 20),
+    )?;
     let ckpt = Checkpointer::builder(run.clone())
         .tier(opened.tier.clone(), TierPolicy::keep_last(1))
         .staging_capacity(bytes)
@@ -57,13 +52,14 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         ckpt.save(&synth::state(&views, 1)?)?.wait()?;
     }
     let shard = a
+        .state
         .dir
         .join(layout::step_dir(&run, 1))
         .join(layout::rank_data_file(0));
     let local = a.tier == crate::tiers::TierKind::Local;
     let mut outs: Vec<Vec<u8>> = tensors.iter().map(|t| vec![0u8; t.len()]).collect();
     let (mut restore, mut raw, mut rawp) = (vec![], vec![], vec![]);
-    for _ in 0..a.iters {
+    for _ in 0..a.state.iters {
         // Raw floors exist for files only; a peer's RAM or a bucket has no
         // cold cache to measure against.
         if local {
@@ -98,7 +94,7 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         "tier": format!("{:?}", a.tier).to_lowercase(),
         "location": opened.tier.location(),
         "state_bytes": bytes,
-        "iters": a.iters,
+        "iters": a.state.iters,
         "threads": a.threads,
         "restore_s": rs,
         "raw_read_floor_s": floor,
@@ -114,7 +110,7 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
             "restore: {:.2} GiB from {} (cold page cache, {} iterations, median)",
             bytes as f64 / (1u64 << 30) as f64,
             opened.tier.location(),
-            a.iters
+            a.state.iters
         );
         if local {
             println!(
@@ -144,6 +140,6 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop(ckpt);
-    let _ = std::fs::remove_dir_all(a.dir.join(run));
+    let _ = std::fs::remove_dir_all(a.state.dir.join(run));
     Ok(())
 }

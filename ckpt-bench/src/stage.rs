@@ -2,7 +2,7 @@
 //! floor and a blocking save, all in one run.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,18 +17,9 @@ use crate::synth;
 /// Arguments of `stage`.
 #[derive(Debug, Args)]
 pub struct StageArgs {
-    /// Total state size (e.g. 2G, 512M).
-    #[arg(long, default_value = "2G", value_parser = synth::parse_bytes)]
-    pub state_bytes: u64,
-    /// Number of tensors.
-    #[arg(long, default_value_t = 16)]
-    pub tensors: usize,
-    /// Measured saves (after one warm-up).
-    #[arg(long, default_value_t = 5)]
-    pub iters: usize,
-    /// Directory for the checkpoints (a local NVMe path).
-    #[arg(long, default_value = "target/bench-ckpt")]
-    pub dir: PathBuf,
+    /// The state and the directory.
+    #[command(flatten)]
+    pub state: synth::StateArgs,
     /// Staging copy threads (default: available cores, at most 8).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -65,13 +56,16 @@ fn blocking_save(dir: &Path, tensors: &[Vec<u8>], step: u64) -> std::io::Result<
 
 /// Runs the benchmark.
 pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
-    std::fs::create_dir_all(&a.dir)?;
-    let tensors = synth::tensors(a.state_bytes, a.tensors);
+    std::fs::create_dir_all(&a.state.dir)?;
+    let tensors = synth::tensors(a.state.state_bytes, a.state.tensors);
     let bytes: u64 = tensors.iter().map(|t| t.len() as u64).sum();
     let views = synth::views(&tensors);
     let run = format!("bench-stage-{}", std::process::id());
     let mut builder = Checkpointer::builder(run.clone())
-        .tier(Arc::new(LocalTier::new(&a.dir)?), TierPolicy::keep_last(1))
+        .tier(
+            Arc::new(LocalTier::new(&a.state.dir)?),
+            TierPolicy::keep_last(1),
+        )
         .staging_capacity(bytes);
     if let Some(t) = a.threads {
         builder = builder.copy_threads(t);
@@ -88,7 +82,7 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     // scratch buffers.
     let (mut asyncs, mut blocks, mut floors1, mut floorsn, mut durables) =
         (vec![], vec![], vec![], vec![], vec![]);
-    for i in 0..=a.iters {
+    for i in 0..=a.state.iters {
         let state = synth::state(&views, i as u64 + 1)?;
         let h = ckpt.save(&state)?;
         let ms = h.math_stop().as_secs_f64();
@@ -99,12 +93,12 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let peak = floors::peak_rss();
-    for _ in 0..a.iters {
+    for _ in 0..a.state.iters {
         floors1.push(floors::memcpy(&tensors).as_secs_f64());
         floorsn.push(floors::memcpy_parallel(&tensors, threads).as_secs_f64());
     }
-    for i in 0..a.iters {
-        blocks.push(blocking_save(&a.dir, &tensors, i as u64)?);
+    for i in 0..a.state.iters {
+        blocks.push(blocking_save(&a.state.dir, &tensors, i as u64)?);
     }
     let pool_locked = ckpt.staging_pool().is_some_and(|p| p.is_locked());
     let (amin, amax) = (
@@ -122,8 +116,8 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     let result = json!({
         "bench": "stage",
         "state_bytes": bytes,
-        "tensors": a.tensors,
-        "iters": a.iters,
+        "tensors": a.state.tensors,
+        "iters": a.state.iters,
         "copy_threads": threads,
         "async_math_stop_s": a_med,
         "async_math_stop_min_s": amin,
@@ -146,8 +140,8 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "stage: {:.2} GiB in {} tensors, {} iterations (median), {} copy threads",
             bytes as f64 / (1u64 << 30) as f64,
-            a.tensors,
-            a.iters,
+            a.state.tensors,
+            a.state.iters,
             threads
         );
         println!("{:<34} {:>10} {:>10}", "", "seconds", "GiB/s");
@@ -194,6 +188,6 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     drop(ckpt);
-    let _ = std::fs::remove_dir_all(a.dir.join(run));
+    let _ = std::fs::remove_dir_all(a.state.dir.join(run));
     Ok(())
 }

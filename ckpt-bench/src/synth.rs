@@ -1,7 +1,27 @@
 //! A synthetic training state: `n` tensors of about equal size filled with
 //! non-trivial bytes (so nothing is compressible or zero-page backed).
 
+use std::path::PathBuf;
+
 use ckpt_core::{TensorRef, TensorView, TrainingState};
+
+/// The synthetic state and where it goes, shared by `stage`, `flush` and
+/// `restore`.
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    /// Total state size (e.g. 2G, 512M).
+    #[arg(long, default_value = "2G", value_parser = parse_bytes)]
+    pub state_bytes: u64,
+    /// Number of tensors.
+    #[arg(long, default_value_t = 16)]
+    pub tensors: usize,
+    /// Measured iterations (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Directory for checkpoints and floors (the device under test).
+    #[arg(long, default_value = "target/bench-ckpt")]
+    pub dir: PathBuf,
+}
 
 /// Parses sizes like `2G`, `512M`, `64k`, `1000` (bytes).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
