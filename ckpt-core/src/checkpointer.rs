@@ -308,6 +308,7 @@ impl CheckpointerBuilder {
             inflight: Mutex::new(Vec::new()),
             scheduler: Arc::new(Mutex::new(scheduler)),
             started: Mutex::new(false),
+            start_log: Mutex::new(None),
             runtime: Some(runtime),
         })
     }
@@ -336,6 +337,8 @@ pub struct Checkpointer {
     scheduler: Arc<Mutex<Scheduler>>,
     /// Whether the start of this process was logged (rank 0).
     started: Mutex<bool>,
+    /// The background write of the start event, awaited by `close`.
+    start_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
     runtime: Option<Runtime>,
 }
 
@@ -727,38 +730,28 @@ impl Checkpointer {
         let Ok(handle) = self.handle() else { return };
         let tier = self.log_tier();
         let run = self.run.clone();
-        let result = std::thread::scope(|s| {
-            s.spawn(|| {
-                handle.block_on(async {
-                    failure_events::append(
-                        tier.as_ref(),
-                        &run,
-                        &FailureEvent::start(failure_events::now_unix_s(), step),
-                    )
-                    .await?;
-                    failure_events::read(tier.as_ref(), &run).await
-                })
-            })
-            .join()
+        let scheduler = self.scheduler.clone();
+        // In the background: the first save must not wait on the store (an
+        // object store round trip) before its math-stop even starts.
+        let event = FailureEvent::start(failure_events::now_unix_s(), step);
+        let task = handle.spawn(async move {
+            let logged = async {
+                failure_events::append(tier.as_ref(), &run, &event).await?;
+                failure_events::read(tier.as_ref(), &run).await
+            };
+            match logged.await {
+                Ok(events) => {
+                    let stats = schedule::failure_stats(&events, Some(failure_events::now_unix_s()));
+                    tracing::debug!(failures = stats.failures, exposure_s = stats.exposure_s, "failure log read");
+                    scheduler
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .observe_failures(stats);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot update the failure log; MTBF stays at its prior"),
+            }
         });
-        match result {
-            Ok(Ok(events)) => {
-                let stats = schedule::failure_stats(&events, Some(failure_events::now_unix_s()));
-                tracing::debug!(
-                    failures = stats.failures,
-                    exposure_s = stats.exposure_s,
-                    "failure log read"
-                );
-                self.scheduler
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .observe_failures(stats);
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot update the failure log; MTBF stays at its prior")
-            }
-            Err(_) => tracing::warn!("failure-log thread panicked"),
-        }
+        *self.start_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
     }
 
     /// Whether the training loop should save at `step`: the interval policy
@@ -827,9 +820,22 @@ impl Checkpointer {
                 .max()
                 .unwrap_or(0);
             let event = FailureEvent::clean_stop(failure_events::now_unix_s(), step);
+            let start_log = self
+                .start_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             let r = std::thread::scope(|s| {
-                s.spawn(|| handle.block_on(failure_events::append(tier.as_ref(), &run, &event)))
-                    .join()
+                s.spawn(|| {
+                    handle.block_on(async {
+                        // The start event first, so the log is complete.
+                        if let Some(t) = start_log {
+                            let _ = t.await;
+                        }
+                        failure_events::append(tier.as_ref(), &run, &event).await
+                    })
+                })
+                .join()
             });
             if !matches!(r, Ok(Ok(()))) {
                 tracing::warn!("cannot record the clean stop in the failure log");

@@ -411,3 +411,49 @@ fn streaming_through_a_pool_smaller_than_a_tiers_buffer_is_a_clear_error() {
         "{msg}"
     );
 }
+
+/// The failure log in the store: a start that follows no clean stop counts as
+/// a failure, and the scheduler's MTBF estimate sees it after a restart.
+#[test]
+fn failure_log_counts_unclean_restarts_only() {
+    let tier = MemoryTier::new();
+    let open = || {
+        Checkpointer::builder("r")
+            .tier(Arc::new(tier.clone()), TierPolicy::keep_last(2))
+            .build()
+            .expect("build")
+    };
+    let failures_seen = |ckpt: &Checkpointer, want: &str| {
+        // The start event is written in the background: poll, bounded.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let line = ckpt.explain_schedule();
+            if line.contains(want) {
+                return line;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected `{want}` in: {line}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let a = open();
+    save_step(&a, 1, &data(16, 1), &data(4, 0));
+    failures_seen(&a, "0 failures");
+    drop(a); // no close(): as if the process died
+
+    let b = open();
+    let mut out = vec![0f32; 16];
+    b.restore(&mut [&mut TensorMut::from_slice("w", &[16], &mut out)])
+        .expect("restore");
+    failures_seen(&b, "1 failures");
+    b.close(); // clean stop recorded
+
+    let c = open();
+    c.restore(&mut [&mut TensorMut::from_slice("w", &[16], &mut out)])
+        .expect("restore");
+    // Exactly one: the clean stop between b and c is not a failure (a
+    // miscount would show "2 failures" and time out here).
+    failures_seen(&c, "1 failures");
+}
