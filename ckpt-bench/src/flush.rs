@@ -14,12 +14,9 @@ pub struct FlushArgs {
     /// The state and the directory.
     #[command(flatten)]
     pub state: synth::StateArgs,
-    /// Tier under test.
-    #[arg(long, value_enum, default_value = "local")]
-    pub tier: crate::tiers::TierKind,
-    /// Bucket and prefix for `--tier s3`.
-    #[arg(long)]
-    pub s3_url: Option<String>,
+    /// The tier under test.
+    #[command(flatten)]
+    pub target: crate::tiers::TierArgs,
     /// One JSON object per result.
     #[arg(long)]
     pub json: bool,
@@ -33,9 +30,9 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
     let views = synth::views(&tensors);
     let run = format!("bench-flush-{}", std::process::id());
     let opened = crate::tiers::open(
-        a.tier,
+        a.target.tier,
         &a.state.dir,
-        a.s3_url.as_deref(),
+        a.target.s3_url.as_deref(),
         2 * bytes + (64 << 20),
     )?;
     let ckpt = Checkpointer::builder(run.clone())
@@ -46,7 +43,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..a.state.iters {
         // Alternate so drift in the device's state affects both alike. The
         // raw floors are for a local directory only.
-        if a.tier == crate::tiers::TierKind::Local {
+        if a.target.tier == crate::tiers::TierKind::Local {
             raw.push(floors::raw_write(&a.state.dir, &tensors)?.as_secs_f64());
             if let Some(d) = floors::raw_write_direct(&a.state.dir, &tensors) {
                 direct.push(d.as_secs_f64());
@@ -60,7 +57,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
     let od = (!direct.is_empty()).then(|| floors::median(&mut direct));
     let result = json!({
         "bench": "flush",
-        "tier": format!("{:?}", a.tier).to_lowercase(),
+        "tier": format!("{:?}", a.target.tier).to_lowercase(),
         "location": opened.tier.location(),
         "state_bytes": bytes,
         "iters": a.state.iters,

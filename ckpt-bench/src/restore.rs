@@ -19,12 +19,9 @@ pub struct RestoreArgs {
     /// Parallel reads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
-    /// Tier under test.
-    #[arg(long, value_enum, default_value = "local")]
-    pub tier: crate::tiers::TierKind,
-    /// Bucket and prefix for `--tier s3`.
-    #[arg(long)]
-    pub s3_url: Option<String>,
+    /// The tier under test.
+    #[command(flatten)]
+    pub target: crate::tiers::TierArgs,
     /// One JSON object per result.
     #[arg(long)]
     pub json: bool,
@@ -37,9 +34,9 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
     let bytes: u64 = tensors.iter().map(|t| t.len() as u64).sum();
     let run = format!("bench-restore-{}", std::process::id());
     let opened = crate::tiers::open(
-        a.tier,
+        a.target.tier,
         &a.state.dir,
-        a.s3_url.as_deref(),
+        a.target.s3_url.as_deref(),
         2 * bytes + (64 << 20),
     )?;
     let ckpt = Checkpointer::builder(run.clone())
@@ -56,7 +53,7 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         .dir
         .join(layout::step_dir(&run, 1))
         .join(layout::rank_data_file(0));
-    let local = a.tier == crate::tiers::TierKind::Local;
+    let local = a.target.tier == crate::tiers::TierKind::Local;
     let mut outs: Vec<Vec<u8>> = tensors.iter().map(|t| vec![0u8; t.len()]).collect();
     let (mut restore, mut raw, mut rawp) = (vec![], vec![], vec![]);
     for _ in 0..a.state.iters {
@@ -91,7 +88,7 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
     let floor = rr.min(rp);
     let result = json!({
         "bench": "restore",
-        "tier": format!("{:?}", a.tier).to_lowercase(),
+        "tier": format!("{:?}", a.target.tier).to_lowercase(),
         "location": opened.tier.location(),
         "state_bytes": bytes,
         "iters": a.state.iters,

@@ -20,6 +20,17 @@ pub enum TierKind {
     S3,
 }
 
+/// `--tier` and `--s3-url`, shared by `flush` and `restore`.
+#[derive(Debug, clap::Args)]
+pub struct TierArgs {
+    /// Tier under test.
+    #[arg(long, value_enum, default_value = "local")]
+    pub tier: TierKind,
+    /// Bucket and prefix for `--tier s3`.
+    #[arg(long)]
+    pub s3_url: Option<String>,
+}
+
 /// A tier and whatever keeps it alive (the peer server and its runtime).
 pub struct Opened {
     /// The tier.
