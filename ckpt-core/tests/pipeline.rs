@@ -13,6 +13,18 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (i as u32 ^ seed) as f32 * 0.5).collect()
 }
 
+/// A state of one model and one optimizer tensor, no loop state.
+fn bare_state<'a>(step: u64, w: &'a TensorRef<'a>, m: &'a TensorRef<'a>) -> TrainingState<'a> {
+    TrainingState::builder(step)
+        .model([w as _])
+        .optimizer([m as _])
+        .without_rng()
+        .without_data_loader()
+        .without_lr_schedule()
+        .build()
+        .expect("state")
+}
+
 fn save_step(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) -> ckpt_core::SaveReport {
     let tw = TensorRef::from_slice("w", &[w.len() as u64], w);
     let tm = TensorRef::from_slice("opt.m", &[m.len() as u64], m);
@@ -168,14 +180,7 @@ fn committed_step_is_never_overwritten() {
     let m = data(8, 0);
     let tw = TensorRef::from_slice("w", &[64], &tw_data);
     let tm = TensorRef::from_slice("opt.m", &[8], &m);
-    let state = TrainingState::builder(7)
-        .model([&tw as _])
-        .optimizer([&tm as _])
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
-        .build()
-        .expect("state");
+    let state = bare_state(7, &tw, &tm);
     let err = ckpt
         .save(&state)
         .expect("save")
@@ -243,32 +248,11 @@ fn busy_pool_skip_policy_reports_skip() {
     let m = data(8, 0);
     let tw = TensorRef::from_slice("w", &[8192], &w);
     let tm = TensorRef::from_slice("opt.m", &[8], &m);
-    let s1 = TrainingState::builder(1)
-        .model([&tw as _])
-        .optimizer([&tm as _])
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
-        .build()
-        .expect("state");
+    let s1 = bare_state(1, &tw, &tm);
     let h1 = ckpt.save(&s1).expect("save 1");
-    let s2 = TrainingState::builder(2)
-        .model([&tw as _])
-        .optimizer([&tm as _])
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
-        .build()
-        .expect("state");
+    let s2 = bare_state(2, &tw, &tm);
     let h2 = ckpt.save(&s2).expect("save 2");
-    let s3 = TrainingState::builder(3)
-        .model([&tw as _])
-        .optimizer([&tm as _])
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
-        .build()
-        .expect("state");
+    let s3 = bare_state(3, &tw, &tm);
     let h3 = ckpt.save(&s3).expect("save 3");
     assert!(!h1.skipped());
     assert!(
@@ -276,7 +260,6 @@ fn busy_pool_skip_policy_reports_skip() {
         "a third save while two flushes hold 64 KiB must skip"
     );
     h1.wait().expect("first durable");
-    std::thread::sleep(Duration::from_millis(10));
 }
 
 #[test]
@@ -395,14 +378,7 @@ fn streaming_through_a_pool_smaller_than_a_tiers_buffer_is_a_clear_error() {
     let m = data(4, 0);
     let tw = TensorRef::from_slice("w", &[200_000], &w);
     let tm = TensorRef::from_slice("opt.m", &[4], &m);
-    let state = TrainingState::builder(1)
-        .model([&tw as _])
-        .optimizer([&tm as _])
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
-        .build()
-        .expect("state");
+    let state = bare_state(1, &tw, &tm);
     let err = ckpt.save(&state).expect_err("must not deadlock");
     let msg = err.to_string();
     assert!(matches!(err, Error::Config(_)), "{msg}");
