@@ -11,8 +11,10 @@ mod plot;
 mod restore;
 mod simulate;
 mod stage;
+mod staging_size;
 mod synth;
 mod tiers;
+mod train;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -45,6 +47,12 @@ enum Command {
     Flush(flush::FlushArgs),
     /// Cold restore with verification vs a raw cold read.
     Restore(restore::RestoreArgs),
+    /// Staging pool capacity sweep: math-stop and waited/skipped saves for
+    /// saves arriving at a fixed interval.
+    StagingSize(staging_size::StagingSizeArgs),
+    /// Slowdown of a synthetic training loop that saves every k steps, vs
+    /// no checkpoints and vs blocking saves.
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +63,10 @@ fn main() -> ExitCode {
         Command::Stage(args) => stage::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Flush(args) => flush::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Restore(args) => restore::run(&args).map_err(|e| CliError::io(e.to_string())),
+        Command::StagingSize(args) => {
+            staging_size::run(&args).map_err(|e| CliError::io(e.to_string()))
+        }
+        Command::Train(args) => train::run(&args).map_err(|e| CliError::io(e.to_string())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

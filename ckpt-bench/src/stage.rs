@@ -28,7 +28,9 @@ pub struct StageArgs {
     pub json: bool,
 }
 
-fn blocking_save(dir: &Path, tensors: &[Vec<u8>], step: u64) -> std::io::Result<f64> {
+/// A blocking save of `tensors` (safetensors layout, written and fsynced
+/// on the caller's thread); returns its duration and leaves no file.
+pub(crate) fn blocking_save(dir: &Path, tensors: &[Vec<u8>], step: u64) -> std::io::Result<f64> {
     let t = Instant::now();
     let specs: Vec<(String, Vec<u64>)> = tensors
         .iter()
@@ -94,8 +96,8 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let peak = floors::peak_rss();
     for _ in 0..a.state.iters {
-        floors1.push(floors::memcpy(&tensors).as_secs_f64());
-        floorsn.push(floors::memcpy_parallel(&tensors, threads).as_secs_f64());
+        floors1.push(floors::memcpy(&tensors)?.as_secs_f64());
+        floorsn.push(floors::memcpy_parallel(&tensors, threads)?.as_secs_f64());
     }
     for i in 0..a.state.iters {
         blocks.push(blocking_save(&a.state.dir, &tensors, i as u64)?);

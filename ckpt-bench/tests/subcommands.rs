@@ -1,0 +1,152 @@
+//! Every benchmark subcommand runs end to end on a small state and prints
+//! the JSON keys BENCHMARKS.md quotes, with values that hang together.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str], dir: &std::path::Path) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"))
+        .args(args)
+        .args(["--json", "--dir"])
+        .arg(dir)
+        .output()
+        .expect("run ckpt-bench");
+    assert!(
+        out.status.success(),
+        "ckpt-bench {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {v}"))
+}
+
+#[test]
+fn stage_flush_restore_report_ours_beside_the_floors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = ["--state-bytes", "16M", "--tensors", "4", "--iters", "2"];
+    let stage = bench(&[&["stage"][..], &small].concat(), dir.path());
+    assert_eq!(stage.len(), 1);
+    let s = &stage[0];
+    for key in [
+        "async_math_stop_s",
+        "blocking_math_stop_s",
+        "memcpy_floor_s",
+        "ratio_to_floor",
+        "speedup_vs_blocking",
+    ] {
+        assert!(num(s, key) > 0.0, "{key} in {s}");
+    }
+    assert!(num(s, "peak_rss_bytes") >= num(s, "state_bytes"));
+
+    let flush = bench(&[&["flush"][..], &small].concat(), dir.path());
+    assert!(num(&flush[0], "durable_s") > 0.0);
+    assert!(num(&flush[0], "raw_write_floor_s") > 0.0);
+
+    let restore = bench(&[&["restore"][..], &small].concat(), dir.path());
+    assert!(num(&restore[0], "restore_s") > 0.0);
+    assert!(num(&restore[0], "raw_read_floor_s") > 0.0);
+    // Nothing is left behind in the directory under test.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn staging_size_accounts_for_every_save() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows = bench(
+        &[
+            "staging-size",
+            "--state-bytes",
+            "32M",
+            "--fractions",
+            "0.5,2",
+            "--interval",
+            "10ms",
+            "--saves",
+            "4",
+        ],
+        dir.path(),
+    );
+    assert_eq!(rows.len(), 4, "2 fractions x 2 policies: {rows:?}");
+    for r in &rows {
+        let skipped = num(r, "skipped_saves");
+        let durable = num(r, "durable_saves");
+        assert_eq!(
+            skipped + durable,
+            4.0,
+            "every save is skipped or durable: {r}"
+        );
+        if r["when_busy"] == "wait" {
+            assert_eq!(skipped, 0.0, "the wait policy never skips: {r}");
+        }
+        assert!(num(r, "pool_bytes") >= num(r, "state_bytes") * num(r, "pool_fraction") * 0.99);
+    }
+    // A pool half the state streams: every save waits for blocks.
+    let half_wait = rows
+        .iter()
+        .find(|r| r["when_busy"] == "wait" && num(r, "pool_fraction") == 0.5)
+        .expect("0.5 wait row");
+    assert_eq!(num(half_wait, "waited_saves"), 4.0, "{half_wait}");
+}
+
+#[test]
+fn train_reports_slowdowns_and_verifies_the_last_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows = bench(
+        &[
+            "train",
+            "--state-bytes",
+            "16M",
+            "--steps",
+            "6",
+            "--every",
+            "3",
+            "--iters",
+            "1",
+        ],
+        dir.path(),
+    );
+    let modes: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
+    assert_eq!(modes, ["none", "async", "blocking"]);
+    assert_eq!(num(&rows[0], "slowdown"), 0.0);
+    assert_eq!(rows[1]["verified"], true);
+    assert!(num(&rows[1], "math_stop_per_save_s") > 0.0);
+    assert!(num(&rows[2], "math_stop_per_save_s") > 0.0);
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"))
+        .args(["train", "--steps", "7", "--every", "3", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run ckpt-bench");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--steps (7)") && err.contains("--every (3)"),
+        "{err}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"))
+        .args(["staging-size", "--fractions", "0,1", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run ckpt-bench");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fractions"));
+}
