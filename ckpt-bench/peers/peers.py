@@ -234,10 +234,14 @@ class Orbax(Bench):
     jax arrays already on the CPU device. Blocking: until save() returns.
     Durable: until wait_until_finished() returns, plus an fsync pass over
     every file and directory of the step (orbax_finished_s is without it).
-    Old steps are deleted with manager.delete() after the timing."""
+    Old steps are deleted with manager.delete() after the timing. On the
+    CPU device the "device to host" transfer is a view of the jax buffer, so
+    save() returns without copying the state (jax arrays are immutable)."""
 
     packages = ("numpy", "jax", "jaxlib", "orbax-checkpoint", "tensorstore")
     notes = (
+        "on the CPU device save() copies nothing: it keeps the immutable jax "
+        "buffers (np.asarray is a view) until they are written; "
         "orbax itself does not fsync: tensorstore fsyncs the array data files and "
         "their directories, not orbax's metadata files nor the rename of the step "
         "directory (orbax-checkpoint 0.12.8, seen with strace); durable adds an "
