@@ -425,19 +425,62 @@ pub fn read_targets(
     let total = Mutex::new(0u64);
     let threads = threads.clamp(1, 64);
     let chunk_size = m.chunk_size;
+    // Readers only read, so `threads` reads stay in flight at all times;
+    // verification runs on its own threads, overlapping the next reads
+    // instead of stalling them (a reader that verified its own buffer would
+    // leave the device idle for the length of every crc pass).
+    let verifiers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 16);
+    let (verify_tx, verify_rx) = std::sync::mpsc::channel::<Verify<'_>>();
+    let verify_rx = Mutex::new(verify_rx);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    loop {
-                        let unit = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                        let Some(unit) = unit else { return Ok(()) };
-                        let n = handle.block_on(run_unit(tier, &dir, unit, chunk_size))?;
-                        *total.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        let mut workers = Vec::with_capacity(threads + verifiers);
+        for _ in 0..verifiers {
+            workers.push(s.spawn(|| -> Result<()> {
+                loop {
+                    let job = verify_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(v) = job else { return Ok(()) };
+                    if let Err(e) = verify_chunks(&v.path, v.buf, chunk_size, v.first_chunk, v.crcs)
+                    {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Err(e);
                     }
-                })
-            })
-            .collect();
+                }
+            }));
+        }
+        for _ in 0..threads {
+            let verify_tx = verify_tx.clone();
+            workers.push(s.spawn(|| -> Result<()> {
+                let verify_tx = verify_tx;
+                loop {
+                    if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    let unit = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let Some(unit) = unit else { return Ok(()) };
+                    let r = handle.block_on(run_unit(tier, &dir, unit, chunk_size));
+                    let (n, verify) = match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    };
+                    *total.lock().unwrap_or_else(|e| e.into_inner()) += n;
+                    if let Some(v) = verify {
+                        // The verifiers outlive every reader, so the send
+                        // only fails if one of them failed already.
+                        if verify_tx.send(v).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }));
+        }
+        drop(verify_tx);
         workers
             .into_iter()
             .map(|w| {
@@ -453,7 +496,23 @@ pub fn read_targets(
     Ok(total.into_inner().unwrap_or(0))
 }
 
-async fn run_unit(tier: &dyn Tier, dir: &str, unit: Unit<'_>, chunk_size: u64) -> Result<u64> {
+/// A buffer read but not yet verified.
+struct Verify<'a> {
+    path: String,
+    buf: &'a mut [u8],
+    first_chunk: usize,
+    crcs: &'a [u32],
+}
+
+/// Reads one unit. A direct read is returned for verification by the
+/// caller's verifier threads; a scattered one is verified here, before its
+/// pieces are copied out of the scratch buffer.
+async fn run_unit<'a>(
+    tier: &dyn Tier,
+    dir: &str,
+    unit: Unit<'a>,
+    chunk_size: u64,
+) -> Result<(u64, Option<Verify<'a>>)> {
     match unit {
         Unit::Direct {
             path,
@@ -463,8 +522,16 @@ async fn run_unit(tier: &dyn Tier, dir: &str, unit: Unit<'_>, chunk_size: u64) -
             crcs,
         } => {
             tier.read_into(&path, offset, buf).await?;
-            verify_chunks(&path, buf, chunk_size, first_chunk, crcs)?;
-            Ok(buf.len() as u64)
+            let n = buf.len() as u64;
+            Ok((
+                n,
+                Some(Verify {
+                    path,
+                    buf,
+                    first_chunk,
+                    crcs,
+                }),
+            ))
         }
         Unit::Scatter {
             name,
@@ -503,7 +570,7 @@ async fn run_unit(tier: &dyn Tier, dir: &str, unit: Unit<'_>, chunk_size: u64) -
                     dst.copy_from_slice(src);
                 }
             }
-            Ok(read)
+            Ok((read, None))
         }
     }
 }
