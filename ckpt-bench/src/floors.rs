@@ -1,5 +1,6 @@
 //! Physical floors measured in the same run as the figures they bound:
-//! memcpy bandwidth (staging cannot beat it) and raw sequential write/read
+//! memcpy bandwidth (staging cannot beat it), device-to-host copy bandwidth
+//! (staging from a GPU cannot beat it) and raw sequential write/read
 //! bandwidth of the same directory (flush and restore cannot beat them).
 
 use std::fs::{File, OpenOptions};
@@ -189,6 +190,30 @@ pub fn raw_read_parallel(path: &Path, threads: usize, unit: usize) -> std::io::R
         }
         Ok(())
     })?;
+    Ok(t.elapsed())
+}
+
+/// Time to copy every device buffer, back to back on the device's copy
+/// stream, into consecutive ranges of `dst` (of their total size), up to
+/// the completion of the last copy. Into a registered (pinned) `dst` this is
+/// the floor of staging from the GPU; into pageable memory, the reference
+/// without registration.
+#[cfg(feature = "cuda")]
+pub fn d2h(
+    device: &ckpt_core::cuda::CudaDevice,
+    bufs: &[ckpt_core::cuda::DeviceBuffer],
+    dst: &mut [u8],
+) -> ckpt_core::Result<Duration> {
+    let mut copies = Vec::with_capacity(bufs.len());
+    let mut rest = dst;
+    for b in bufs {
+        let n = b.len().min(rest.len());
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        copies.push((b.source(), head));
+        rest = tail;
+    }
+    let t = Instant::now();
+    device.copy_to_host(&mut copies)?;
     Ok(t.elapsed())
 }
 

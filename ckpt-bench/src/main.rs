@@ -11,6 +11,8 @@ mod plot;
 mod restore;
 mod simulate;
 mod stage;
+#[cfg(feature = "cuda")]
+mod stage_gpu;
 mod staging_size;
 mod synth;
 mod tiers;
@@ -41,7 +43,8 @@ enum Command {
     /// Discrete-event simulation of a job with failures over a sweep of
     /// checkpoint intervals.
     Simulate(simulate::SimulateArgs),
-    /// Math-stop of an async save vs the memcpy floor and a blocking save.
+    /// Math-stop of an async save vs the memcpy floor and a blocking save
+    /// (with `--device cuda`: of GPU tensors vs the device-to-host floor).
     Stage(stage::StageArgs),
     /// Time from save to durable vs the raw write bandwidth of the directory.
     Flush(flush::FlushArgs),

@@ -1,5 +1,6 @@
 //! `ckpt-bench stage`: the math-stop of an async save against the memcpy
-//! floor and a blocking save, all in one run.
+//! floor and a blocking save, all in one run. With `--device cuda` the
+//! state lives in GPU memory instead (`stage_gpu.rs`).
 
 use std::io::Write;
 use std::path::Path;
@@ -14,12 +15,25 @@ use serde_json::json;
 use crate::floors;
 use crate::synth;
 
+/// Where the synthetic state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// Host memory.
+    Cpu,
+    /// GPU 0 (needs a build with `--features cuda` and a CUDA driver).
+    Cuda,
+}
+
 /// Arguments of `stage`.
 #[derive(Debug, Args)]
 pub struct StageArgs {
     /// The state and the directory.
     #[command(flatten)]
     pub state: synth::StateArgs,
+    /// Where the state lives: host memory, or GPU memory (compared with the
+    /// device-to-host copy floor).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
     /// Staging copy threads (default: available cores, at most 8).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -58,6 +72,12 @@ pub(crate) fn blocking_save(dir: &Path, tensors: &[Vec<u8>], step: u64) -> std::
 
 /// Runs the benchmark.
 pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if a.device == Device::Cuda {
+        #[cfg(feature = "cuda")]
+        return crate::stage_gpu::run(a);
+        #[cfg(not(feature = "cuda"))]
+        return Err("`--device cuda` needs a build with the `cuda` feature: cargo run -p ckpt-bench --release --features cuda -- stage --device cuda".into());
+    }
     std::fs::create_dir_all(&a.state.dir)?;
     let tensors = synth::tensors(a.state.state_bytes, a.state.tensors);
     let bytes: u64 = tensors.iter().map(|t| t.len() as u64).sum();

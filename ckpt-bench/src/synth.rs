@@ -88,8 +88,17 @@ pub fn views(tensors: &[Vec<u8>]) -> Vec<TensorRef<'_>> {
 
 /// A training state over the views at `step`.
 pub fn state<'a>(views: &'a [TensorRef<'a>], step: u64) -> ckpt_core::Result<TrainingState<'a>> {
+    let views: Vec<&dyn TensorView> = views.iter().map(|v| v as _).collect();
+    state_of(&views, step)
+}
+
+/// A training state over any views (host or device) at `step`.
+pub fn state_of<'a>(
+    views: &[&'a dyn TensorView],
+    step: u64,
+) -> ckpt_core::Result<TrainingState<'a>> {
     TrainingState::builder(step)
-        .model(views.iter().map(|v| v as &dyn TensorView))
+        .model(views.iter().copied())
         .without_optimizer()
         .rng(&step)?
         .data_loader(&step)?

@@ -16,9 +16,9 @@ use crate::restore::{self, RestoreOptions, Restored};
 use crate::save_handle::{SaveHandle, SaveReport, Shared};
 use crate::schedule::{FailureEvent, Policy, Scheduler, SchedulerConfig};
 use crate::shard_file;
-use crate::stage;
+use crate::stage::{self, DeviceCopy, Source};
 use crate::staging::{DEFAULT_BLOCK_SIZE, StagingPool};
-use crate::state::{TensorViewMut, TrainingState};
+use crate::state::{TensorViewMut, TrainingState, view_len};
 use crate::tier::Tier;
 use crate::{checksum, spec::ShardSpec};
 use crate::{failure_events, schedule};
@@ -35,6 +35,27 @@ impl Runtime {
             Runtime::Borrowed(h) => h,
         }
     }
+}
+
+/// The GPU saves copy device tensors from, and the size of the chunks the
+/// staging pool is registered with it in.
+#[cfg(feature = "cuda")]
+type CudaStaging = (Arc<crate::cuda::CudaDevice>, usize);
+/// Without the `cuda` feature a checkpointer has no GPU.
+#[cfg(not(feature = "cuda"))]
+type CudaStaging = std::convert::Infallible;
+
+/// Allocates the staging pool and, with a GPU, registers it with the
+/// driver (a refusal is a warning: copies then go through pageable memory).
+fn new_pool(capacity: u64, block_size: usize, cuda: Option<&CudaStaging>) -> Result<StagingPool> {
+    let pool = StagingPool::new(capacity, block_size)?;
+    #[cfg(feature = "cuda")]
+    if let Some((device, chunk)) = cuda {
+        pool.register_cuda_or_warn(device, *chunk);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = cuda;
+    Ok(pool)
 }
 
 struct TierSlot {
@@ -74,6 +95,10 @@ pub struct CheckpointerBuilder {
     block_timeout: Duration,
     runtime: Option<tokio::runtime::Handle>,
     schedule: Option<SchedulerConfig>,
+    #[cfg(feature = "cuda")]
+    cuda: Option<Arc<crate::cuda::CudaDevice>>,
+    #[cfg(feature = "cuda")]
+    cuda_register_chunk: Option<usize>,
 }
 
 impl std::fmt::Debug for CheckpointerBuilder {
@@ -230,6 +255,28 @@ impl CheckpointerBuilder {
         self
     }
 
+    /// Saves tensors in GPU memory ([`crate::TensorView::device`]) by
+    /// copying them from `device` into the staging pool, and registers the
+    /// pool with its driver (page-locked for DMA) in chunks of
+    /// [`CheckpointerBuilder::cuda_register_chunk`]. If the driver refuses
+    /// the registration, a warning is logged once and device copies go
+    /// through pageable memory: correct, slower
+    /// ([`StagingPool::is_cuda_registered`] says which).
+    #[cfg(feature = "cuda")]
+    pub fn cuda(mut self, device: Arc<crate::cuda::CudaDevice>) -> Self {
+        self.cuda = Some(device);
+        self
+    }
+
+    /// Size of each CUDA host registration of the staging pool (default
+    /// 256 MiB, or one block if blocks are larger); a multiple of the block
+    /// size, so no block straddles two registrations.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_register_chunk(mut self, bytes: usize) -> Self {
+        self.cuda_register_chunk = Some(bytes);
+        self
+    }
+
     /// Validates the configuration and starts the checkpointer. The staging
     /// pool is allocated here when its capacity was given.
     pub fn build(self) -> Result<Checkpointer> {
@@ -251,17 +298,34 @@ impl CheckpointerBuilder {
                 self.chunk_size
             )));
         }
-        let pool = match self.staging_capacity {
-            Some(c) => Some(StagingPool::new(c, self.block_size)?),
-            None => {
-                if self.block_size < 4096 || !self.block_size.is_power_of_two() {
-                    return Err(Error::Config(format!(
-                        "staging block size {} must be a power of two >= 4096",
-                        self.block_size
-                    )));
-                }
-                None
+        if self.block_size < 4096 || !self.block_size.is_power_of_two() {
+            return Err(Error::Config(format!(
+                "staging block size {} must be a power of two >= 4096",
+                self.block_size
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        let cuda: Option<CudaStaging> = match self.cuda {
+            Some(device) => {
+                let chunk = match self.cuda_register_chunk {
+                    Some(c) if c == 0 || !c.is_multiple_of(self.block_size) => {
+                        return Err(Error::Config(format!(
+                            "CUDA registration chunk of {c} bytes must be a positive multiple of the staging block size {}",
+                            self.block_size
+                        )));
+                    }
+                    Some(c) => c,
+                    None => crate::staging::DEFAULT_CUDA_REGISTER_CHUNK.max(self.block_size),
+                };
+                Some((device, chunk))
             }
+            None => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let cuda: Option<CudaStaging> = None;
+        let pool = match self.staging_capacity {
+            Some(c) => Some(new_pool(c, self.block_size, cuda.as_ref())?),
+            None => None,
         };
         let runtime = match self.runtime {
             Some(h) => Runtime::Borrowed(h),
@@ -304,6 +368,7 @@ impl CheckpointerBuilder {
             crc_while_staging: self.crc_while_staging,
             commit_timeout: self.commit_timeout,
             block_timeout: self.block_timeout,
+            cuda,
             saves: Mutex::new(0),
             inflight: Mutex::new(Vec::new()),
             scheduler: Arc::new(Mutex::new(scheduler)),
@@ -332,6 +397,7 @@ pub struct Checkpointer {
     crc_while_staging: bool,
     commit_timeout: Duration,
     block_timeout: Duration,
+    cuda: Option<CudaStaging>,
     saves: Mutex<u64>,
     inflight: Mutex<Vec<SaveHandle>>,
     scheduler: Arc<Mutex<Scheduler>>,
@@ -350,6 +416,19 @@ impl std::fmt::Debug for Checkpointer {
             .field("world_size", &self.world_size)
             .field("tiers", &self.tier_locations())
             .finish_non_exhaustive()
+    }
+}
+
+/// Why a save of a tensor in GPU memory cannot run on this checkpointer.
+fn no_gpu_message(step: u64, tensor: &str) -> String {
+    if cfg!(feature = "cuda") {
+        format!(
+            "step {step}: tensor `{tensor}` is in GPU memory but this checkpointer has no CUDA device: build it with `.cuda(CudaDevice::open(ordinal)?)`"
+        )
+    } else {
+        format!(
+            "step {step}: tensor `{tensor}` is in GPU memory but ckpt was built without the `cuda` feature"
+        )
     }
 }
 
@@ -384,6 +463,10 @@ impl Checkpointer {
             block_timeout: Duration::from_secs(3600),
             runtime: None,
             schedule: None,
+            #[cfg(feature = "cuda")]
+            cuda: None,
+            #[cfg(feature = "cuda")]
+            cuda_register_chunk: None,
         }
     }
 
@@ -415,6 +498,18 @@ impl Checkpointer {
     /// The staging pool, once allocated.
     pub fn staging_pool(&self) -> Option<StagingPool> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The GPU device tensors are copied from, if any.
+    fn gpu(&self) -> Option<&dyn DeviceCopy> {
+        #[cfg(feature = "cuda")]
+        {
+            self.cuda
+                .as_ref()
+                .map(|(device, _)| device.as_ref() as &dyn DeviceCopy)
+        }
+        #[cfg(not(feature = "cuda"))]
+        None
     }
 
     fn handle(&self) -> Result<&tokio::runtime::Handle> {
@@ -450,8 +545,10 @@ impl Checkpointer {
         ]);
         let layout = shard_file::layout(&specs, &metadata)?;
 
-        // What is copied, what is kept by reference.
-        let mut sources: Vec<&[u8]> = Vec::new();
+        // What is copied (from host or GPU memory), what is kept by
+        // reference.
+        let gpu = self.gpu();
+        let mut sources: Vec<Source<'_>> = Vec::new();
         let mut tensors = Vec::with_capacity(state.tensors.len());
         for (i, t) in state.tensors.iter().enumerate() {
             let v = t.view;
@@ -459,9 +556,23 @@ impl Checkpointer {
                 .shard()
                 .cloned()
                 .unwrap_or_else(|| ShardSpec::full(v.shape().to_vec()));
-            let shared = v.shared_bytes();
+            let device = v.device();
+            if device.is_some() && gpu.is_none() {
+                return Err(Error::Config(no_gpu_message(step, v.name())));
+            }
+            let shared = if device.is_none() {
+                v.shared_bytes()
+            } else {
+                None
+            };
             let staged_index = if shared.is_none() {
-                sources.push(v.data());
+                sources.push(match device {
+                    Some(src) => Source::Device {
+                        src,
+                        tensor: v.name(),
+                    },
+                    None => Source::Host(v.data()),
+                });
                 Some(sources.len() - 1)
             } else {
                 None
@@ -474,7 +585,7 @@ impl Checkpointer {
                 global_offsets: shard.offsets,
                 shape: v.shape().to_vec(),
                 offset: layout.offsets[i],
-                len: v.data().len() as u64,
+                len: view_len(v) as u64,
                 shared,
                 staged_index,
             });
@@ -485,9 +596,10 @@ impl Checkpointer {
             match guard.as_ref() {
                 Some(p) => p.clone(),
                 None => {
-                    let p = StagingPool::new(
+                    let p = new_pool(
                         staged_bytes.max(self.block_size as u64),
                         self.block_size,
+                        self.cuda.as_ref(),
                     )?;
                     *guard = Some(p.clone());
                     p
@@ -602,7 +714,7 @@ impl Checkpointer {
                 .map_err(|e| Error::io("<dispatch thread>", e))?;
         }
 
-        // The math-stop: copy + checksum.
+        // The math-stop: copy (host memcpy, device DMA) + checksum.
         let sink = |k: usize, b: Bytes| {
             let _ = stage_tx.send(StageMsg::Block(k, b));
         };
@@ -613,6 +725,7 @@ impl Checkpointer {
             self.crc_while_staging,
             self.copy_threads,
             self.block_timeout,
+            gpu,
             &sink,
         );
         let math_stop = t0.elapsed();

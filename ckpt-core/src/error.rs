@@ -102,6 +102,12 @@ pub enum Error {
     /// Bad configuration or bad input state given by the caller.
     #[error("configuration: {0}")]
     Config(String),
+
+    /// The CUDA driver is absent or one of its calls failed (feature
+    /// `cuda`): no driver library, no such device, a copy or a
+    /// registration refused. The message names the device and the call.
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 impl Error {

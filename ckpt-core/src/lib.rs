@@ -54,11 +54,18 @@
 //!   allocate an unbounded copy.
 //! - **Retention never loses the newest checkpoint**, and uncommits before
 //!   deleting data.
+//!
+//! ## Features
+//! - `cuda`: saves tensors that live in GPU memory (the `cuda` module):
+//!   copied by DMA into the staging pool, registered with the driver. The
+//!   driver is loaded at run time; the build needs no CUDA toolkit.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod checkpointer;
 pub mod checksum;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dtype;
 mod error;
 pub mod failure_events;
@@ -93,7 +100,7 @@ pub use save_handle::{SaveHandle, SaveReport, TierReport};
 pub use spec::{ShardSpec, TensorSpec, checked_nbytes, checked_numel};
 pub use staging::StagingPool;
 pub use state::{
-    LoopState, Pod, SharedTensor, StateTensor, TensorMut, TensorRef, TensorRole, TensorView,
-    TensorViewMut, TrainingState, TrainingStateBuilder, as_bytes, as_bytes_mut,
+    DeviceSource, LoopState, Pod, SharedTensor, StateTensor, TensorMut, TensorRef, TensorRole,
+    TensorView, TensorViewMut, TrainingState, TrainingStateBuilder, as_bytes, as_bytes_mut,
 };
 pub use tier::{Capabilities, ObjectMeta, PutMode, Tier, TierWriter};

@@ -13,6 +13,13 @@
 //! that every tier can hold without copying, and the block returns to the
 //! pool when the last of those `Bytes` is dropped. All raw-memory code of
 //! ckpt lives in this module.
+//!
+//! With the `cuda` feature the pool can also be registered with the CUDA
+//! driver (`StagingPool::register_cuda`), so copies from the GPU are DMA
+//! into it. Registration goes in bounded chunks (recent drivers refuse a
+//! single registration of many GiB), each a whole number of blocks, so no
+//! block straddles two registrations; the pool is unregistered before it is
+//! unmapped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -21,12 +28,21 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use memmap2::MmapMut;
 
+#[cfg(feature = "cuda")]
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 
 static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
+#[cfg(feature = "cuda")]
+static CUDA_REGISTER_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Default block size: 8 MiB.
 pub const DEFAULT_BLOCK_SIZE: usize = 8 << 20;
+
+/// Default size of one CUDA host registration of the staging pool: 256 MiB
+/// (rounded up to a whole number of blocks).
+#[cfg(feature = "cuda")]
+pub const DEFAULT_CUDA_REGISTER_CHUNK: usize = 256 << 20;
 
 struct PoolInner {
     /// Owns the mapping; never accessed through this field after
@@ -38,6 +54,10 @@ struct PoolInner {
     locked: bool,
     free: Mutex<Vec<usize>>,
     returned: Condvar,
+    /// The mapping's registration with the CUDA driver, if any; dropped
+    /// (unregistered) before the mapping (`Drop for PoolInner`).
+    #[cfg(feature = "cuda")]
+    cuda: Mutex<Option<CudaRegistration>>,
 }
 
 // SAFETY: `base` points into `_map`, which lives as long as `PoolInner`.
@@ -58,6 +78,15 @@ impl PoolInner {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        // Unregister while the mapping still exists.
+        let reg = self.cuda.get_mut().unwrap_or_else(|e| e.into_inner());
+        drop(reg.take());
+    }
+}
+
 /// A pool of page-locked staging blocks. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct StagingPool {
@@ -70,6 +99,7 @@ impl std::fmt::Debug for StagingPool {
             .field("capacity", &self.capacity())
             .field("block_size", &self.inner.block_size)
             .field("locked", &self.inner.locked)
+            .field("cuda_registered", &self.is_cuda_registered())
             .field("free_blocks", &self.free_blocks())
             .finish()
     }
@@ -124,6 +154,8 @@ impl StagingPool {
                 locked,
                 free: Mutex::new((0..blocks).rev().collect()),
                 returned: Condvar::new(),
+                #[cfg(feature = "cuda")]
+                cuda: Mutex::new(None),
             }),
         })
     }
@@ -146,6 +178,73 @@ impl StagingPool {
     /// Whether the pool is page-locked.
     pub fn is_locked(&self) -> bool {
         self.inner.locked
+    }
+
+    /// Whether the pool is registered with the CUDA driver (page-locked for
+    /// DMA from the GPU). Always `false` without the `cuda` feature.
+    pub fn is_cuda_registered(&self) -> bool {
+        self.cuda_registered_chunks() > 0
+    }
+
+    /// How many separate CUDA host registrations cover the pool (0 when not
+    /// registered).
+    pub fn cuda_registered_chunks(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            let reg = self.inner.cuda.lock().unwrap_or_else(|e| e.into_inner());
+            reg.as_ref().map_or(0, |r| r.chunks.len())
+        }
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+
+    /// Registers the whole pool with the CUDA driver (`cuMemHostRegister`,
+    /// portable to every context) in registrations of `chunk` bytes, a
+    /// whole number of blocks, so copies from `device` are DMA into it. It
+    /// stays registered until the pool is dropped. All or nothing: if one
+    /// chunk is refused, those already registered are unregistered and the
+    /// driver's error is returned. Registering again with the same device
+    /// does nothing.
+    #[cfg(feature = "cuda")]
+    pub fn register_cuda(&self, device: &Arc<CudaDevice>, chunk: usize) -> Result<()> {
+        let block = self.inner.block_size;
+        if chunk == 0 || !chunk.is_multiple_of(block) {
+            return Err(Error::Config(format!(
+                "CUDA registration chunk of {chunk} bytes must be a positive multiple of the staging block size {block}"
+            )));
+        }
+        let mut reg = self.inner.cuda.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = reg.as_ref() {
+            if Arc::ptr_eq(&r.device, device) {
+                return Ok(());
+            }
+            return Err(Error::Config(format!(
+                "the staging pool is already registered with CUDA device {}",
+                r.device.ordinal()
+            )));
+        }
+        let len = self.inner.blocks * block;
+        // SAFETY: `base .. base + len` is the pool's mapping, owned by
+        // `self.inner`, which drops the registration before unmapping it
+        // (`Drop for PoolInner`).
+        *reg = Some(unsafe { CudaRegistration::new(device, self.inner.base, len, chunk) }?);
+        Ok(())
+    }
+
+    /// [`StagingPool::register_cuda`], or one warning (per process) and
+    /// pageable memory: device copies stay correct, only slower.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn register_cuda_or_warn(&self, device: &Arc<CudaDevice>, chunk: usize) {
+        if let Err(e) = self.register_cuda(device, chunk)
+            && !CUDA_REGISTER_WARNED.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                bytes = self.capacity(),
+                chunk,
+                error = %e,
+                "cannot register the staging pool with the CUDA driver; copies from the GPU go through pageable memory (correct, slower)"
+            );
+        }
     }
 
     /// Blocks currently free.
@@ -291,6 +390,153 @@ impl AsRef<[u8]> for FrozenBlock {
 impl Drop for FrozenBlock {
     fn drop(&mut self) {
         self.pool.release(self.index);
+    }
+}
+
+/// Host memory registered with the CUDA driver, chunk by chunk, and
+/// unregistered on drop.
+#[cfg(feature = "cuda")]
+struct CudaRegistration {
+    device: Arc<CudaDevice>,
+    /// Start of each registered chunk.
+    chunks: Vec<*mut u8>,
+}
+
+// SAFETY: the addresses are never dereferenced, only handed back to the
+// driver to unregister them, which any thread may do.
+#[cfg(feature = "cuda")]
+unsafe impl Send for CudaRegistration {}
+// SAFETY: see `Send`; no method reads through `&self`.
+#[cfg(feature = "cuda")]
+unsafe impl Sync for CudaRegistration {}
+
+#[cfg(feature = "cuda")]
+impl CudaRegistration {
+    /// Registers `base .. base + len` in registrations of at most `chunk`
+    /// bytes (a multiple of the page size).
+    ///
+    /// # Safety
+    /// `base .. base + len` must be a live mapping, page-aligned, that
+    /// outlives the returned value.
+    unsafe fn new(
+        device: &Arc<CudaDevice>,
+        base: *mut u8,
+        len: usize,
+        chunk: usize,
+    ) -> Result<Self> {
+        let _bound = device.bind()?;
+        // On an error below, dropping `reg` unregisters what was registered.
+        let mut reg = Self {
+            device: device.clone(),
+            chunks: Vec::with_capacity(len.div_ceil(chunk)),
+        };
+        let mut off = 0usize;
+        while off < len {
+            let n = chunk.min(len - off);
+            // SAFETY: `off < len`, so the address is inside the mapping.
+            let p = unsafe { base.add(off) };
+            // SAFETY: `p .. p + n` lies inside the caller's live mapping
+            // (`off + n <= len`). Registering pins the pages and maps them for
+            // DMA without touching their contents; it is undone in `Drop`
+            // before the mapping goes away.
+            let r = unsafe {
+                cudarc::driver::sys::cuMemHostRegister_v2(
+                    p.cast(),
+                    n,
+                    cudarc::driver::sys::CU_MEMHOSTREGISTER_PORTABLE,
+                )
+            };
+            device.check(
+                &format!("cuMemHostRegister of {n} bytes at offset {off} of {len}"),
+                r,
+            )?;
+            reg.chunks.push(p);
+            off += n;
+        }
+        Ok(reg)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for CudaRegistration {
+    fn drop(&mut self) {
+        let bound = self.device.bind();
+        for &p in &self.chunks {
+            // SAFETY: `p` was registered by `new` and is unregistered once,
+            // while its mapping is still alive (the owners drop the
+            // registration first).
+            let _ = unsafe { cudarc::driver::sys::cuMemHostUnregister(p.cast()) };
+        }
+        drop(bound);
+    }
+}
+
+/// A host buffer registered with the CUDA driver (page-locked for DMA), the
+/// destination of the pinned device-to-host bandwidth floor. Pre-faulted,
+/// registered in chunks like the staging pool, unregistered on drop.
+#[cfg(feature = "cuda")]
+pub struct PinnedBuffer {
+    reg: Option<CudaRegistration>,
+    map: MmapMut,
+    len: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Debug for PinnedBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedBuffer")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl PinnedBuffer {
+    /// Allocates `len` bytes and registers them with `device` in chunks of
+    /// [`DEFAULT_CUDA_REGISTER_CHUNK`]. Fails if the driver refuses.
+    pub fn new(device: &Arc<CudaDevice>, len: usize) -> Result<Self> {
+        let mut map = MmapMut::map_anon(len.max(1)).map_err(|e| Error::io("<pinned buffer>", e))?;
+        for page in map.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        let base = map.as_mut_ptr();
+        // SAFETY: `base .. base + len` is `map`, page-aligned (a fresh
+        // mapping), and `Drop for PinnedBuffer` drops the registration
+        // before the mapping.
+        let reg = unsafe { CudaRegistration::new(device, base, len, DEFAULT_CUDA_REGISTER_CHUNK) }?;
+        Ok(Self {
+            reg: Some(reg),
+            map,
+            len,
+        })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map[..self.len]
+    }
+
+    /// The bytes, writable (DMA destination).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map[..self.len]
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // Unregister while the mapping still exists.
+        drop(self.reg.take());
     }
 }
 

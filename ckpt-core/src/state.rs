@@ -6,6 +6,8 @@
 //! error unless the caller says so explicitly (`without_*`), because a
 //! checkpoint missing any of them silently changes the resumed run.
 
+use std::marker::PhantomData;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -14,8 +16,9 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::{ShardSpec, TensorSpec, checked_nbytes};
 
-/// A read-only view of one tensor in host memory, the way callers plug their
-/// own tensor types into ckpt.
+/// A read-only view of one tensor, the way callers plug their own tensor
+/// types into ckpt. The bytes are in host memory ([`TensorView::data`]), or
+/// in GPU memory ([`TensorView::device`], feature `cuda`).
 pub trait TensorView {
     /// Unique name.
     fn name(&self) -> &str;
@@ -34,6 +37,84 @@ pub trait TensorView {
     /// never change while referenced.
     fn shared_bytes(&self) -> Option<Bytes> {
         None
+    }
+    /// Where the bytes live in GPU memory, for a tensor that is not in host
+    /// memory. When this returns `Some`, ckpt never calls
+    /// [`TensorView::data`] nor [`TensorView::shared_bytes`]: a save copies
+    /// the device bytes into the staging pool itself, which needs the
+    /// `cuda` feature and a checkpointer given a CUDA device (else the save
+    /// fails with a configuration error naming the tensor). Its length must
+    /// be dtype × shape. Default: `None` (host memory).
+    fn device(&self) -> Option<DeviceSource<'_>> {
+        None
+    }
+}
+
+/// A tensor's bytes in GPU memory: a CUDA device address (`CUdeviceptr`)
+/// and a length, borrowed for `'a`. Returned by [`TensorView::device`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSource<'a> {
+    ptr: u64,
+    len: usize,
+    _borrow: PhantomData<&'a ()>,
+}
+
+impl<'a> DeviceSource<'a> {
+    /// A device range from a raw address, e.g. a framework tensor's
+    /// `data_ptr()`.
+    ///
+    /// # Safety
+    /// ckpt reads the range only in [`crate::Checkpointer::save`] of a
+    /// checkpointer given a CUDA device, and in the `cuda` module's explicit
+    /// copies, on that device's own copy stream. Whenever it is read that
+    /// way (and `len > 0`), `ptr .. ptr + len` must be memory allocated on
+    /// that GPU (or accessible from its context) that stays allocated for
+    /// `'a`; work on other streams that writes the range must have completed
+    /// before the call (synchronize the producing stream first) and must not
+    /// start before it returns.
+    pub const unsafe fn from_raw(ptr: u64, len: usize) -> Self {
+        Self {
+            ptr,
+            len,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The sub-range `offset .. offset + len`, or `None` if it is not
+    /// inside this one.
+    pub fn range(&self, offset: usize, len: usize) -> Option<DeviceSource<'a>> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        Some(DeviceSource {
+            ptr: self.ptr.checked_add(offset as u64)?,
+            len,
+            _borrow: PhantomData,
+        })
+    }
+}
+
+/// Bytes of a view's data, wherever it lives.
+pub(crate) fn view_len(v: &dyn TensorView) -> usize {
+    match v.device() {
+        Some(d) => d.len(),
+        None => v.data().len(),
     }
 }
 
@@ -382,10 +463,7 @@ impl<'a> TrainingState<'a> {
 
     /// Bytes of tensor data.
     pub fn nbytes(&self) -> u64 {
-        self.tensors
-            .iter()
-            .map(|t| t.view.data().len() as u64)
-            .sum()
+        self.tensors.iter().map(|t| view_len(t.view) as u64).sum()
     }
 
     /// Checks every tensor: unique names, bytes match dtype × shape, shard
@@ -406,14 +484,14 @@ impl<'a> TrainingState<'a> {
             }
             let want = checked_nbytes(v.shape(), v.dtype())
                 .ok_or_else(|| Error::tensor(name, format!("shape {:?} overflows", v.shape())))?;
-            if want != v.data().len() as u64 {
+            let len = view_len(v);
+            if want != len as u64 {
                 return Err(Error::tensor(
                     name,
                     format!(
-                        "{} x {:?} needs {want} bytes but the view holds {}",
+                        "{} x {:?} needs {want} bytes but the view holds {len}",
                         v.dtype(),
                         v.shape(),
-                        v.data().len()
                     ),
                 ));
             }

@@ -1,6 +1,6 @@
 //! The checkpoint store on one tier: listing, loading manifests, deleting
 //! and garbage collection. Everything here follows the layout of
-//! [`layout`](crate::layout) and the commit rule: a step exists iff its
+//! [`layout`] and the commit rule: a step exists iff its
 //! `MANIFEST.json` exists and parses.
 
 use std::collections::{BTreeMap, BTreeSet};
