@@ -217,6 +217,57 @@ pub fn d2h(
     Ok(t.elapsed())
 }
 
+/// Cold read of a whole file with `O_DIRECT` (no page cache) by `threads`
+/// threads, each issuing `unit`-byte positioned reads into its own aligned
+/// buffer; `None` if the file system refuses `O_DIRECT`.
+pub fn raw_read_direct(path: &Path, threads: usize, unit: usize) -> Option<Duration> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    evict(path);
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()?;
+    let len = f.metadata().ok()?.len();
+    let next = AtomicU64::new(0);
+    // Buffers are allocated and faulted in before the clock starts.
+    let bufs: Vec<Scratch> = (0..threads.max(1))
+        .map(|_| scratch(unit))
+        .collect::<std::io::Result<_>>()
+        .ok()?;
+    let t = Instant::now();
+    let ok = std::thread::scope(|s| {
+        let workers: Vec<_> = bufs
+            .into_iter()
+            .map(|mut buf| {
+                let (f, next) = (&f, &next);
+                s.spawn(move || -> std::io::Result<()> {
+                    loop {
+                        let off = next.fetch_add(unit as u64, Ordering::Relaxed);
+                        if off >= len {
+                            return Ok(());
+                        }
+                        // Whole aligned units; the last one reads short at
+                        // the end of the file.
+                        let mut at = 0;
+                        while at < unit {
+                            match f.read_at(&mut buf[at..], off + at as u64)? {
+                                0 => break,
+                                n => at += n,
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .all(|w| w.join().is_ok_and(|r| r.is_ok()))
+    });
+    ok.then(|| t.elapsed())
+}
+
 /// Median of a sample.
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

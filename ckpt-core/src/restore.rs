@@ -24,9 +24,12 @@ use crate::state::{LoopState, TensorViewMut};
 use crate::store;
 use crate::tier::Tier;
 
-/// Bytes per parallel read of a large tensor (a multiple of any chunk size
-/// up to 64 MiB).
-const READ_UNIT: u64 = 64 << 20;
+/// Bytes per parallel read of a large tensor (rounded up to a multiple of
+/// the chunk size). Small enough that the reads in flight at any moment are
+/// neighbours in the file: together they form one forward sequential stream,
+/// which storage (and a virtual disk's host-side readahead) serves far better
+/// than several streams far apart.
+const READ_UNIT: u64 = 8 << 20;
 
 /// Options of a restore.
 #[derive(Debug, Clone, Default)]
@@ -415,12 +418,27 @@ pub fn read_targets(
         }
     }
 
-    // Largest first, so one big tensor does not finish last on one thread.
-    units.sort_by_key(|u| {
-        std::cmp::Reverse(match u {
-            Unit::Direct { buf, .. } | Unit::Scatter { buf, .. } => buf.len(),
-        })
+    // Direct reads in file order, so the reads in flight move forward
+    // through the file together; scattered (resharded) pieces after them.
+    // Reversed, because workers pop from the end.
+    units.sort_by(|a, b| match (a, b) {
+        (
+            Unit::Direct {
+                path: pa,
+                offset: oa,
+                ..
+            },
+            Unit::Direct {
+                path: pb,
+                offset: ob,
+                ..
+            },
+        ) => (pa, oa).cmp(&(pb, ob)),
+        (Unit::Direct { .. }, Unit::Scatter { .. }) => std::cmp::Ordering::Less,
+        (Unit::Scatter { .. }, Unit::Direct { .. }) => std::cmp::Ordering::Greater,
+        (Unit::Scatter { buf: x, .. }, Unit::Scatter { buf: y, .. }) => y.len().cmp(&x.len()),
     });
+    units.reverse();
     let queue = Mutex::new(units);
     let total = Mutex::new(0u64);
     let threads = threads.clamp(1, 64);

@@ -25,6 +25,7 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod direct_read;
 mod fault;
 mod local;
 
