@@ -102,16 +102,18 @@ fn compute(tensors: &mut [Vec<u8>], step: u64, passes: u32, threads: usize) {
     });
 }
 
-/// One run of the loop; returns (loop seconds, per-save blocking seconds).
+/// One run of the loop, its steps numbered from `first`; returns (loop
+/// seconds, per-save blocking seconds).
 fn run_once(
     a: &TrainArgs,
     mode: Mode,
     tensors: &mut [Vec<u8>],
     ckpt: &Checkpointer,
+    first: u64,
 ) -> Result<(f64, Vec<f64>), Box<dyn std::error::Error>> {
     let mut stops = Vec::new();
     let t = Instant::now();
-    for step in 1..=a.steps {
+    for step in first..first + a.steps {
         compute(tensors, step, a.passes, a.compute_threads);
         if !step.is_multiple_of(a.every) {
             continue;
@@ -187,16 +189,20 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut loops: Vec<Vec<f64>> = vec![Vec::new(); a.modes.len()];
     let mut stops: Vec<Vec<f64>> = vec![Vec::new(); a.modes.len()];
     // Interleave the modes so drift (page cache, thermal) hits them alike.
+    // Steps keep counting across runs, as a resumed job's would, so every
+    // save is a new step of the same run.
+    let mut first = 1;
     for _ in 0..iters {
         for (m, &mode) in a.modes.iter().enumerate() {
-            let (l, s) = run_once(a, mode, &mut tensors, &ckpt)?;
+            let (l, s) = run_once(a, mode, &mut tensors, &ckpt, first)?;
+            first += a.steps;
             if mode == Mode::Async {
                 // Drain before the next run so runs do not overlap, then
                 // check the last checkpoint is the state the loop ended with.
                 for r in ckpt.wait_all() {
                     r?;
                 }
-                verify(&ckpt, &tensors, a.steps)?;
+                verify(&ckpt, &tensors, first - 1)?;
             }
             loops[m].push(l);
             stops[m].extend(s);

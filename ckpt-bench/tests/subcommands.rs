@@ -104,6 +104,8 @@ fn staging_size_accounts_for_every_save() {
 
 #[test]
 fn train_reports_slowdowns_and_verifies_the_last_checkpoint() {
+    // Two runs per mode: the second run's saves are new steps of the same
+    // checkpoint run, and its last checkpoint is verified again.
     let dir = tempfile::tempdir().expect("tempdir");
     let rows = bench(
         &[
@@ -115,7 +117,7 @@ fn train_reports_slowdowns_and_verifies_the_last_checkpoint() {
             "--every",
             "3",
             "--iters",
-            "1",
+            "2",
         ],
         dir.path(),
     );
