@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use ckpt_core::{Checkpointer, TensorMut, TensorViewMut, TierPolicy, layout};
+use ckpt_core::{Checkpointer, TensorViewMut, TierPolicy, layout};
 use clap::Args;
 use serde_json::json;
 
@@ -68,14 +68,7 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
             floors::evict(&shard);
         }
-        let mut targets: Vec<TensorMut<'_>> = outs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, o)| {
-                let n = o.len() as u64 / 4;
-                TensorMut::new(format!("layer.{i}.w"), ckpt_core::DType::F32, &[n], o)
-            })
-            .collect();
+        let mut targets = synth::targets(&mut outs);
         let mut refs: Vec<&mut dyn TensorViewMut> = targets.iter_mut().map(|t| t as _).collect();
         let t = Instant::now();
         let got = ckpt.restore(&mut refs)?.ok_or("checkpoint vanished")?;

@@ -70,6 +70,33 @@ pub(crate) fn blocking_save(dir: &Path, tensors: &[Vec<u8>], step: u64) -> std::
     Ok(d)
 }
 
+/// The checkpointer under test (one local tier, a pool of the state's
+/// size, `--threads` copy threads) and its copy thread count; `configure`
+/// adds what a variant needs (a CUDA device).
+pub(crate) fn checkpointer(
+    a: &StageArgs,
+    run: &str,
+    bytes: u64,
+    configure: impl FnOnce(ckpt_core::CheckpointerBuilder) -> ckpt_core::CheckpointerBuilder,
+) -> Result<(Checkpointer, usize), Box<dyn std::error::Error>> {
+    let mut builder = Checkpointer::builder(run)
+        .tier(
+            Arc::new(LocalTier::new(&a.state.dir)?),
+            TierPolicy::keep_last(1),
+        )
+        .staging_capacity(bytes);
+    if let Some(t) = a.threads {
+        builder = builder.copy_threads(t);
+    }
+    let ckpt = configure(builder).build()?;
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(8))
+            .unwrap_or(2)
+    });
+    Ok((ckpt, threads))
+}
+
 /// Runs the benchmark.
 pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     if a.device == Device::Cuda {
@@ -83,21 +110,7 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     let bytes: u64 = tensors.iter().map(|t| t.len() as u64).sum();
     let views = synth::views(&tensors);
     let run = format!("bench-stage-{}", std::process::id());
-    let mut builder = Checkpointer::builder(run.clone())
-        .tier(
-            Arc::new(LocalTier::new(&a.state.dir)?),
-            TierPolicy::keep_last(1),
-        )
-        .staging_capacity(bytes);
-    if let Some(t) = a.threads {
-        builder = builder.copy_threads(t);
-    }
-    let ckpt = builder.build()?;
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get().min(8))
-            .unwrap_or(2)
-    });
+    let (ckpt, threads) = checkpointer(a, &run, bytes, |b| b)?;
 
     // Async saves first, so the peak RSS read right after covers exactly
     // the caller's state + the staging pool (+ runtime), not the floors'

@@ -4,12 +4,9 @@
 //! pageable device-to-host for reference, all in one run. The saved bytes
 //! are restored to host memory and compared with the source.
 
-use std::sync::Arc;
-
 use ckpt_core::cuda::{CudaDevice, DeviceBuffer, DeviceTensor};
 use ckpt_core::staging::PinnedBuffer;
-use ckpt_core::{Checkpointer, DType, TensorMut, TensorView, TensorViewMut, TierPolicy};
-use ckpt_io::LocalTier;
+use ckpt_core::{DType, TensorMut, TensorView, TensorViewMut};
 use serde_json::json;
 
 use crate::floors;
@@ -35,22 +32,7 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     let views: Vec<&dyn TensorView> = device_views.iter().map(|v| v as _).collect();
 
     let run = format!("bench-stage-gpu-{}", std::process::id());
-    let mut builder = Checkpointer::builder(run.clone())
-        .tier(
-            Arc::new(LocalTier::new(&a.state.dir)?),
-            TierPolicy::keep_last(1),
-        )
-        .staging_capacity(bytes)
-        .cuda(dev.clone());
-    if let Some(t) = a.threads {
-        builder = builder.copy_threads(t);
-    }
-    let ckpt = builder.build()?;
-    let threads = a.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get().min(8))
-            .unwrap_or(2)
-    });
+    let (ckpt, threads) = crate::stage::checkpointer(a, &run, bytes, |b| b.cuda(dev.clone()))?;
 
     // The first save is a warm-up (driver and page-table setup).
     let (mut asyncs, mut durables) = (vec![], vec![]);

@@ -86,6 +86,17 @@ pub fn views(tensors: &[Vec<u8>]) -> Vec<TensorRef<'_>> {
         .collect()
 }
 
+/// Restore targets over `outs`, named and shaped like [`views`].
+pub fn targets(outs: &mut [Vec<u8>]) -> Vec<ckpt_core::TensorMut<'_>> {
+    outs.iter_mut()
+        .enumerate()
+        .map(|(i, o)| {
+            let n = o.len() as u64 / 4;
+            ckpt_core::TensorMut::new(format!("layer.{i}.w"), ckpt_core::DType::F32, &[n], o)
+        })
+        .collect()
+}
+
 /// A training state over the views at `step`.
 pub fn state<'a>(views: &'a [TensorRef<'a>], step: u64) -> ckpt_core::Result<TrainingState<'a>> {
     let views: Vec<&dyn TensorView> = views.iter().map(|v| v as _).collect();

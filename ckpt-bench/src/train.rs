@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ckpt_core::{Checkpointer, TensorMut, TensorViewMut, TierPolicy};
+use ckpt_core::{Checkpointer, TensorViewMut, TierPolicy};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
@@ -136,14 +136,7 @@ fn run_once(
 /// Restores the newest checkpoint and checks it equals `tensors`.
 fn verify(ckpt: &Checkpointer, tensors: &[Vec<u8>], step: u64) -> Result<(), String> {
     let mut outs: Vec<Vec<u8>> = tensors.iter().map(|t| vec![0u8; t.len()]).collect();
-    let mut targets: Vec<TensorMut<'_>> = outs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, o)| {
-            let n = o.len() as u64 / 4;
-            TensorMut::new(format!("layer.{i}.w"), ckpt_core::DType::F32, &[n], o)
-        })
-        .collect();
+    let mut targets = synth::targets(&mut outs);
     let mut refs: Vec<&mut dyn TensorViewMut> = targets.iter_mut().map(|t| t as _).collect();
     let got = ckpt
         .restore(&mut refs)
