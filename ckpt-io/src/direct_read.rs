@@ -60,6 +60,11 @@ impl Bounce {
     }
 }
 
+/// Whether `e` says the file system does not do `O_DIRECT`.
+fn refused(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
+}
+
 /// Opens `path` for direct reads, if the file system allows it.
 pub(crate) fn open(path: &Path) -> io::Result<Option<File>> {
     match OpenOptions::new()
@@ -68,7 +73,7 @@ pub(crate) fn open(path: &Path) -> io::Result<Option<File>> {
         .open(path)
     {
         Ok(f) => Ok(Some(f)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) if refused(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -111,7 +116,7 @@ pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Res
         return match pread_full(file, buf, offset) {
             Ok(n) if n == buf.len() => Ok(true),
             Ok(_) => Err(eof(offset, buf.len())),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) if refused(&e) => Ok(false),
             Err(e) => Err(e),
         };
     }
@@ -130,7 +135,7 @@ pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Res
             let span = (skip + want).div_ceil(ALIGN) * ALIGN;
             let got = match pread_full(file, &mut bounce[..span], start) {
                 Ok(n) => n,
-                Err(e) if first && e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
+                Err(e) if first && refused(&e) => return Ok(false),
                 Err(e) => return Err(e),
             };
             if got < skip + want {
