@@ -178,6 +178,10 @@ export CKPT_TEST_S3_BUCKET=$BUCKET
 export AWS_ACCESS_KEY_ID=$ACCESS_KEY
 export AWS_SECRET_ACCESS_KEY=$SECRET_KEY
 export AWS_REGION=$REGION
+# What a user's own setup would set: object_store (and so ckpt's s3://
+# locations, the CLI and the examples) reads these.
+export AWS_ENDPOINT_URL=$endpoint
+export AWS_ALLOW_HTTP=true
 export CKPT_S3S_FS=$bin
 export CKPT_TEST_S3_PID=$SERVER_PID
 # s3s-fs honours If-None-Match but not atomically under concurrent writers;

@@ -48,31 +48,105 @@ pub use ckpt_io::{LocalTier, MemoryTier};
 #[cfg(feature = "s3")]
 pub use ckpt_io::{ObjectTier, ObjectTierConfig};
 
-/// Opens a storage location: a directory path (created if absent), or
-/// `s3://bucket/prefix` (with the `s3` feature; configured from `AWS_*`
-/// environment variables).
+/// Opens a storage location to save into: a directory path (created if
+/// absent), or `s3://bucket/prefix` (with the `s3` feature).
+///
+/// An `s3://` location is configured the way `object_store` configures
+/// S3 clients, from the environment: `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
+/// `AWS_ENDPOINT_URL` (MinIO, Garage, any S3-compatible server),
+/// `AWS_ALLOW_HTTP`, `AWS_TIMEOUT`... (see [`ObjectTier`]). Opening sends one
+/// list request: a missing bucket or refused credentials fail here, with an
+/// [`Error::Location`] naming the location and the cause. A server that
+/// cannot be reached right now is only a warning: saves go on without the
+/// tier and it takes part again once it answers (a failing tier never stops
+/// training).
 pub fn open_location(location: &str) -> Result<Arc<dyn Tier>> {
-    if let Some(rest) = location.strip_prefix("s3://") {
-        return open_s3(rest, location);
+    open(location, Access::Save)
+}
+
+/// Opens an existing storage location for reading and maintenance
+/// (`ckpt ls`, `inspect`, `verify`, `gc`, `export`): creates nothing, and
+/// fails with [`Error::Location`] naming the location if the directory
+/// does not exist, the bucket does not exist, the credentials are refused
+/// or the server cannot be reached.
+pub fn open_existing_location(location: &str) -> Result<Arc<dyn Tier>> {
+    open(location, Access::Read)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Save,
+    Read,
+}
+
+fn open(location: &str, access: Access) -> Result<Arc<dyn Tier>> {
+    if location.starts_with("s3://") || location.starts_with("s3a://") {
+        return open_s3(location, access);
     }
-    if location.contains("://") {
-        return Err(Error::Config(format!(
-            "unsupported location `{location}`: use a directory or s3://bucket/prefix"
-        )));
+    if let Some((scheme, _)) = location.split_once("://") {
+        return Err(Error::location(
+            location,
+            format!("unsupported scheme `{scheme}://`: use a directory or s3://bucket/prefix"),
+        ));
     }
-    Ok(Arc::new(LocalTier::new(location)?))
+    if location.is_empty() {
+        return Err(Error::location(location, "empty location"));
+    }
+    let tier = match access {
+        Access::Save => LocalTier::new(location),
+        Access::Read => LocalTier::open_existing(location),
+    };
+    match tier {
+        Ok(t) => Ok(Arc::new(t)),
+        Err(e @ Error::Location { .. }) => Err(e),
+        Err(e) => Err(Error::location(location, e.to_string())),
+    }
 }
 
 #[cfg(feature = "s3")]
-fn open_s3(_rest: &str, location: &str) -> Result<Arc<dyn Tier>> {
-    Err(Error::Config(format!(
-        "`{location}`: the object-store tier is not built into this binary yet"
-    )))
+fn open_s3(location: &str, access: Access) -> Result<Arc<dyn Tier>> {
+    use std::time::Duration;
+    let wrap = |e: Error| Error::location(location, e.to_string());
+    let tier = ObjectTier::from_url(location, ObjectTierConfig::default()).map_err(wrap)?;
+    // One list request on a throwaway client of its own (no retries, short
+    // timeouts), on a thread of its own, so this works from synchronous and
+    // asynchronous callers alike and the returned client never depends on
+    // a runtime that is gone.
+    let probe = ObjectTier::from_url(
+        location,
+        ObjectTierConfig::default()
+            .with_retry(ckpt_io::object::object_store::RetryConfig {
+                max_retries: 0,
+                ..ckpt_io::object::default_retry()
+            })
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_request_timeout(Duration::from_secs(10)),
+    )
+    .map_err(wrap)?;
+    let checked = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("<tokio runtime>", e))?
+            .block_on(probe.check())
+    })
+    .join()
+    .unwrap_or_else(|_| Err(Error::InvalidState("the S3 probe thread panicked".into())));
+    match checked {
+        Ok(()) => Ok(Arc::new(tier)),
+        Err(e) if access == Access::Save && e.is_retryable() => {
+            tracing::warn!(location, error = %e, "S3 server not reachable now; saves go on without it until it answers");
+            Ok(Arc::new(tier))
+        }
+        Err(e) => Err(wrap(e)),
+    }
 }
 
 #[cfg(not(feature = "s3"))]
-fn open_s3(_rest: &str, location: &str) -> Result<Arc<dyn Tier>> {
-    Err(Error::Config(format!(
-        "`{location}`: this build of ckpt has no S3 support (enable the `s3` feature)"
-    )))
+fn open_s3(location: &str, _access: Access) -> Result<Arc<dyn Tier>> {
+    Err(Error::location(
+        location,
+        "this build of ckpt has no S3 support (enable the `s3` feature)",
+    ))
 }

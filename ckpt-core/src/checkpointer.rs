@@ -10,10 +10,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::flush::{self, SaveCtx, StageMsg, TensorCtx, TierJob};
+use crate::health::{Health, ProbeBackoff, TierStatus};
 use crate::layout;
 use crate::policy::{BusyPolicy, TierPolicy};
 use crate::restore::{self, RestoreOptions, Restored};
-use crate::save_handle::{SaveHandle, SaveReport, Shared};
+use crate::save_handle::{SaveHandle, SaveReport, Shared, TierReport};
 use crate::schedule::{FailureEvent, Policy, Scheduler, SchedulerConfig};
 use crate::shard_file;
 use crate::stage::{self, DeviceCopy, Source};
@@ -62,6 +63,14 @@ struct TierSlot {
     tier: Arc<dyn Tier>,
     policy: TierPolicy,
     previous: Mutex<Option<oneshot::Receiver<()>>>,
+    health: Arc<Health>,
+}
+
+/// One tier's part of a save: a flush task, or a report made up front for
+/// a tier that is down.
+enum TierRun {
+    Flush(tokio::task::JoinHandle<TierReport>, Arc<Health>),
+    Unavailable(TierReport),
 }
 
 /// Builds a [`Checkpointer`].
@@ -95,6 +104,7 @@ pub struct CheckpointerBuilder {
     block_timeout: Duration,
     runtime: Option<tokio::runtime::Handle>,
     schedule: Option<SchedulerConfig>,
+    probe: ProbeBackoff,
     #[cfg(feature = "cuda")]
     cuda: Option<Arc<crate::cuda::CudaDevice>>,
     #[cfg(feature = "cuda")]
@@ -248,6 +258,15 @@ impl CheckpointerBuilder {
         self
     }
 
+    /// How a tier that failed with a transient error (server down,
+    /// timeouts) is probed until it answers again; meanwhile saves leave it
+    /// out and report [`Error::Unavailable`] for it. Default: from 250 ms,
+    /// doubling up to 4 s, each probe bounded to 10 s.
+    pub fn probe_backoff(mut self, backoff: ProbeBackoff) -> Self {
+        self.probe = backoff;
+        self
+    }
+
     /// Runs the background flush on an existing runtime instead of a
     /// private one.
     pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
@@ -344,8 +363,10 @@ impl CheckpointerBuilder {
         });
         let scheduler =
             Scheduler::new(schedule).map_err(|e| Error::Config(format!("schedule: {e}")))?;
+        let run = self.run;
+        let probe = self.probe;
         Ok(Checkpointer {
-            run: self.run,
+            run: run.clone(),
             rank: self.rank,
             world_size: self.world_size,
             incarnation,
@@ -353,6 +374,7 @@ impl CheckpointerBuilder {
                 .tiers
                 .into_iter()
                 .map(|(tier, policy)| TierSlot {
+                    health: Health::new(tier.clone(), &run, probe),
                     tier,
                     policy,
                     previous: Mutex::new(None),
@@ -463,6 +485,7 @@ impl Checkpointer {
             block_timeout: Duration::from_secs(3600),
             runtime: None,
             schedule: None,
+            probe: ProbeBackoff::default(),
             #[cfg(feature = "cuda")]
             cuda: None,
             #[cfg(feature = "cuda")]
@@ -488,6 +511,13 @@ impl Checkpointer {
     /// The tiers' locations, in priority order.
     pub fn tier_locations(&self) -> Vec<String> {
         self.tiers.iter().map(|t| t.tier.location()).collect()
+    }
+
+    /// Whether each tier takes part in saves now (a tier whose save failed
+    /// with a transient error is left out until a background probe gets an
+    /// answer), in priority order.
+    pub fn tier_status(&self) -> Vec<TierStatus> {
+        self.tiers.iter().map(|t| t.health.status()).collect()
     }
 
     /// The tiers, in priority order.
@@ -675,12 +705,25 @@ impl Checkpointer {
                 _ => 1,
             }
         };
-        // Start one flush task per tier that takes this save.
+        // Start one flush task per tier that takes this save; a tier that is
+        // down gets its report right away.
         let (manifest_tx, manifest_rx) = watch::channel(None);
         let mut outs = Vec::new();
-        let mut tasks = Vec::new();
+        let mut runs = Vec::new();
         for slot in &self.tiers {
             if !index.is_multiple_of(slot.policy.every) {
+                continue;
+            }
+            if let Some(e) = slot.health.unavailable() {
+                tracing::debug!(step, tier = %slot.tier.location(), "tier left out of the save: unavailable");
+                runs.push(TierRun::Unavailable(TierReport {
+                    tier: slot.tier.location(),
+                    flush: Duration::ZERO,
+                    commit: Duration::ZERO,
+                    retention: Duration::ZERO,
+                    committed: false,
+                    error: Some(e),
+                }));
                 continue;
             }
             let (tx, rx) = mpsc::unbounded_channel();
@@ -703,7 +746,29 @@ impl Checkpointer {
                 previous,
                 done: done_tx,
             };
-            tasks.push(handle.spawn(flush::flush_tier(ctx.clone(), job)));
+            runs.push(TierRun::Flush(
+                handle.spawn(flush::flush_tier(ctx.clone(), job)),
+                slot.health.clone(),
+            ));
+        }
+        if outs.is_empty() && !runs.is_empty() {
+            // Every tier this save goes to is down: nothing to copy for.
+            report.math_stop = t0.elapsed();
+            drop(saves);
+            let reports = runs
+                .into_iter()
+                .filter_map(|r| match r {
+                    TierRun::Unavailable(r) => Some(r),
+                    TierRun::Flush(..) => None,
+                })
+                .collect();
+            tracing::warn!(
+                step,
+                "save not staged: every tier it goes to is unavailable"
+            );
+            let shared = Shared::new(report);
+            shared.finish(reports, t0.elapsed());
+            return Ok(SaveHandle { shared });
         }
         let (stage_tx, stage_rx) = std_mpsc::channel::<StageMsg>();
         {
@@ -735,7 +800,7 @@ impl Checkpointer {
                 let _ = stage_tx.send(StageMsg::Done(s.crcs));
             }
             Err(e) => {
-                let _ = stage_tx.send(StageMsg::Failed(e.to_string()));
+                let _ = stage_tx.send(StageMsg::Failed(e.clone()));
                 drop(stage_tx);
                 return Err(e);
             }
@@ -749,18 +814,22 @@ impl Checkpointer {
         let finisher = shared.clone();
         let scheduler = self.scheduler.clone();
         handle.spawn(async move {
-            let mut reports = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                match t.await {
-                    Ok(r) => reports.push(r),
-                    Err(e) => reports.push(crate::save_handle::TierReport {
-                        tier: "?".into(),
-                        flush: Duration::ZERO,
-                        commit: Duration::ZERO,
-                        retention: Duration::ZERO,
-                        committed: false,
-                        error: Some(format!("flush task failed: {e}")),
-                    }),
+            let mut reports = Vec::with_capacity(runs.len());
+            for run in runs {
+                match run {
+                    TierRun::Unavailable(r) => reports.push(r),
+                    TierRun::Flush(task, health) => {
+                        let r = task.await.unwrap_or_else(|e| TierReport {
+                            tier: "?".into(),
+                            flush: Duration::ZERO,
+                            commit: Duration::ZERO,
+                            retention: Duration::ZERO,
+                            committed: false,
+                            error: Some(Error::InvalidState(format!("flush task failed: {e}"))),
+                        });
+                        health.record(r.error.as_ref());
+                        reports.push(r);
+                    }
                 }
             }
             if reports.iter().any(|r| r.committed) {
@@ -954,18 +1023,23 @@ impl Checkpointer {
                 tracing::warn!("cannot record the clean stop in the failure log");
             }
         }
+        self.shutdown();
+        reports
+    }
+
+    fn shutdown(&mut self) {
+        for t in &self.tiers {
+            t.health.stop();
+        }
         if let Some(Runtime::Owned(rt)) = self.runtime.take() {
             rt.shutdown_background();
         }
-        reports
     }
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
         let _ = self.wait_all();
-        if let Some(Runtime::Owned(rt)) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        self.shutdown();
     }
 }

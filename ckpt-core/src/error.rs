@@ -1,16 +1,39 @@
 //! The one error type of ckpt-core, with semantic kinds.
 //!
 //! Every variant names the thing that went wrong (path, tensor, rank, step,
-//! chunk) so a log line is enough to act on it. Backends map their private
-//! errors into [`Error::Backend`] and say whether retrying can help.
+//! chunk, tier) so a log line is enough to act on it. Backends map their
+//! private errors into [`Error::Backend`] (keeping the original as its
+//! source) and say whether retrying can help. Errors are `Clone` (sources
+//! behind `Arc`) so they cross threads and tasks as values, never as text.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Result alias used across ckpt.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The source of a backend error, shared.
+pub type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One tier's reason for not committing a save; see
+/// [`Error::NotCommitted`].
+#[derive(Debug, Clone)]
+pub struct TierFailure {
+    /// The tier's location.
+    pub tier: String,
+    /// Why it did not commit.
+    pub error: Error,
+}
+
+impl std::fmt::Display for TierFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.tier, self.error)
+    }
+}
+
 /// Everything that can go wrong while saving, committing or restoring.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// An object or checkpoint that was expected is absent.
@@ -53,8 +76,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// A manifest or shard header that cannot be trusted: garbage JSON,
-    /// impossible sizes, offsets past the end of the file.
+    /// A manifest or shard header that cannot be trusted: a checksum that
+    /// does not match its bytes, garbage JSON, impossible sizes, offsets
+    /// past the end of the file.
     #[error("invalid manifest {path}: {reason}")]
     InvalidManifest {
         /// The manifest's path.
@@ -63,8 +87,9 @@ pub enum Error {
         reason: String,
     },
 
-    /// The caller's buffers do not match the checkpoint (wrong shape, dtype,
-    /// missing tensor). Not a storage fault: restore does not fall back.
+    /// The caller's buffers do not match a verified checkpoint (wrong
+    /// shape, dtype, missing tensor). Not a storage fault: restore does not
+    /// fall back.
     #[error("tensor `{tensor}`: {reason}")]
     TensorMismatch {
         /// Tensor name.
@@ -73,14 +98,15 @@ pub enum Error {
         reason: String,
     },
 
-    /// A local file-system operation failed.
-    #[error("i/o error on {}: {source}", path.display())]
+    /// A local file-system operation failed. A full disk reads
+    /// `disk full` and names the file ([`Error::is_storage_full`]).
+    #[error("{}", io_message(path, source))]
     Io {
         /// File or directory concerned.
         path: PathBuf,
         /// The operating system's error.
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 
     /// A storage backend (object store, peer) failed.
@@ -92,6 +118,40 @@ pub enum Error {
         retryable: bool,
         /// Human-readable description, naming the object where known.
         message: String,
+        /// The backend's own error, if any.
+        #[source]
+        source: Option<Source>,
+    },
+
+    /// A tier was left out of a save because it failed recently and has
+    /// not answered a health probe since; it is probed in the background
+    /// with bounded backoff and takes part again as soon as it answers.
+    #[error("tier {tier} is unavailable (probing every {probe:?}): {cause}")]
+    Unavailable {
+        /// The tier's location.
+        tier: String,
+        /// Current interval between health probes.
+        probe: Duration,
+        /// The failure that took it out.
+        cause: Box<Error>,
+    },
+
+    /// A save was committed on no tier. Each tier's reason is given.
+    #[error("step {step} was not committed on any tier: {}", join(failures))]
+    NotCommitted {
+        /// The step.
+        step: u64,
+        /// Per tier, why not.
+        failures: Vec<TierFailure>,
+    },
+
+    /// A storage location (directory, `s3://` URL) cannot be opened.
+    #[error("`{location}`: {reason}")]
+    Location {
+        /// The location as given.
+        location: String,
+        /// Why it cannot be used.
+        reason: String,
     },
 
     /// The checkpointer is in a state where the call cannot run
@@ -110,12 +170,31 @@ pub enum Error {
     Cuda(String),
 }
 
+fn io_message(path: &std::path::Path, source: &std::io::Error) -> String {
+    if source.kind() == std::io::ErrorKind::StorageFull {
+        format!("disk full: no space left writing {}", path.display())
+    } else {
+        format!("i/o error on {}: {source}", path.display())
+    }
+}
+
+fn join(failures: &[TierFailure]) -> String {
+    if failures.is_empty() {
+        return "no tier took this save".into();
+    }
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 impl Error {
     /// Builds an [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            source: Arc::new(source),
         }
     }
 
@@ -135,14 +214,44 @@ impl Error {
         }
     }
 
+    /// Builds an [`Error::Backend`] without a source.
+    pub fn backend(tier: impl Into<String>, retryable: bool, message: impl Into<String>) -> Self {
+        Error::Backend {
+            tier: tier.into(),
+            retryable,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Builds an [`Error::Location`].
+    pub fn location(location: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Location {
+            location: location.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// Whether retrying the operation may succeed (transient network or
     /// server errors). Corruption and bad input are never retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Backend { retryable, .. } => *retryable,
+            Error::Unavailable { .. } => true,
             Error::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether a local disk (or quota) is full.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
             ),
             _ => false,
         }
@@ -159,7 +268,19 @@ impl Error {
                 | Error::Incomplete { .. }
                 | Error::InvalidManifest { .. }
                 | Error::Backend { .. }
+                | Error::Unavailable { .. }
                 | Error::Io { .. }
         )
+    }
+}
+
+/// Serializes an optional error as its message or `null`.
+pub(crate) fn serialize_opt_error<S: serde::Serializer>(
+    e: &Option<Error>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match e {
+        Some(e) => s.serialize_str(&e.to_string()),
+        None => s.serialize_none(),
     }
 }

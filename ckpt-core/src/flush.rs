@@ -96,10 +96,10 @@ impl SaveCtx {
 pub(crate) enum StageMsg {
     Block(usize, Bytes),
     Done(Vec<Vec<u32>>),
-    Failed(String),
+    Failed(Error),
 }
 
-pub(crate) type ManifestCell = Option<std::result::Result<Arc<RankManifest>, String>>;
+pub(crate) type ManifestCell = Option<Result<Arc<RankManifest>>>;
 
 /// Runs on its own thread: reorders staged blocks, emits the shard file's
 /// bytes in order to every tier, checksums zero-copy tensors, and finally
@@ -114,7 +114,7 @@ pub(crate) fn dispatch(
     drop(outs);
     let cell = match result {
         Ok(m) => Ok(Arc::new(m)),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     };
     let _ = manifest_tx.send(Some(cell));
 }
@@ -138,7 +138,7 @@ impl Reorder<'_> {
                 self.crcs = Some(crcs);
                 Ok(())
             }
-            Ok(StageMsg::Failed(why)) => Err(Error::InvalidState(format!("staging failed: {why}"))),
+            Ok(StageMsg::Failed(e)) => Err(e),
             Err(_) => Err(Error::InvalidState(
                 "staging ended without finishing".into(),
             )),
@@ -300,7 +300,7 @@ pub(crate) async fn flush_tier(ctx: Arc<SaveCtx>, mut job: TierJob) -> TierRepor
         commit: durable.saturating_sub(flush),
         retention: total.saturating_sub(durable),
         committed: result.is_ok(),
-        error: result.err().map(|e| e.to_string()),
+        error: result.err(),
     };
     match &report.error {
         None => {
@@ -321,7 +321,7 @@ async fn wait_manifest(rx: &mut watch::Receiver<ManifestCell>) -> Result<Arc<Ran
         .clone();
     match cell {
         Some(Ok(m)) => Ok(m),
-        Some(Err(e)) => Err(Error::InvalidState(e)),
+        Some(Err(e)) => Err(e),
         None => Err(Error::InvalidState("save was abandoned".into())),
     }
 }

@@ -70,6 +70,7 @@ mod dtype;
 mod error;
 pub mod failure_events;
 mod flush;
+mod health;
 pub mod layout;
 pub mod manifest;
 mod memory;
@@ -90,7 +91,8 @@ pub mod verify;
 
 pub use checkpointer::{Checkpointer, CheckpointerBuilder};
 pub use dtype::DType;
-pub use error::{Error, Result};
+pub use error::{Error, Result, Source as ErrorSource, TierFailure};
+pub use health::{ProbeBackoff, TierStatus};
 pub use manifest::{Manifest, RankManifest};
 pub use memory::MemoryTier;
 pub use policy::{BusyPolicy, TierPolicy};

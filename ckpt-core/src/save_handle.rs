@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TierFailure};
 
 /// Outcome of one save on one tier.
 #[derive(Debug, Clone, Serialize)]
@@ -24,8 +24,11 @@ pub struct TierReport {
     /// Whether this rank's data and the step's commit marker are durable on
     /// the tier. For a rank other than the coordinator: its own piece.
     pub committed: bool,
-    /// Why not, if not.
-    pub error: Option<String>,
+    /// Why not, if not: a typed error naming the tier and the step's
+    /// object ([`Error::Unavailable`] if the tier was left out because it
+    /// is down).
+    #[serde(serialize_with = "crate::error::serialize_opt_error")]
+    pub error: Option<Error>,
 }
 
 /// The full account of one save.
@@ -114,25 +117,19 @@ fn outcome(report: SaveReport) -> Result<SaveReport> {
     if report.skipped || report.tiers.is_empty() || report.is_durable() {
         return Ok(report);
     }
-    let why: Vec<String> = report
+    let failures = report
         .tiers
         .iter()
-        .map(|t| {
-            format!(
-                "{}: {}",
-                t.tier,
-                t.error.as_deref().unwrap_or("not committed")
-            )
+        .map(|t| TierFailure {
+            tier: t.tier.clone(),
+            error: t.error.clone().unwrap_or_else(|| {
+                Error::InvalidState(format!("step {} not committed", report.step))
+            }),
         })
         .collect();
-    Err(Error::Backend {
-        tier: "all".into(),
-        retryable: true,
-        message: format!(
-            "step {} was not committed on any tier: {}",
-            report.step,
-            why.join("; ")
-        ),
+    Err(Error::NotCommitted {
+        step: report.step,
+        failures,
     })
 }
 

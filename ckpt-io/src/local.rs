@@ -82,14 +82,38 @@ impl LocalTier {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+        Self::open(root, true)
+    }
+
+    /// A tier on the existing directory `root`, for reading and maintenance
+    /// (`ckpt ls`, `verify`, `gc`...): creates nothing, and fails with
+    /// [`Error::Location`] if `root` is absent or not a directory, so a
+    /// mistyped path never looks like an empty store.
+    pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => Self::open(root, false),
+            Ok(_) => Err(Error::location(
+                root.display().to_string(),
+                "not a directory",
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::location(
+                root.display().to_string(),
+                "no such directory",
+            )),
+            Err(e) => Err(Error::io(&root, e)),
+        }
+    }
+
+    fn open(root: PathBuf, writable: bool) -> Result<Self> {
         let meta = fs::metadata(&root).map_err(|e| Error::io(&root, e))?;
         if !meta.is_dir() {
-            return Err(Error::Config(format!(
-                "{} is not a directory",
-                root.display()
-            )));
+            return Err(Error::location(
+                root.display().to_string(),
+                "not a directory",
+            ));
         }
-        if meta.permissions().readonly() {
+        if writable && meta.permissions().readonly() {
             return Err(Error::io(
                 &root,
                 io::Error::from(io::ErrorKind::PermissionDenied),
@@ -216,9 +240,10 @@ impl TierWriter for LocalWriter {
             let mut file = self.file.take().ok_or_else(|| {
                 Error::InvalidState(format!("write after failure on {}", self.temp.display()))
             })?;
-            let temp = self.temp.clone();
+            // Named by its final path: that is the file the user knows.
+            let path = self.path.clone();
             let file = blocking(move || {
-                file.write_all(&data).map_err(|e| Error::io(&temp, e))?;
+                file.write_all(&data).map_err(|e| Error::io(&path, e))?;
                 Ok(file)
             })
             .await?;

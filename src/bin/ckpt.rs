@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use ckpt::{
-    DType, Error, Manifest, Result, Retention, TensorMut, Tier, layout, open_location, store,
-    verify,
+    DType, Error, Manifest, Result, Retention, TensorMut, Tier, layout, open_existing_location,
+    store, verify,
 };
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -191,7 +191,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             run,
             json,
         } => {
-            let tier = open_location(&location)?;
+            let tier = open_existing_location(&location)?;
             rt.block_on(async {
                 let runs = match run {
                     Some(r) => vec![r],
@@ -222,7 +222,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             step,
             json,
         } => {
-            let tier = open_location(&location)?;
+            let tier = open_existing_location(&location)?;
             rt.block_on(async {
                 let run = pick_run(tier.as_ref(), run).await?;
                 let step = pick_step(tier.as_ref(), &run, step).await?;
@@ -242,7 +242,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             all,
             json,
         } => {
-            let tier = open_location(&location)?;
+            let tier = open_existing_location(&location)?;
             rt.block_on(async {
                 let run = pick_run(tier.as_ref(), run).await?;
                 let steps = if all {
@@ -284,7 +284,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             keep_every,
             dry_run,
         } => {
-            let tier = open_location(&location)?;
+            let tier = open_existing_location(&location)?;
             let mut retention = Retention::keep_last(keep_last);
             if let Some(k) = keep_every {
                 retention = retention.with_keep_every(k);
@@ -311,7 +311,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             step,
             out,
         } => {
-            let tier = open_location(&location)?;
+            let tier = open_existing_location(&location)?;
             export(rt, tier, run, step, &out)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -105,6 +105,7 @@ use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore, RetryConfig};
 
+use ckpt_core::ErrorSource as Source;
 use ckpt_core::{Capabilities, Error, ObjectMeta, PutMode, Result, Tier, TierWriter};
 
 pub use object_store;
@@ -191,7 +192,10 @@ impl ObjectTierConfig {
     }
 
     /// Retries and backoff of every request (`object_store`'s
-    /// [`RetryConfig`]; its default is 10 retries within 3 minutes). Used by
+    /// [`RetryConfig`]). Default: [`default_retry`], a few quick retries
+    /// bounded to 20 s in all, so a dead server fails a save in seconds
+    /// (and the checkpointer takes the tier out and probes it) instead of
+    /// holding staging memory for `object_store`'s 3 minutes. Used by
     /// [`ObjectTier::from_url`]; a store given to [`ObjectTier::with_config`]
     /// keeps its own.
     pub fn with_retry(mut self, retry: RetryConfig) -> Self {
@@ -384,9 +388,7 @@ impl ObjectTier {
         if let Some(v) = config.virtual_hosted_style {
             b = b.with_virtual_hosted_style_request(v);
         }
-        if let Some(r) = &config.retry {
-            b = b.with_retry(r.clone());
-        }
+        b = b.with_retry(config.retry.clone().unwrap_or_else(default_retry));
         if let Some(t) = config.request_timeout {
             b = b.with_config(
                 AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
@@ -490,6 +492,23 @@ impl ObjectTier {
     }
 }
 
+/// The retry policy of [`ObjectTier::from_url`] unless
+/// [`ObjectTierConfig::with_retry`] says otherwise: 3 retries, backoff from
+/// 100 ms up to 2 s, nothing retried more than 20 s after the first try.
+/// Together with the request timeout (`AWS_TIMEOUT`, default 30 s) this
+/// bounds how long one request can take.
+pub fn default_retry() -> RetryConfig {
+    RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(20),
+    }
+}
+
 fn is_loopback_http(endpoint: &str) -> bool {
     let Some(rest) = endpoint.strip_prefix("http://") else {
         return false;
@@ -585,26 +604,33 @@ impl Inner {
     }
 
     fn backend(&self, retryable: bool, message: String) -> Error {
-        Error::Backend {
-            tier: self.location.clone(),
-            retryable,
-            message,
-        }
+        Error::backend(self.location.clone(), retryable, message)
     }
 
     /// Maps an `object_store` error of `op` on `path` to ckpt's error kinds.
+    /// The classification reads the typed error and the HTTP status of the
+    /// response, never the object path: a key that happens to contain
+    /// `NoSuchBucket` is not a missing bucket.
     fn error(&self, op: Op, path: &str, e: object_store::Error) -> Error {
         use object_store::Error as E;
         let status = http_status(&e);
         let text = chain_text(&e);
+        let code = s3_error_code(&text);
         let target = &self.target;
         let what = if path.is_empty() {
             format!("{op} at the tier root")
         } else {
             format!("{op} `{path}`")
         };
-        let fail = |retryable: bool, summary: String| {
-            self.backend(retryable, format!("{summary} ({target}; {what}): {text}"))
+        let source: Source = Arc::new(e);
+        let e: &object_store::Error = source
+            .downcast_ref()
+            .expect("the source was built from this object_store error one line up");
+        let fail = |retryable: bool, summary: String| Error::Backend {
+            tier: self.location.clone(),
+            retryable,
+            message: format!("{summary} ({target}; {what}): {text}"),
+            source: Some(source.clone()),
         };
         let bucket_missing = || match target {
             Target::Known { bucket, .. } => {
@@ -622,7 +648,7 @@ impl Inner {
                 ),
             )
         };
-        if text.contains("NoSuchBucket") {
+        if code.as_deref() == Some("NoSuchBucket") {
             return bucket_missing();
         }
         match e {
@@ -654,7 +680,7 @@ impl Inner {
                     fail(true, format!("the server failed the request (HTTP {s})"))
                 }
                 Some(s) => fail(false, format!("the server refused the request (HTTP {s})")),
-                None if is_transport(&e) => fail(true, "cannot reach the server".into()),
+                None if is_transport(e) => fail(true, "cannot reach the server".into()),
                 None => fail(false, "request failed".into()),
             },
         }
@@ -709,6 +735,14 @@ fn chain_text(e: &(dyn StdError + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+/// The S3 error code of a failed response (`<Code>NoSuchBucket</Code>`),
+/// read from the response body that `object_store` quotes in its message.
+fn s3_error_code(text: &str) -> Option<String> {
+    let start = text.find("<Code>")? + "<Code>".len();
+    let len = text[start..].find("</Code>")?;
+    Some(text[start..start + len].to_string())
 }
 
 /// The HTTP status of a failed response somewhere in the chain, read from

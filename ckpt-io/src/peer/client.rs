@@ -641,6 +641,7 @@ impl PeerTier {
                     "{op} `{path}`: no peer server reachable ({})",
                     m.unreachable.join("; ")
                 ),
+                source: None,
             }
         }
     }
@@ -741,11 +742,13 @@ fn map_fail(addr: SocketAddr, op: &str, path: &str, fail: Fail) -> Error {
             tier,
             retryable: true,
             message: format!("{op} `{path}`: peer server {addr} unreachable: {why}"),
+            source: None,
         },
         Fail::Broken(why) => Error::Backend {
             tier,
             retryable: false,
             message: format!("{op} `{path}`: peer server {addr} broke the protocol: {why}"),
+            source: None,
         },
         Fail::Refused { kind, message } => match kind {
             ErrorKind::NotFound => Error::NotFound {
@@ -765,16 +768,19 @@ fn map_fail(addr: SocketAddr, op: &str, path: &str, fail: Fail) -> Error {
                     "{op} `{path}`: peer server {addr} rejected authentication \
                      (is the shared secret the same on every rank?): {message}"
                 ),
+                source: None,
             },
             ErrorKind::Budget => Error::Backend {
                 tier,
                 retryable: false,
                 message: format!("{op} `{path}`: peer server {addr} refused: {message}"),
+                source: None,
             },
             ErrorKind::Protocol | ErrorKind::InvalidPath | ErrorKind::Internal => Error::Backend {
                 tier,
                 retryable: false,
                 message: format!("{op} `{path}`: peer server {addr} failed ({kind:?}): {message}"),
+                source: None,
             },
         },
     }
@@ -816,6 +822,7 @@ impl PeerWriter {
                 tier: format!("peer://{}", self.addr),
                 retryable: false,
                 message: format!("write `{}` failed earlier: {why}", self.path),
+                source: None,
             }),
             None => Ok(()),
         }
@@ -1160,5 +1167,6 @@ fn unexpected(tier: &PeerTier, path: &str, reply: &Reply) -> Error {
         tier: tier.inner.location.clone(),
         retryable: false,
         message: format!("unexpected {what} reply for `{path}`"),
+        source: None,
     }
 }

@@ -254,6 +254,7 @@ impl PeerServer {
             tier: format!("peer://{}", config.bind),
             retryable: false,
             message: format!("cannot listen on {}: {e}", config.bind),
+            source: None,
         };
         let std_listener = std::net::TcpListener::bind(config.bind).map_err(bind_err)?;
         std_listener.set_nonblocking(true).map_err(bind_err)?;
