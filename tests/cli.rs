@@ -213,5 +213,5 @@ fn bad_locations_and_missing_steps_are_clear_errors() {
     );
     let out = run(Command::new(ckpt_bin()).arg("ls").arg("ftp://nowhere"));
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported location"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported scheme `ftp://`"));
 }

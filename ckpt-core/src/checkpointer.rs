@@ -261,7 +261,8 @@ impl CheckpointerBuilder {
     /// How a tier that failed with a transient error (server down,
     /// timeouts) is probed until it answers again; meanwhile saves leave it
     /// out and report [`Error::Unavailable`] for it. Default: from 250 ms,
-    /// doubling up to 4 s, each probe bounded to 10 s.
+    /// doubling up to 2 s, each probe bounded to 10 s: a tier that comes back
+    /// takes part in the first save that starts once a probe saw it answer.
     pub fn probe_backoff(mut self, backoff: ProbeBackoff) -> Self {
         self.probe = backoff;
         self

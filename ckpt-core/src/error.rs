@@ -66,6 +66,20 @@ pub enum Error {
         found: u32,
     },
 
+    /// A shard file's header (its safetensors JSON and padding) does not
+    /// match the crc32c the manifest recorded for it.
+    #[error(
+        "corrupt safetensors header of {path}: expected crc32c {expected:#010x}, found {found:#010x}"
+    )]
+    CorruptHeader {
+        /// The shard file.
+        path: String,
+        /// Checksum recorded at save time.
+        expected: u32,
+        /// Checksum of the bytes read back.
+        found: u32,
+    },
+
     /// A checkpoint is present but not whole: a file is shorter than the
     /// manifest says, a rank's piece is missing, or it was never committed.
     #[error("incomplete checkpoint: {path}: {reason}")]
@@ -265,6 +279,7 @@ impl Error {
             self,
             Error::NotFound { .. }
                 | Error::Corrupt { .. }
+                | Error::CorruptHeader { .. }
                 | Error::Incomplete { .. }
                 | Error::InvalidManifest { .. }
                 | Error::Backend { .. }

@@ -27,7 +27,9 @@ use crate::checksum;
 use crate::dtype;
 use crate::error::{Error, Result};
 use crate::layout;
-use crate::manifest::{FORMAT_VERSION, Manifest, Piece, RankManifest, RankTensor, library_version};
+use crate::manifest::{
+    FORMAT_VERSION, HeaderSum, Manifest, Piece, RankManifest, RankTensor, library_version,
+};
 use crate::policy::TierPolicy;
 use crate::save_handle::TierReport;
 use crate::state::{LoopState, TensorRole};
@@ -265,6 +267,10 @@ fn dispatch_inner(
         created_unix_ms: ctx.created_unix_ms,
         file,
         file_len: ctx.file_len,
+        header: Some(HeaderSum {
+            len: ctx.header.len() as u64,
+            crc32c: crc32c::crc32c(&ctx.header),
+        }),
         loop_state: ctx.loop_state.clone(),
         tensors,
     })
@@ -381,7 +387,7 @@ async fn run_tier(
     *flush = start.elapsed();
     tier.put(
         &own_manifest,
-        Bytes::from(rank_manifest.to_json()),
+        Bytes::from(rank_manifest.to_json()?),
         PutMode::Overwrite,
     )
     .await?;
@@ -389,7 +395,7 @@ async fn run_tier(
         let manifest = gather(tier, ctx, &rank_manifest).await?;
         tier.put(
             &manifest_path,
-            Bytes::from(manifest.to_json()),
+            Bytes::from(manifest.to_json()?),
             PutMode::Create,
         )
         .await?;

@@ -27,7 +27,7 @@ impl Default for ProbeBackoff {
     fn default() -> Self {
         Self {
             initial: Duration::from_millis(250),
-            max: Duration::from_secs(4),
+            max: Duration::from_secs(2),
             timeout: Duration::from_secs(10),
         }
     }

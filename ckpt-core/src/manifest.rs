@@ -5,6 +5,15 @@
 //! marker). Parsing treats both as untrusted input: sizes are capped,
 //! arithmetic is checked, every piece is validated against its file's
 //! length and the pieces of each tensor must tile it exactly once.
+//!
+//! Both carry a checksum of their own bytes (format 2): the document is
+//! pretty-printed JSON whose last member is `"manifest_crc32c"`, the
+//! crc32c of every byte before the `,` that introduces it. It is checked
+//! before the JSON is parsed, so a flipped byte anywhere in a manifest is a
+//! data fault ([`Error::InvalidManifest`]: restore falls back), never a
+//! wrong tensor name or shape that looks like the caller's mistake. The
+//! shard files' headers are covered by `header_crc32c` in the manifests.
+//! Format 1 manifests (no checksums) are still read.
 
 use std::collections::BTreeMap;
 
@@ -17,8 +26,13 @@ use crate::layout;
 use crate::spec::{MAX_DIMS, ShardSpec, checked_nbytes, checked_numel};
 use crate::state::{LoopState, TensorRole};
 
-/// Version of the manifest format this library writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the manifest format this library writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest manifest format this library reads (1: no manifest or header
+/// checksums).
+pub const OLDEST_FORMAT: u32 = 1;
+/// Name of the manifests' self-checksum member.
+pub const SEAL_KEY: &str = "manifest_crc32c";
 /// Largest manifest accepted (bytes).
 pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
 /// Most tensors a checkpoint may hold.
@@ -105,10 +119,24 @@ pub struct RankManifest {
     pub file: String,
     /// Its length in bytes.
     pub file_len: u64,
+    /// The shard file's header (length prefix, JSON, padding): its length
+    /// and crc32c (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderSum>,
     /// This rank's loop state.
     pub loop_state: LoopState,
     /// This rank's tensors.
     pub tensors: Vec<RankTensor>,
+}
+
+/// Length and crc32c of a shard file's header, so that every byte of a
+/// committed checkpoint is covered by a checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderSum {
+    /// Bytes from the start of the file to the start of the data section.
+    pub len: u64,
+    /// Their crc32c.
+    pub crc32c: u32,
 }
 
 /// A tensor of the global manifest.
@@ -133,6 +161,9 @@ pub struct RankEntry {
     pub file: String,
     /// The file's length.
     pub file_len: u64,
+    /// The file's header length and crc32c (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<HeaderSum>,
     /// The rank's loop state (RNG, data loader... may differ per rank).
     pub loop_state: LoopState,
 }
@@ -163,10 +194,12 @@ pub struct Manifest {
 }
 
 fn check_header(path: &str, format: u32, chunk_size: u64, world_size: u32) -> Result<()> {
-    if format != FORMAT_VERSION {
+    if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&format) {
         return Err(Error::manifest(
             path,
-            format!("format {format} is not supported (this library reads {FORMAT_VERSION})"),
+            format!(
+                "format {format} is not supported (this library reads {OLDEST_FORMAT}..={FORMAT_VERSION})"
+            ),
         ));
     }
     if !(4096..=(1 << 30)).contains(&chunk_size) {
@@ -182,6 +215,30 @@ fn check_header(path: &str, format: u32, chunk_size: u64, world_size: u32) -> Re
         ));
     }
     Ok(())
+}
+
+/// A format-2 file must record its header's checksum, inside the file.
+fn check_header_sum(
+    path: &str,
+    format: u32,
+    file: &str,
+    header: Option<HeaderSum>,
+    file_len: u64,
+) -> Result<()> {
+    match header {
+        None if format >= 2 => Err(Error::manifest(
+            path,
+            format!("no header checksum for {file}"),
+        )),
+        Some(h) if h.len < 8 || h.len > file_len => Err(Error::manifest(
+            path,
+            format!(
+                "header of {} bytes does not fit {file} ({file_len} bytes)",
+                h.len
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn check_piece(
@@ -277,6 +334,75 @@ fn check_tiling(path: &str, name: &str, global: &[u64], pieces: &[Piece]) -> Res
     Ok(())
 }
 
+/// Appends the self-checksum to a pretty-printed JSON object: the crc32c
+/// of everything before the closing brace becomes its last member.
+/// Anything that is not a JSON object is returned unchanged.
+pub fn seal(json: &[u8]) -> Vec<u8> {
+    let end = json
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    let trimmed = &json[..end];
+    let Some(body) = trimmed.strip_suffix(b"}") else {
+        return json.to_vec();
+    };
+    let body = {
+        let e = body
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
+        &body[..e]
+    };
+    let crc = crc32c::crc32c(body);
+    let mut out = Vec::with_capacity(body.len() + 40);
+    out.extend_from_slice(body);
+    out.extend_from_slice(format!(",\n  \"{SEAL_KEY}\": \"{crc:08x}\"\n}}\n").as_bytes());
+    out
+}
+
+/// Checks the self-checksum of a manifest. `Ok(true)`: present and
+/// correct; `Ok(false)`: absent (only acceptable in format 1); an error if
+/// present and wrong.
+fn check_seal(path: &str, bytes: &[u8]) -> Result<bool> {
+    let key = format!(",\n  \"{SEAL_KEY}\": \"");
+    // `<body>,\n  "manifest_crc32c": "xxxxxxxx"\n}\n`, the trailing newline
+    // optional.
+    let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let Some(text) = text.strip_suffix(b"\"\n}") else {
+        return Ok(false);
+    };
+    let Some(hex_at) = text.len().checked_sub(8) else {
+        return Ok(false);
+    };
+    let (before, hex) = text.split_at(hex_at);
+    let Some(body) = before.strip_suffix(key.as_bytes()) else {
+        return Ok(false);
+    };
+    let recorded = std::str::from_utf8(hex)
+        .ok()
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        })
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| Error::manifest(path, format!("{SEAL_KEY} is not 8 hex digits")))?;
+    let found = crc32c::crc32c(body);
+    if found != recorded {
+        return Err(Error::manifest(
+            path,
+            format!(
+                "checksum mismatch: {SEAL_KEY} says {recorded:08x}, the manifest's bytes give {found:08x} (corrupt manifest)"
+            ),
+        ));
+    }
+    Ok(true)
+}
+
+#[derive(Deserialize)]
+struct FormatOnly {
+    format: u32,
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<T> {
     if bytes.len() > MAX_MANIFEST_BYTES {
         return Err(Error::manifest(
@@ -287,7 +413,28 @@ fn parse_json<T: serde::de::DeserializeOwned>(path: &str, bytes: &[u8]) -> Resul
             ),
         ));
     }
+    let sealed = check_seal(path, bytes)?;
+    if !sealed {
+        // Only format 1 predates the checksum; a newer manifest without one
+        // lost it to corruption.
+        let format = serde_json::from_slice::<FormatOnly>(bytes)
+            .map(|f| f.format)
+            .map_err(|e| Error::manifest(path, format!("{e} (and no {SEAL_KEY})")))?;
+        if format >= 2 {
+            return Err(Error::manifest(
+                path,
+                format!("format {format} manifest without its {SEAL_KEY} (corrupt manifest)"),
+            ));
+        }
+    }
     serde_json::from_slice(bytes).map_err(|e| Error::manifest(path, e.to_string()))
+}
+
+/// Pretty JSON with its self-checksum.
+fn to_sealed_json<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec_pretty(v)
+        .map_err(|e| Error::InvalidState(format!("cannot serialize the {what}: {e}")))?;
+    Ok(seal(&json))
 }
 
 impl RankManifest {
@@ -310,6 +457,7 @@ impl RankManifest {
         if self.tensors.len() > MAX_TENSORS {
             return Err(Error::manifest(path, "too many tensors"));
         }
+        check_header_sum(path, self.format, &self.file, self.header, self.file_len)?;
         for t in &self.tensors {
             if t.piece.rank != self.rank || t.piece.file != self.file {
                 return Err(Error::manifest(
@@ -330,9 +478,9 @@ impl RankManifest {
         Ok(())
     }
 
-    /// Serializes to pretty JSON.
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+    /// Serializes to pretty JSON, sealed with its own checksum.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        to_sealed_json("rank manifest", self)
     }
 }
 
@@ -362,6 +510,9 @@ impl Manifest {
         }
         if self.tensors.len() > MAX_TENSORS {
             return Err(Error::manifest(path, "too many tensors"));
+        }
+        for r in &self.ranks {
+            check_header_sum(path, self.format, &r.file, r.header, r.file_len)?;
         }
         for (name, t) in &self.tensors {
             for p in &t.pieces {
@@ -459,6 +610,7 @@ impl Manifest {
                 rank: r.rank,
                 file: r.file,
                 file_len: r.file_len,
+                header: r.header,
                 loop_state: r.loop_state,
             });
         }
@@ -478,9 +630,9 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Serializes to pretty JSON.
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
+    /// Serializes to pretty JSON, sealed with its own checksum.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        to_sealed_json("manifest", self)
     }
 
     /// Total bytes of tensor data.

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::layout::{self, MANIFEST};
-use crate::manifest::Manifest;
+use crate::manifest::{HeaderSum, Manifest};
 use crate::retention::Retention;
 use crate::tier::Tier;
 
@@ -58,14 +58,15 @@ pub async fn load_manifest(tier: &dyn Tier, run: &str, step: u64) -> Result<Mani
 }
 
 /// Checks that every shard file the manifest names exists with the length
-/// the manifest recorded.
+/// the manifest recorded, and that its header matches its recorded crc32c.
 pub async fn check_files(tier: &dyn Tier, m: &Manifest) -> Result<()> {
     check_rank_files(tier, m, |_| true).await
 }
 
 /// Like [`check_files`], for the ranks `wanted` selects only (a restore
 /// checks the files it will read, so one rank can restore its shard while
-/// another rank's replica is gone).
+/// another rank's replica is gone). Reading the header costs one small
+/// read per file.
 pub async fn check_rank_files(
     tier: &dyn Tier,
     m: &Manifest,
@@ -81,6 +82,25 @@ pub async fn check_rank_files(
                 reason: format!("file is {size} bytes, the manifest says {}", r.file_len),
             });
         }
+        if let Some(h) = r.header {
+            check_header(tier, &path, h).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a shard file's header and checks its crc32c.
+pub async fn check_header(tier: &dyn Tier, path: &str, h: HeaderSum) -> Result<()> {
+    let len = usize::try_from(h.len).map_err(|_| Error::manifest(path, "header too large"))?;
+    let mut buf = vec![0u8; len];
+    tier.read_into(path, 0, &mut buf).await?;
+    let found = crc32c::crc32c(&buf);
+    if found != h.crc32c {
+        return Err(Error::CorruptHeader {
+            path: path.to_string(),
+            expected: h.crc32c,
+            found,
+        });
     }
     Ok(())
 }

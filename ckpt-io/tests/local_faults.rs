@@ -303,12 +303,29 @@ fn garbage_manifests_are_invalid_and_restore_falls_back() {
     }
 }
 
+/// Rewrites a manifest the way a buggy or malicious writer would: the
+/// content changed and the self-checksum recomputed, so the change reaches
+/// the manifest's validation.
 fn edit_manifest(s: &Store, step: u64, f: impl FnOnce(&mut serde_json::Value)) {
     let path = s.manifest_file(step);
     let mut v: serde_json::Value =
         serde_json::from_slice(&fs::read(&path).expect("read manifest")).expect("parse manifest");
+    if let Some(o) = v.as_object_mut() {
+        o.remove(ckpt_core::manifest::SEAL_KEY);
+    }
     f(&mut v);
-    fs::write(&path, serde_json::to_vec_pretty(&v).expect("json")).expect("write manifest");
+    let json = serde_json::to_vec_pretty(&v).expect("json");
+    fs::write(&path, ckpt_core::manifest::seal(&json)).expect("write manifest");
+}
+
+/// The one tier error of a save that committed nowhere.
+fn only_failure(err: &Error, step: u64) -> &Error {
+    match err {
+        Error::NotCommitted { step: s, failures } if *s == step && failures.len() == 1 => {
+            &failures[0].error
+        }
+        other => panic!("want NotCommitted for step {step} on one tier, got {other:?}"),
+    }
 }
 
 #[test]
@@ -439,14 +456,13 @@ fn permission_scenario(base: &Path) {
         let err = s
             .save_n(4, W)
             .expect_err("saving into a read-only directory");
-        let msg = err.to_string();
-        assert!(
-            matches!(err, Error::Backend { .. })
-                && msg.contains("step 4")
-                && msg.contains("step-00000000000000000004")
-                && msg.contains("ermission denied"),
-            "{msg}"
-        );
+        match only_failure(&err, 4) {
+            e @ Error::Io { path, .. } => {
+                assert!(is_permission_denied(e), "{e}");
+                assert!(path.ends_with("step-00000000000000000004"), "{e}");
+            }
+            other => panic!("want a PermissionDenied Io error, got {other:?}"),
+        }
         assert_create_denied(&s, 4);
         assert_eq!(s.newest().step, 3);
         s.assert_loadable(&[1, 2, 3]);
@@ -606,10 +622,9 @@ fn immutable_run_directory_fails_the_save_and_keeps_checkpoints() {
         .expect_err("no step directory can be created");
     let msg = err.to_string();
     assert!(
-        matches!(err, Error::Backend { .. })
-            && msg.contains("step 3")
-            && msg.contains("step-00000000000000000003")
-            && msg.contains("not permitted"),
+        matches!(only_failure(&err, 3), Error::Io { path, source }
+            if path.ends_with("step-00000000000000000003")
+                && source.kind() == std::io::ErrorKind::PermissionDenied),
         "{msg}"
     );
     assert_create_denied(&s, 3);
@@ -686,12 +701,13 @@ fn full_disk_during_flush_fails_the_save_and_keeps_checkpoints() {
         let err = s
             .save_n(3, 6 << 18)
             .expect_err("a save larger than the disk must fail");
-        let msg = err.to_string();
+        let failure = only_failure(&err, 3);
+        assert!(failure.is_storage_full(), "{failure:?}");
         assert!(
-            msg.contains("No space left") && msg.contains("rank-00000.safetensors"),
-            "{msg}"
+            matches!(failure, Error::Io { path, .. } if path.ends_with("rank-00000.safetensors")),
+            "{failure:?}"
         );
-        assert!(msg.contains("step 3"), "{msg}");
+        assert!(err.to_string().contains("disk full"), "{err}");
         assert_eq!(s.committed(), [1, 2]);
         assert_eq!(s.newest().step, 2);
         s.assert_loadable(&[1, 2]);

@@ -754,6 +754,19 @@ fn server_killed_mid_upload_fails_the_save_and_keeps_older_checkpoints() {
     assert_eq!((r.step, r.fell_back()), (1, false));
     assert!(w == w1, "step 1 differs after the restart");
 
+    // The failed save took the tier out of saves; its health probe brings
+    // it back within one probe interval of the server answering.
+    let status = ckpt.tier_status();
+    assert!(!status[0].is_available(), "{status:?}");
+    let back = Instant::now();
+    while !ckpt.tier_status()[0].is_available() {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "the tier is still out 10 s after its server came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("tier back in saves {:?} after the restart", back.elapsed());
     let w3 = floats(MIB / 4, 3);
     let h3 = save_step(&ckpt, 3, &w3, &m);
     let rep3 = wait_bounded(&h3, Duration::from_secs(30)).expect("step 3 durable after restart");

@@ -8,18 +8,24 @@ use ckpt_core::{Manifest, RankManifest};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(m) = Manifest::parse("MANIFEST.json", data) {
-        let again = Manifest::parse("MANIFEST.json", &m.to_json());
-        assert!(
-            again.is_ok(),
-            "a parsed manifest does not re-parse: {again:?}"
-        );
-    }
-    if let Ok(r) = RankManifest::parse("rank-00000.json", data) {
-        let again = RankManifest::parse("rank-00000.json", &r.to_json());
-        assert!(
-            again.is_ok(),
-            "a parsed rank manifest does not re-parse: {again:?}"
-        );
+    // As read, and resealed so that mutations reach the JSON validation
+    // behind the self-checksum.
+    for doc in [data.to_vec(), ckpt_core::manifest::seal(data)] {
+        if let Ok(m) = Manifest::parse("MANIFEST.json", &doc) {
+            let json = m.to_json().expect("a parsed manifest serializes");
+            let again = Manifest::parse("MANIFEST.json", &json);
+            assert!(
+                again.is_ok(),
+                "a parsed manifest does not re-parse: {again:?}"
+            );
+        }
+        if let Ok(r) = RankManifest::parse("rank-00000.json", &doc) {
+            let json = r.to_json().expect("a parsed rank manifest serializes");
+            let again = RankManifest::parse("rank-00000.json", &json);
+            assert!(
+                again.is_ok(),
+                "a parsed rank manifest does not re-parse: {again:?}"
+            );
+        }
     }
 });

@@ -228,7 +228,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
                 let step = pick_step(tier.as_ref(), &run, step).await?;
                 let m = store::load_manifest(tier.as_ref(), &run, step).await?;
                 if json {
-                    println!("{}", String::from_utf8_lossy(&m.to_json()));
+                    println!("{}", String::from_utf8_lossy(&m.to_json()?));
                 } else {
                     print_manifest(&m);
                 }
