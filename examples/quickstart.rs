@@ -11,11 +11,15 @@
 // Index loops read like the math they implement (forward/backward, Adam).
 #![allow(clippy::needless_range_loop)]
 
+use std::collections::VecDeque;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use ckpt::schedule::{Policy, SchedulerConfig};
-use ckpt::{Checkpointer, SaveHandle, TensorMut, TensorRef, TensorView, TierPolicy, TrainingState};
+use ckpt::{
+    BusyPolicy, Checkpointer, SaveHandle, TensorMut, TensorRef, TensorView, TierPolicy,
+    TrainingState,
+};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +61,25 @@ struct Args {
     /// Checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     keep: usize,
+    /// A second tier every save also goes to (e.g. s3://bucket/prefix
+    /// behind a local --dir): each tier commits on its own.
+    #[arg(long)]
+    mirror: Option<String>,
+    /// Send only every N-th save to --mirror.
+    #[arg(long, default_value_t = 1)]
+    mirror_every: u64,
+    /// Make every training step take at least this many milliseconds, as
+    /// a step whose compute runs on an accelerator would.
+    #[arg(long, default_value_t = 0)]
+    step_ms: u64,
+    /// What a save does when the staging pool is still held by an earlier
+    /// flush: wait (the wait is part of the math-stop) or skip.
+    #[arg(long, default_value = "wait")]
+    when_busy: String,
+    /// Print one JSON object per event (restore, save, durable, final)
+    /// instead of text.
+    #[arg(long)]
+    json: bool,
     /// Print nothing but the final digest.
     #[arg(long)]
     quiet: bool,
@@ -305,11 +328,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let say = |s: String| {
-        if !args.quiet {
+/// What the run prints: text lines, or one JSON object per event.
+struct Out {
+    quiet: bool,
+    json: bool,
+    start: Instant,
+}
+
+impl Out {
+    fn say(&self, s: String) {
+        if !self.quiet && !self.json {
             println!("{s}");
         }
+    }
+
+    fn event(&self, kind: &str, mut v: serde_json::Value) {
+        if self.json {
+            v["event"] = kind.into();
+            v["t_ms"] = (self.start.elapsed().as_secs_f64() * 1e3).into();
+            println!("{v}");
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let out = Out {
+        quiet: args.quiet,
+        json: args.json,
+        start: Instant::now(),
     };
     let tier = ckpt::open_location(&args.dir)?;
     let policy = match (args.every, args.policy.as_str()) {
@@ -321,18 +371,30 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("unknown --policy `{other}` (availability, young, daly)").into());
         }
     };
+    let busy = match args.when_busy.as_str() {
+        "wait" => BusyPolicy::Wait,
+        "skip" => BusyPolicy::Skip,
+        other => return Err(format!("unknown --when-busy `{other}` (wait, skip)").into()),
+    };
     let schedule = SchedulerConfig::new(policy, parse_duration(&args.mtbf)?)
         .with_restart(parse_duration(&args.restart)?)
         .with_initial_interval(std::time::Duration::from_secs(1))
         .with_min_interval(std::time::Duration::from_millis(500));
     let mut rng = Rng::seeded(42);
     let mut model = Model::new(&mut rng, args.state_mb);
-    let ckpt = Checkpointer::builder(args.run.clone())
+    let mut builder = Checkpointer::builder(args.run.clone())
         .tier(tier, TierPolicy::keep_last(args.keep))
         .schedule(schedule)
+        .when_busy(busy)
         // Allocated, pre-faulted and locked once, here, not inside a save.
-        .staging_capacity(model.nbytes())
-        .build()?;
+        .staging_capacity(model.nbytes());
+    if let Some(m) = &args.mirror {
+        builder = builder.tier(
+            ckpt::open_location(m)?,
+            TierPolicy::keep_last(args.keep).every(args.mirror_every),
+        );
+    }
+    let ckpt = builder.build()?;
 
     let mut loader = Loader {
         epoch: 0,
@@ -345,11 +407,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         total: args.steps,
     };
     let mut step: u64 = 0;
-    say(format!(
-        "state: {} tensors, {:.1} MiB (params + Adam m + v); checkpoints in {}",
+    out.say(format!(
+        "state: {} tensors, {:.1} MiB (params + Adam m + v); checkpoints in {}{}",
         model.names.len() * 3,
         model.nbytes() as f64 / (1 << 20) as f64,
-        args.dir
+        args.dir,
+        args.mirror
+            .as_ref()
+            .map(|m| format!(" and {m}"))
+            .unwrap_or_default()
     ));
 
     // Resume from the newest verified checkpoint, if any.
@@ -378,11 +444,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             rng = r.loop_state.rng()?;
             loader = r.loop_state.data_loader()?;
             let _: LrSchedule = r.loop_state.lr_schedule()?;
-            say(format!(
+            out.say(format!(
                 "resumed from step {} on {} in {:.1} ms ({} bytes verified){}",
                 r.step,
                 r.tier,
-                t0.elapsed().as_secs_f64() * 1e3,
+                ms(t0.elapsed()),
                 r.bytes_read,
                 if r.skipped.is_empty() {
                     String::new()
@@ -397,34 +463,47 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     )
                 }
             ));
+            out.event(
+                "restored",
+                serde_json::json!({"step": r.step, "tier": r.tier, "ms": ms(t0.elapsed()),
+                    "bytes": r.bytes_read,
+                    "skipped": r.skipped.iter().map(|s| serde_json::json!({"step": s.step, "tier": s.tier, "reason": s.reason})).collect::<Vec<_>>()}),
+            );
         } else {
-            say("no checkpoint found: starting fresh".to_string());
+            out.say("no checkpoint found: starting fresh".to_string());
+            out.event("fresh", serde_json::json!({}));
         }
     }
 
-    say(format!("schedule: {}", ckpt.explain_schedule()));
+    out.say(format!("schedule: {}", ckpt.explain_schedule()));
     ckpt.should_save(step); // starts the schedule's clock
-    let mut pending: Option<SaveHandle> = None;
+    // Saves whose flush is still running: reported when done, without
+    // ever waiting for them in the loop.
+    let mut pending: VecDeque<SaveHandle> = VecDeque::new();
     while step < args.steps {
+        let step_start = Instant::now();
         let batch = loader.next_batch();
         let lr = sched.at(step);
         let loss = model.train_step(&batch, lr, step + 1, &mut rng);
         step += 1;
+        if let Some(rest) =
+            std::time::Duration::from_millis(args.step_ms).checked_sub(step_start.elapsed())
+        {
+            std::thread::sleep(rest);
+        }
         if step.is_multiple_of(50) {
-            say(format!("step {step:>5}  loss {loss:.5}  lr {lr:.2e}"));
+            out.say(format!("step {step:>5}  loss {loss:.5}  lr {lr:.2e}"));
+        }
+        while pending.front().is_some_and(SaveHandle::is_done) {
+            if let Some(h) = pending.pop_front() {
+                report_durable(&h, &out, args.every.is_none().then_some(&ckpt));
+            }
         }
         let due = match args.every {
             Some(n) => step.is_multiple_of(n),
             None => ckpt.should_save(step),
         };
         if due || step == args.steps {
-            if let Some(h) = pending.take() {
-                if h.is_done() {
-                    report_durable(&h, &say);
-                } else {
-                    pending = Some(h);
-                }
-            }
             let views: Vec<(TensorRef<'_>, TensorRef<'_>, TensorRef<'_>)> = model
                 .names
                 .iter()
@@ -449,52 +528,90 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .lr_schedule(&sched)?
                 .build()?;
             let h = ckpt.save(&state)?;
-            say(format!(
+            let r = h.report();
+            out.say(format!(
                 "step {step:>5}  save: math-stop {:.2} ms for {:.1} MiB{}",
-                h.math_stop().as_secs_f64() * 1e3,
+                ms(h.math_stop()),
                 state.nbytes() as f64 / (1 << 20) as f64,
-                if h.report().waited.is_zero() {
+                if r.skipped {
+                    " (skipped: the staging pool is still held by an earlier flush)".to_string()
+                } else if r.waited.is_zero() {
                     String::new()
                 } else {
-                    format!(" (waited {:?} for the previous flush)", h.report().waited)
+                    format!(" (waited {:?} for the previous flush)", r.waited)
                 }
             ));
-            if let Some(prev) = pending.replace(h) {
-                report_durable(&prev, &say);
-                if args.every.is_none() {
-                    say(format!(
-                        "             schedule: {}",
-                        ckpt.explain_schedule()
-                    ));
-                }
-            }
+            out.event(
+                "save",
+                serde_json::json!({"step": step, "math_stop_ms": ms(r.math_stop),
+                    "waited_ms": ms(r.waited), "skipped": r.skipped, "bytes": r.bytes}),
+            );
+            pending.push_back(h);
         }
         if args.crash_at_step == Some(step) {
-            say(format!(
+            out.say(format!(
                 "step {step:>5}  crashing on purpose (abort), a save may be in flight"
             ));
             std::process::abort();
         }
     }
-    if let Some(h) = pending.take() {
-        report_durable(&h, &say);
+    for h in pending.drain(..) {
+        report_durable(&h, &out, None);
     }
     ckpt.close();
     println!("final-state-blake3: {}", model.digest());
+    out.event(
+        "final",
+        serde_json::json!({"step": step, "digest": model.digest()}),
+    );
     Ok(())
 }
 
-fn report_durable(h: &SaveHandle, say: &impl Fn(String)) {
-    match h.wait() {
+/// Reports a finished save (waits for it if it is not finished).
+fn report_durable(h: &SaveHandle, out: &Out, schedule: Option<&Checkpointer>) {
+    let result = h.wait();
+    let r = h.report();
+    let tiers: Vec<serde_json::Value> = r
+        .tiers
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "tier": t.tier,
+                "committed": t.committed,
+                "flush_ms": ms(t.flush),
+                "commit_ms": ms(t.commit),
+                "durable_ms": ms(r.math_stop + t.flush + t.commit),
+                "error": t.error.as_ref().map(ToString::to_string),
+                "error_kind": t.error.as_ref().map(ckpt::Error::kind),
+                "storage_full": t.error.as_ref().is_some_and(ckpt::Error::is_storage_full),
+            })
+        })
+        .collect();
+    out.event(
+        "durable",
+        serde_json::json!({"step": r.step, "skipped": r.skipped, "tiers": tiers,
+            "error": result.as_ref().err().map(ToString::to_string),
+            "error_kind": result.as_ref().err().map(ckpt::Error::kind)}),
+    );
+    match result {
+        Ok(r) if r.skipped => {}
         Ok(r) => {
-            let t = r.tiers.first();
-            say(format!(
-                "step {:>5}  durable: flush {:.1} ms, commit {:.1} ms",
-                r.step,
-                t.map(|t| t.flush.as_secs_f64() * 1e3).unwrap_or(0.0),
-                t.map(|t| t.commit.as_secs_f64() * 1e3).unwrap_or(0.0)
-            ))
+            for t in &r.tiers {
+                match &t.error {
+                    None => out.say(format!(
+                        "step {:>5}  durable on {}: flush {:.1} ms, commit {:.1} ms",
+                        r.step,
+                        t.tier,
+                        ms(t.flush),
+                        ms(t.commit)
+                    )),
+                    Some(e) => out.say(format!("step {:>5}  not saved on {}: {e}", r.step, t.tier)),
+                }
+            }
         }
-        Err(e) => say(format!("save of step {} failed: {e}", h.step())),
+        Err(e) => out.say(format!("step {:>5}  save failed: {e}", h.step())),
+    }
+    if let Some(c) = schedule {
+        out.say(format!("             schedule: {}", c.explain_schedule()));
     }
 }

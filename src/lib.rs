@@ -113,17 +113,19 @@ fn open_s3(location: &str, access: Access) -> Result<Arc<dyn Tier>> {
     // timeouts), on a thread of its own, so this works from synchronous and
     // asynchronous callers alike and the returned client never depends on
     // a runtime that is gone.
-    let probe = ObjectTier::from_url(
-        location,
-        ObjectTierConfig::default()
-            .with_retry(ckpt_io::object::object_store::RetryConfig {
-                max_retries: 0,
-                ..ckpt_io::object::default_retry()
-            })
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_request_timeout(Duration::from_secs(10)),
-    )
-    .map_err(wrap)?;
+    let mut probe_config =
+        ObjectTierConfig::default().with_retry(ckpt_io::object::object_store::RetryConfig {
+            max_retries: 0,
+            ..ckpt_io::object::default_retry()
+        });
+    // The user's own timeouts win; else short ones.
+    if std::env::var_os("AWS_CONNECT_TIMEOUT").is_none() {
+        probe_config = probe_config.with_connect_timeout(Duration::from_secs(5));
+    }
+    if std::env::var_os("AWS_TIMEOUT").is_none() {
+        probe_config = probe_config.with_request_timeout(Duration::from_secs(10));
+    }
+    let probe = ObjectTier::from_url(location, probe_config).map_err(wrap)?;
     let checked = std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

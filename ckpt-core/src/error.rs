@@ -159,6 +159,21 @@ pub enum Error {
         failures: Vec<TierFailure>,
     },
 
+    /// Restore found no checkpoint on the tiers it could list, but some
+    /// tiers could not be listed: they may hold the run's checkpoints, so
+    /// restore does not report a fresh start. Retry once they answer, or
+    /// restore without them.
+    #[error(
+        "cannot tell whether run {run} has a checkpoint (not starting fresh): {} cannot be listed",
+        join(failures)
+    )]
+    Unlisted {
+        /// The run.
+        run: String,
+        /// The tiers that could not be listed, and why.
+        failures: Vec<TierFailure>,
+    },
+
     /// A storage location (directory, `s3://` URL) cannot be opened.
     #[error("`{location}`: {reason}")]
     Location {
@@ -246,12 +261,36 @@ impl Error {
         }
     }
 
+    /// The variant's name (`"Backend"`, `"Unavailable"`, `"Io"`...), for
+    /// machine-readable reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NotFound { .. } => "NotFound",
+            Error::AlreadyExists { .. } => "AlreadyExists",
+            Error::Corrupt { .. } => "Corrupt",
+            Error::CorruptHeader { .. } => "CorruptHeader",
+            Error::Incomplete { .. } => "Incomplete",
+            Error::InvalidManifest { .. } => "InvalidManifest",
+            Error::TensorMismatch { .. } => "TensorMismatch",
+            Error::Io { .. } => "Io",
+            Error::Backend { .. } => "Backend",
+            Error::Unavailable { .. } => "Unavailable",
+            Error::NotCommitted { .. } => "NotCommitted",
+            Error::Unlisted { .. } => "Unlisted",
+            Error::Location { .. } => "Location",
+            Error::InvalidState(_) => "InvalidState",
+            Error::Config(_) => "Config",
+            Error::Cuda(_) => "Cuda",
+        }
+    }
+
     /// Whether retrying the operation may succeed (transient network or
     /// server errors). Corruption and bad input are never retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Backend { retryable, .. } => *retryable,
             Error::Unavailable { .. } => true,
+            Error::Unlisted { failures, .. } => failures.iter().any(|f| f.error.is_retryable()),
             Error::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut

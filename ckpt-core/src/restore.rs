@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::checksum::verify_chunks;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TierFailure};
 use crate::layout;
 use crate::manifest::{Manifest, Piece};
 use crate::reshard::plan_runs;
@@ -127,6 +127,7 @@ pub fn restore(
 ) -> Result<Option<Restored>> {
     let start = Instant::now();
     let mut skipped = Vec::new();
+    let mut unlisted = Vec::new();
     let mut steps_per_tier = Vec::with_capacity(tiers.len());
     for tier in tiers {
         let tier_ref = tier.as_ref();
@@ -137,6 +138,10 @@ pub fn restore(
                     step: None,
                     tier: tier.location(),
                     reason: format!("cannot list: {e}"),
+                });
+                unlisted.push(TierFailure {
+                    tier: tier.location(),
+                    error: e,
                 });
                 steps_per_tier.push(Vec::new());
             }
@@ -157,11 +162,14 @@ pub fn restore(
         steps.retain(|s| *s == want);
     }
     if steps.is_empty() {
-        return if skipped.is_empty() {
+        // A tier that cannot be listed may hold the run's checkpoints:
+        // starting fresh would silently throw its progress away.
+        return if unlisted.is_empty() {
             Ok(None)
         } else {
-            Err(Error::NotFound {
-                path: format!("run {run}: no tier could be listed: {}", describe(&skipped)),
+            Err(Error::Unlisted {
+                run: run.to_string(),
+                failures: unlisted,
             })
         };
     }

@@ -12,9 +12,6 @@
 //! Every test works under its own prefix, so the tests can share a bucket
 //! and run in parallel.
 
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,6 +24,10 @@ use ckpt_core::{
 use ckpt_io::object::object_store::{ObjectStoreExt, PutPayload, RetryConfig};
 use ckpt_io::{ObjectTier, ObjectTierConfig};
 
+#[path = "../../tests/common/s3s.rs"]
+mod s3s;
+use s3s::{Server, free_port, require_s3, s3s_fs_binary};
+
 const MIB: usize = 1 << 20;
 
 /// Connection settings from the environment.
@@ -36,10 +37,6 @@ struct S3Env {
     bucket: String,
     access_key: String,
     secret_key: String,
-}
-
-fn require_s3() -> bool {
-    std::env::var("CKPT_REQUIRE_S3").is_ok_and(|v| v == "1")
 }
 
 /// The server to test against, or `None` (after saying why) if none is
@@ -524,104 +521,6 @@ fn wrong_credentials_and_missing_bucket_are_clear_errors() {
 
 // ---------------------------------------------------------------------------
 // Server stopped mid-upload.
-
-/// A private s3s-fs process, killed when dropped.
-struct Server {
-    child: Option<Child>,
-    bin: PathBuf,
-    port: u16,
-    root: PathBuf,
-    access_key: String,
-    secret_key: String,
-}
-
-impl Server {
-    fn start(bin: PathBuf, root: PathBuf, port: u16) -> Self {
-        let mut s = Server {
-            child: None,
-            bin,
-            port,
-            root,
-            access_key: "private-access".into(),
-            secret_key: "private-secret-key".into(),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new(&self.bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", &self.access_key])
-            .args(["--secret-key", &self.secret_key])
-            .arg(&self.root)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("s3s-fs exited at start on port {}: {status}", self.port);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "s3s-fs did not listen on 127.0.0.1:{} within 15 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn s3s_fs_binary(test: &str) -> Option<PathBuf> {
-    let bin = std::env::var_os("CKPT_S3S_FS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let tools = std::env::var_os("CKPT_TOOLS")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/ckpt-tools"))
-                })?;
-            Some(tools.join("bin/s3s-fs"))
-        })
-        .filter(|p| p.is_file());
-    if bin.is_none() {
-        let why = format!(
-            "{test}: SKIPPED: no s3s-fs binary (set CKPT_S3S_FS, or run scripts/s3-server.sh start \
-             once to install it)"
-        );
-        assert!(!require_s3(), "CKPT_REQUIRE_S3=1 but {why}");
-        eprintln!("{why}");
-    }
-    bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// Waits for a save with a bound (`SaveHandle::wait` itself has none).
 fn wait_bounded(h: &ckpt_core::SaveHandle, limit: Duration) -> ckpt_core::Result<SaveReport> {

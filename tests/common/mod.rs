@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod s3s;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -57,4 +59,114 @@ impl TestRng {
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo).max(1)
     }
+}
+
+/// A child process whose stdout is one JSON object per line (the
+/// examples' `--json`), read on a thread of its own; every event is stamped
+/// with the time it arrived.
+pub struct Events {
+    pub child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<(std::time::Instant, serde_json::Value)>,
+    /// Every event received so far, in order.
+    pub seen: Vec<(std::time::Instant, serde_json::Value)>,
+}
+
+impl Events {
+    /// Spawns `cmd` with its stdout piped (stderr goes to the test's).
+    pub fn spawn(cmd: &mut Command) -> Self {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send((std::time::Instant::now(), v)).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most `limit`) for an event satisfying `pred`, and returns
+    /// it; panics naming `what` on timeout or if the process ends first.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        limit: std::time::Duration,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((t, v)) => {
+                    self.seen.push((t, v.clone()));
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("no {what} within {limit:?}; events so far: {:?}", self.seen)
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("the process ended before {what}; events: {:?}", self.seen)
+                }
+            }
+        }
+    }
+
+    /// Waits (at most `limit`) for the process to exit, collecting the
+    /// rest of its events; returns its status.
+    pub fn finish(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(e) => self.seen.push(e),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("the process did not exit within {limit:?}")
+                }
+            }
+        }
+        self.child.wait().expect("reap")
+    }
+
+    /// The events of one kind, with their arrival times.
+    pub fn of(&self, kind: &str) -> Vec<(std::time::Instant, serde_json::Value)> {
+        self.seen
+            .iter()
+            .filter(|(_, v)| v["event"] == kind)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The median of `xs` (0 for none).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }

@@ -1,0 +1,116 @@
+//! A private s3s-fs server for tests that stop and restart their S3
+//! server: shared by the object tier's tests (`ckpt-io/tests/s3.rs`) and
+//! the process-level tests of the root crate.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether a missing S3 server is a failure (`CKPT_REQUIRE_S3=1`, as CI
+/// sets) rather than a skip.
+pub fn require_s3() -> bool {
+    std::env::var("CKPT_REQUIRE_S3").is_ok_and(|v| v == "1")
+}
+
+/// A private s3s-fs process, killed when dropped.
+pub struct Server {
+    child: Option<Child>,
+    bin: PathBuf,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    root: PathBuf,
+    /// Its access key.
+    pub access_key: String,
+    /// Its secret key.
+    pub secret_key: String,
+}
+
+impl Server {
+    pub fn start(bin: PathBuf, root: PathBuf, port: u16) -> Self {
+        let mut s = Server {
+            child: None,
+            bin,
+            port,
+            root,
+            access_key: "private-access".into(),
+            secret_key: "private-secret-key".into(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", &self.access_key])
+            .args(["--secret-key", &self.secret_key])
+            .arg(&self.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("s3s-fs exited at start on port {}: {status}", self.port);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not listen on 127.0.0.1:{} within 15 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn s3s_fs_binary(test: &str) -> Option<PathBuf> {
+    let bin = std::env::var_os("CKPT_S3S_FS")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let tools = std::env::var_os("CKPT_TOOLS")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/ckpt-tools"))
+                })?;
+            Some(tools.join("bin/s3s-fs"))
+        })
+        .filter(|p| p.is_file());
+    if bin.is_none() {
+        let why = format!(
+            "{test}: SKIPPED: no s3s-fs binary (set CKPT_S3S_FS, or run scripts/s3-server.sh start \
+             once to install it)"
+        );
+        assert!(!require_s3(), "CKPT_REQUIRE_S3=1 but {why}");
+        eprintln!("{why}");
+    }
+    bin
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
