@@ -152,3 +152,21 @@ fn open_s3(location: &str, _access: Access) -> Result<Arc<dyn Tier>> {
         "this build of ckpt has no S3 support (enable the `s3` feature)",
     ))
 }
+
+// The Rust snippets of README.md and docs/ compile (and run where they can)
+// as doctests: what the documentation shows is what builds.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
+#[cfg(doctest)]
+#[doc = include_str!("../docs/s3.md")]
+mod docs_s3 {}
+#[cfg(doctest)]
+#[doc = include_str!("../docs/multi-rank.md")]
+mod docs_multi_rank {}
+#[cfg(doctest)]
+#[doc = include_str!("../docs/peer.md")]
+mod docs_peer {}
+#[cfg(doctest)]
+#[doc = include_str!("../docs/scheduler.md")]
+mod docs_scheduler {}

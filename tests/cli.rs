@@ -4,27 +4,60 @@ mod common;
 
 use std::process::Command;
 
+use common::s3s::Bundled;
 use common::{example, run};
 
 fn ckpt_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ckpt")
 }
 
-fn write_checkpoints(dir: &std::path::Path) {
-    let out = run(Command::new(example("quickstart"))
-        .arg("--dir")
-        .arg(dir)
-        .args([
-            "--steps",
-            "30",
-            "--every",
-            "10",
-            "--state-mb",
-            "1",
-            "--keep",
-            "5",
-            "--quiet",
-        ]));
+/// A location the commands run on: a directory, or a prefix on the
+/// bundled S3 server (and the environment a user would have for it).
+struct Loc {
+    loc: String,
+    s3: Option<Bundled>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Loc {
+    fn dir() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self {
+            loc: dir.path().to_str().expect("utf-8").to_string(),
+            s3: None,
+            _dir: Some(dir),
+        }
+    }
+
+    fn s3(test: &str) -> Option<Self> {
+        let s3 = Bundled::get(test)?;
+        Some(Self {
+            loc: s3.location(test),
+            s3: Some(s3),
+            _dir: None,
+        })
+    }
+
+    /// A command with the location's environment.
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        if let Some(s3) = &self.s3 {
+            s3.env(&mut c);
+        }
+        c
+    }
+
+    fn ckpt(&self, args: &[&str]) -> std::process::Output {
+        let mut c = self.cmd(ckpt_bin());
+        c.arg(args[0]).arg(&self.loc).args(&args[1..]);
+        run(&mut c)
+    }
+}
+
+fn write_checkpoints(loc: &Loc) {
+    let out = run(loc.cmd(example("quickstart")).args(["--dir", &loc.loc]).args([
+        "--steps", "30", "--every", "10", "--state-mb", "1", "--keep", "5", "--quiet",
+    ]));
     assert!(
         out.status.success(),
         "{}",
@@ -32,17 +65,17 @@ fn write_checkpoints(dir: &std::path::Path) {
     );
 }
 
-#[test]
-fn ls_inspect_verify_export_gc() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_checkpoints(dir.path());
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
-    let ls = run(Command::new(ckpt_bin())
-        .arg("ls")
-        .arg(dir.path())
-        .arg("--json"));
-    assert!(ls.status.success());
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&ls.stdout)
+/// The README's commands, in order, on one location.
+fn ls_inspect_verify_export_gc(loc: &Loc) {
+    write_checkpoints(loc);
+
+    let ls = loc.ckpt(&["ls", "--json"]);
+    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    let rows: Vec<serde_json::Value> = stdout(&ls)
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
@@ -55,11 +88,11 @@ fn ls_inspect_verify_export_gc() {
     assert!(rows.iter().all(|r| r["run"] == "quickstart"
         && r["world_size"] == 1
         && r["bytes"].as_u64().expect("bytes") > 1 << 20));
+    let table = loc.ckpt(&["ls"]);
+    assert!(table.status.success());
+    assert_eq!(stdout(&table).lines().filter(|l| l.starts_with("quickstart ")).count(), 3);
 
-    let inspect = run(Command::new(ckpt_bin())
-        .arg("inspect")
-        .arg(dir.path())
-        .args(["--step", "20", "--json"]));
+    let inspect = loc.ckpt(&["inspect", "--step", "20", "--json"]);
     assert!(inspect.status.success());
     let m: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("manifest json");
     assert_eq!(m["step"], 20);
@@ -68,39 +101,18 @@ fn ls_inspect_verify_export_gc() {
         m["ranks"][0]["loop_state"]["data_loader"]["cursor"],
         20 * 32
     );
+    let text = loc.ckpt(&["inspect"]);
+    assert!(stdout(&text).contains("run quickstart  step 30"), "{}", stdout(&text));
 
-    let verify = run(Command::new(ckpt_bin())
-        .arg("verify")
-        .arg(dir.path())
-        .arg("--all"));
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&verify.stdout)
-            .matches("ok ")
-            .count(),
-        3
-    );
+    let verify = loc.ckpt(&["verify", "--all"]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+    assert_eq!(stdout(&verify).matches("ok ").count(), 3);
 
-    // Shard files are valid safetensors files, readable by the reference crate.
-    let shard = dir
-        .path()
-        .join("quickstart/step-00000000000000000030/rank-00000.safetensors");
-    let bytes = std::fs::read(&shard).expect("shard");
-    let st =
-        safetensors::SafeTensors::deserialize(&bytes).expect("shard is a valid safetensors file");
-    assert_eq!(st.tensor("mlp.w1").expect("tensor").shape(), &[64, 32]);
-
-    // Export assembles the global tensors into one standard file.
-    let out = dir.path().join("export.safetensors");
-    let export = run(Command::new(ckpt_bin())
-        .arg("export")
-        .arg(dir.path())
-        .args(["--step", "30", "--out"])
-        .arg(&out));
+    // Export assembles the global tensors into one standard file that the
+    // reference safetensors reader opens, with the checkpoint's bytes.
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("export.safetensors");
+    let export = loc.ckpt(&["export", "--step", "30", "--out", out.to_str().expect("utf-8")]);
     assert!(
         export.status.success(),
         "{}",
@@ -109,28 +121,49 @@ fn ls_inspect_verify_export_gc() {
     let exported = std::fs::read(&out).expect("export");
     let ex = safetensors::SafeTensors::deserialize(&exported).expect("export is valid safetensors");
     assert_eq!(ex.len(), 15);
+    assert_eq!(ex.tensor("mlp.w1").expect("tensor").shape(), &[64, 32]);
     assert_eq!(
-        ex.tensor("adam.m.emb.table").expect("t").data(),
-        st.tensor("adam.m.emb.table").expect("t").data()
+        ex.tensor("adam.m.emb.table").expect("t").data().len(),
+        m["tensors"]["adam.m.emb.table"]["pieces"][0]["length"]
+            .as_u64()
+            .expect("length") as usize
     );
 
     // gc keeps the newest N.
-    let gc = run(Command::new(ckpt_bin())
-        .arg("gc")
-        .arg(dir.path())
-        .args(["--keep-last", "1"]));
-    assert!(gc.status.success());
-    let ls = run(Command::new(ckpt_bin())
-        .arg("ls")
-        .arg(dir.path())
-        .arg("--json"));
-    assert_eq!(String::from_utf8_lossy(&ls.stdout).lines().count(), 1);
+    let gc = loc.ckpt(&["gc", "--keep-last", "1"]);
+    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    let ls = loc.ckpt(&["ls", "--json"]);
+    assert_eq!(stdout(&ls).lines().count(), 1);
+    assert!(stdout(&ls).contains("\"step\":30"), "{}", stdout(&ls));
+}
+
+#[test]
+fn ls_inspect_verify_export_gc_on_a_directory() {
+    let loc = Loc::dir();
+    ls_inspect_verify_export_gc(&loc);
+    // Shard files are valid safetensors files, readable by the reference
+    // crate as they are.
+    let shard = std::path::Path::new(&loc.loc)
+        .join("quickstart/step-00000000000000000030/rank-00000.safetensors");
+    let bytes = std::fs::read(&shard).expect("shard");
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).expect("shard is a valid safetensors file");
+    assert_eq!(st.tensor("mlp.w1").expect("tensor").shape(), &[64, 32]);
+}
+
+#[test]
+fn ls_inspect_verify_export_gc_on_s3() {
+    let Some(loc) = Loc::s3("ls_inspect_verify_export_gc_on_s3") else {
+        return;
+    };
+    ls_inspect_verify_export_gc(&loc);
 }
 
 #[test]
 fn verify_names_the_file_and_chunk_of_a_corruption() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_checkpoints(dir.path());
+    let loc = Loc::dir();
+    let dir = loc._dir.as_ref().expect("a directory");
+    write_checkpoints(&loc);
     let shard = dir
         .path()
         .join("quickstart/step-00000000000000000020/rank-00000.safetensors");
@@ -192,7 +225,8 @@ fn verify_names_the_file_and_chunk_of_a_corruption() {
 
 #[test]
 fn bad_locations_and_missing_steps_are_clear_errors() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let loc = Loc::dir();
+    let dir = loc._dir.as_ref().expect("a directory");
     let out = run(Command::new(ckpt_bin()).arg("inspect").arg(dir.path()));
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -200,7 +234,7 @@ fn bad_locations_and_missing_steps_are_clear_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    write_checkpoints(dir.path());
+    write_checkpoints(&loc);
     let out = run(Command::new(ckpt_bin())
         .arg("inspect")
         .arg(dir.path())
@@ -214,4 +248,136 @@ fn bad_locations_and_missing_steps_are_clear_errors() {
     let out = run(Command::new(ckpt_bin()).arg("ls").arg("ftp://nowhere"));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported scheme `ftp://`"));
+}
+
+#[test]
+fn read_only_commands_on_a_missing_location_fail_and_create_nothing() {
+    let parent = tempfile::tempdir().expect("tempdir");
+    let missing = parent.path().join("no").join("such").join("dir");
+    let missing_s = missing.to_str().expect("utf-8");
+    let out_file = parent.path().join("x.safetensors");
+    let out_s = out_file.to_str().expect("utf-8");
+    for args in [
+        vec!["ls", missing_s],
+        vec!["inspect", missing_s],
+        vec!["verify", missing_s, "--all"],
+        vec!["gc", missing_s, "--keep-last", "1"],
+        vec!["export", missing_s, "--out", out_s],
+    ] {
+        let out = run(Command::new(ckpt_bin()).args(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "ckpt {args:?}: {err}");
+        assert!(
+            err.contains(missing_s) && err.contains("no such directory"),
+            "ckpt {args:?} must name the location: {err}"
+        );
+        assert!(!parent.path().join("no").exists(), "ckpt {args:?} created a directory");
+        assert!(!out_file.exists(), "ckpt {args:?} wrote {out_s}");
+    }
+    // A file is not a location either.
+    let file = parent.path().join("file");
+    std::fs::write(&file, b"x").expect("file");
+    let out = run(Command::new(ckpt_bin()).arg("ls").arg(&file));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+
+    // A bucket that does not exist, on the bundled server.
+    let Some(s3) = Bundled::get("read_only_commands_on_a_missing_location") else {
+        return;
+    };
+    let loc = "s3://no-such-bucket-for-ckpt/run";
+    for cmd in ["ls", "inspect", "verify"] {
+        let mut c = Command::new(ckpt_bin());
+        s3.env(&mut c);
+        let out = run(c.args([cmd, loc]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(loc) && err.contains("bucket `no-such-bucket-for-ckpt` does not exist"),
+            "{err}"
+        );
+    }
+    // Refused credentials name the cause.
+    let mut c = Command::new(ckpt_bin());
+    s3.env(&mut c);
+    let out = run(c
+        .env("AWS_SECRET_ACCESS_KEY", "wrong")
+        .args(["ls", &format!("s3://{}/x", s3.bucket)]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("credentials were rejected"), "{err}");
+}
+
+/// Flips one byte of `path` at the first occurrence of `from` (which must
+/// differ from `to` in exactly one byte).
+fn flip_text(path: &std::path::Path, from: &str, to: &str) {
+    assert_eq!(from.len(), to.len());
+    assert_eq!(
+        from.bytes().zip(to.bytes()).filter(|(a, b)| a != b).count(),
+        1
+    );
+    let mut bytes = std::fs::read(path).expect("read");
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("`{from}` not in {}", path.display()));
+    bytes[at..at + from.len()].copy_from_slice(to.as_bytes());
+    std::fs::write(path, bytes).expect("write");
+}
+
+/// One byte flipped in step 30's `file` (so that it still parses) must fail
+/// `ckpt verify`, and the quickstart must resume from step 20 instead and
+/// end bit-exact.
+fn one_flipped_byte_is_caught(file: &str, from: &str, to: &str, names: &str) {
+    let loc = Loc::dir();
+    write_checkpoints(&loc);
+    let path = std::path::Path::new(&loc.loc)
+        .join("quickstart/step-00000000000000000030")
+        .join(file);
+    flip_text(&path, from, to);
+
+    let verify = loc.ckpt(&["verify", "--all"]);
+    let text = stdout(&verify);
+    assert_eq!(verify.status.code(), Some(1), "verify passed a flipped byte: {text}");
+    assert!(text.contains("FAILED quickstart step 30"), "{text}");
+    assert!(text.contains(names), "the failure must name {names}: {text}");
+    assert!(text.contains("ok     quickstart step 20"), "{text}");
+
+    let args = ["--steps", "40", "--every", "10", "--state-mb", "1", "--keep", "5"];
+    let resumed = run(Command::new(example("quickstart"))
+        .args(["--dir", &loc.loc])
+        .args(args));
+    let out = stdout(&resumed);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(out.contains("resumed from step 20"), "{out}");
+    assert!(out.contains("skipped: step Some(30)"), "{out}");
+    let clean = Loc::dir();
+    let reference = run(Command::new(example("quickstart"))
+        .args(["--dir", &clean.loc])
+        .args(args)
+        .arg("--quiet"));
+    assert_eq!(common::digest(&resumed), common::digest(&reference));
+}
+
+#[test]
+fn a_flipped_byte_in_a_manifest_tensor_name_is_caught() {
+    // `adam.v.mlp.w2` becomes `adam.v.mlp.w3`: a caller's tensor would look
+    // missing, were the manifest not checked against its own checksum.
+    one_flipped_byte_is_caught(
+        "MANIFEST.json",
+        "\"adam.v.mlp.w2\"",
+        "\"adam.v.mlp.w3\"",
+        "MANIFEST.json",
+    );
+}
+
+#[test]
+fn a_flipped_byte_in_a_shard_header_is_caught() {
+    // `"dtype"` becomes `"dType"`: Python's safetensors refuses such a file.
+    one_flipped_byte_is_caught(
+        "rank-00000.safetensors",
+        "\"dtype\"",
+        "\"dType\"",
+        "corrupt safetensors header of quickstart/step-00000000000000000030/rank-00000.safetensors",
+    );
 }

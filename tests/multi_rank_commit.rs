@@ -57,10 +57,21 @@ fn launch_env(
     limit: Duration,
     env: &[(&str, &str)],
 ) -> Output {
+    launch_at(dir.as_os_str(), mode, extra, limit, env)
+}
+
+/// As [`launch_env`], on any location (a directory or `s3://...`).
+fn launch_at(
+    location: &std::ffi::OsStr,
+    mode: &str,
+    extra: &[&str],
+    limit: Duration,
+    env: &[(&str, &str)],
+) -> Output {
     let mut child = Command::new(example("multi_rank"))
         .envs(env.iter().copied())
         .arg("--dir")
-        .arg(dir)
+        .arg(location)
         .args(JOB)
         .arg(mode)
         .args(extra)
@@ -220,6 +231,52 @@ fn killed_rank_restarts_the_job_and_it_ends_bit_exact() {
         want,
         "the restarted job diverged from the uninterrupted one\n{stdout}"
     );
+}
+
+/// The shared location on S3 (the bundled server), as a job on a cluster
+/// without a shared file system would run: a killed rank restarts the job,
+/// every rank restores the same step from the bucket, bit-exact.
+#[test]
+fn killed_rank_restarts_the_job_from_s3_and_it_ends_bit_exact() {
+    let Some(s3) = common::s3s::Bundled::get("killed_rank_restarts_the_job_from_s3") else {
+        return;
+    };
+    let want = reference();
+    let loc = s3.location("multi-rank");
+    let out = launch_at(
+        loc.as_ref(),
+        "--no-peer",
+        &["--kill-rank", "1", "--kill-at-step", "23"],
+        Duration::from_secs(90),
+        &[
+            ("AWS_ENDPOINT_URL", &s3.endpoint),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    assert!(out.status.success(), "killed run failed\n{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("restarts: 1"), "{stdout}");
+    let tail = stdout
+        .rsplit_once("restarting all 4 ranks")
+        .unwrap_or_else(|| panic!("no restart:\n{stdout}"))
+        .1;
+    let steps: Vec<&str> = (0..4)
+        .map(|r| {
+            let prefix = format!("rank {r}: restored step ");
+            let line = tail
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("rank {r} did not restore:\n{stdout}"));
+            let (step, from) = line[prefix.len()..]
+                .split_once(" from ")
+                .expect("`from` in restore line");
+            assert!(from.starts_with(&loc), "rank {r} restored from {from}");
+            step
+        })
+        .collect();
+    assert!(steps.iter().all(|s| *s == steps[0]), "{steps:?}");
+    assert_eq!(digest(&out), want, "diverged\n{stdout}");
 }
 
 #[test]

@@ -61,3 +61,40 @@ fn crash_and_resume_is_bit_exact() {
         "resumed run diverged from the uninterrupted run"
     );
 }
+
+/// The same promise through an `s3://` location on the bundled server, as
+/// README's quickstart command runs it.
+#[test]
+fn crash_and_resume_is_bit_exact_on_s3() {
+    let Some(s3) = common::s3s::Bundled::get("crash_and_resume_is_bit_exact_on_s3") else {
+        return;
+    };
+    let qs = example("quickstart");
+    let loc = s3.location("quickstart-resume");
+    let args = ["--steps", "60", "--every", "10", "--state-mb", "2"];
+    let clean = tempfile::tempdir().expect("tempdir");
+    let want = digest(&run(Command::new(&qs)
+        .arg("--dir")
+        .arg(clean.path())
+        .args(args)
+        .arg("--quiet")));
+    let mut first = Command::new(&qs);
+    s3.env(&mut first);
+    let first = run(first.args(["--dir", &loc]).args(args).args(["--crash-at-step", "43"]));
+    assert!(!first.status.success(), "the crashing run must die");
+    let mut again = Command::new(&qs);
+    s3.env(&mut again);
+    let resumed = run(again.args(["--dir", &loc]).args(args));
+    let out = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(
+        out.contains(&format!("resumed from step 40 on {loc}"))
+            || out.contains(&format!("resumed from step 30 on {loc}")),
+        "{out}"
+    );
+    assert_eq!(digest(&resumed), want, "resumed run diverged");
+}

@@ -152,3 +152,73 @@ fn bad_arguments_are_named() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--fractions"));
 }
+
+#[path = "../../tests/common/s3s.rs"]
+mod s3s;
+
+/// `flush` and `restore` with `--tier s3`, on the bundled S3 server.
+#[test]
+fn flush_and_restore_on_s3() {
+    let Some(s3) = s3s::Bundled::get("flush_and_restore_on_s3") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = s3.location("bench");
+    for sub in ["flush", "restore"] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"));
+        s3.env(&mut cmd);
+        let out = cmd
+            .args([sub, "--tier", "s3", "--s3-url", &url])
+            .args(["--state-bytes", "16M", "--tensors", "4", "--iters", "2", "--json", "--dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run ckpt-bench");
+        assert!(
+            out.status.success(),
+            "ckpt-bench {sub} --tier s3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(
+            out.stdout
+                .split(|b| *b == b'\n')
+                .next()
+                .expect("a line"),
+        )
+        .expect("json");
+        let key = if sub == "flush" { "durable_s" } else { "restore_s" };
+        assert!(num(&v, key) > 0.0, "{v}");
+    }
+}
+
+/// README's `ckpt-bench plan` command prints README's table.
+#[test]
+fn readme_plan_command_prints_the_readme_table() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let (cmd_line, rest) = readme
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.starts_with("$ cargo run --release -p ckpt-bench -- plan"))
+        .map(|(i, l)| (l.to_string(), readme.lines().skip(i + 1)))
+        .expect("README shows a `ckpt-bench plan` command");
+    let args: Vec<&str> = cmd_line
+        .split_once(" -- ")
+        .expect("args after --")
+        .1
+        .split_whitespace()
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"))
+        .args(&args)
+        .output()
+        .expect("run ckpt-bench plan");
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let shown: Vec<&str> = rest.take_while(|l| !l.starts_with("```")).collect();
+    assert!(shown.len() >= 5, "README's plan table: {shown:?}");
+    for line in shown {
+        assert!(
+            printed.lines().any(|p| p.trim_end() == line.trim_end()),
+            "README shows `{line}`, ckpt-bench prints:\n{printed}"
+        );
+    }
+}

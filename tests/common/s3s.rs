@@ -114,3 +114,57 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// The S3 server the test command started (`scripts/s3-server.sh`, whose
+/// env file sets `CKPT_TEST_S3_*` and the `AWS_*` credentials).
+pub struct Bundled {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The test bucket.
+    pub bucket: String,
+}
+
+impl Bundled {
+    /// The bundled server, or `None` (after saying why) when the tests run
+    /// without one; a failure instead with `CKPT_REQUIRE_S3=1`.
+    pub fn get(test: &str) -> Option<Self> {
+        let endpoint = std::env::var("CKPT_TEST_S3_ENDPOINT").ok();
+        let bucket = std::env::var("CKPT_TEST_S3_BUCKET").ok();
+        let keys = std::env::var("AWS_ACCESS_KEY_ID").is_ok()
+            && std::env::var("AWS_SECRET_ACCESS_KEY").is_ok();
+        match (endpoint, bucket) {
+            (Some(endpoint), Some(bucket)) if keys => Some(Self { endpoint, bucket }),
+            _ => {
+                let why = format!(
+                    "{test}: SKIPPED: no S3 server configured (CKPT_TEST_S3_ENDPOINT, \
+                     CKPT_TEST_S3_BUCKET, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); run \
+                     `scripts/s3-server.sh start` and `source target/s3-test-server.env`"
+                );
+                assert!(!require_s3(), "CKPT_REQUIRE_S3=1 but {why}");
+                eprintln!("{why}");
+                None
+            }
+        }
+    }
+
+    /// A location no other test (or earlier run) uses.
+    pub fn location(&self, test: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!(
+            "s3://{}/ckpt-tests/{test}-{}-{nanos}",
+            self.bucket,
+            std::process::id()
+        )
+    }
+
+    /// The environment of a user pointed at this server (credentials are
+    /// inherited).
+    pub fn env(&self, cmd: &mut Command) {
+        cmd.env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_REGION", "us-east-1");
+    }
+}
