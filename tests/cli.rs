@@ -55,9 +55,20 @@ impl Loc {
 }
 
 fn write_checkpoints(loc: &Loc) {
-    let out = run(loc.cmd(example("quickstart")).args(["--dir", &loc.loc]).args([
-        "--steps", "30", "--every", "10", "--state-mb", "1", "--keep", "5", "--quiet",
-    ]));
+    let out = run(loc
+        .cmd(example("quickstart"))
+        .args(["--dir", &loc.loc])
+        .args([
+            "--steps",
+            "30",
+            "--every",
+            "10",
+            "--state-mb",
+            "1",
+            "--keep",
+            "5",
+            "--quiet",
+        ]));
     assert!(
         out.status.success(),
         "{}",
@@ -74,7 +85,11 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
     write_checkpoints(loc);
 
     let ls = loc.ckpt(&["ls", "--json"]);
-    assert!(ls.status.success(), "{}", String::from_utf8_lossy(&ls.stderr));
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
     let rows: Vec<serde_json::Value> = stdout(&ls)
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
@@ -90,7 +105,13 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
         && r["bytes"].as_u64().expect("bytes") > 1 << 20));
     let table = loc.ckpt(&["ls"]);
     assert!(table.status.success());
-    assert_eq!(stdout(&table).lines().filter(|l| l.starts_with("quickstart ")).count(), 3);
+    assert_eq!(
+        stdout(&table)
+            .lines()
+            .filter(|l| l.starts_with("quickstart "))
+            .count(),
+        3
+    );
 
     let inspect = loc.ckpt(&["inspect", "--step", "20", "--json"]);
     assert!(inspect.status.success());
@@ -102,7 +123,11 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
         20 * 32
     );
     let text = loc.ckpt(&["inspect"]);
-    assert!(stdout(&text).contains("run quickstart  step 30"), "{}", stdout(&text));
+    assert!(
+        stdout(&text).contains("run quickstart  step 30"),
+        "{}",
+        stdout(&text)
+    );
 
     let verify = loc.ckpt(&["verify", "--all"]);
     assert!(verify.status.success(), "{}", stdout(&verify));
@@ -112,7 +137,13 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
     // reference safetensors reader opens, with the checkpoint's bytes.
     let out_dir = tempfile::tempdir().expect("tempdir");
     let out = out_dir.path().join("export.safetensors");
-    let export = loc.ckpt(&["export", "--step", "30", "--out", out.to_str().expect("utf-8")]);
+    let export = loc.ckpt(&[
+        "export",
+        "--step",
+        "30",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
     assert!(
         export.status.success(),
         "{}",
@@ -131,7 +162,11 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
 
     // gc keeps the newest N.
     let gc = loc.ckpt(&["gc", "--keep-last", "1"]);
-    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
     let ls = loc.ckpt(&["ls", "--json"]);
     assert_eq!(stdout(&ls).lines().count(), 1);
     assert!(stdout(&ls).contains("\"step\":30"), "{}", stdout(&ls));
@@ -271,7 +306,10 @@ fn read_only_commands_on_a_missing_location_fail_and_create_nothing() {
             err.contains(missing_s) && err.contains("no such directory"),
             "ckpt {args:?} must name the location: {err}"
         );
-        assert!(!parent.path().join("no").exists(), "ckpt {args:?} created a directory");
+        assert!(
+            !parent.path().join("no").exists(),
+            "ckpt {args:?} created a directory"
+        );
         assert!(!out_file.exists(), "ckpt {args:?} wrote {out_s}");
     }
     // A file is not a location either.
@@ -338,17 +376,37 @@ fn one_flipped_byte_is_caught(file: &str, from: &str, to: &str, names: &str) {
 
     let verify = loc.ckpt(&["verify", "--all"]);
     let text = stdout(&verify);
-    assert_eq!(verify.status.code(), Some(1), "verify passed a flipped byte: {text}");
+    assert_eq!(
+        verify.status.code(),
+        Some(1),
+        "verify passed a flipped byte: {text}"
+    );
     assert!(text.contains("FAILED quickstart step 30"), "{text}");
-    assert!(text.contains(names), "the failure must name {names}: {text}");
+    assert!(
+        text.contains(names),
+        "the failure must name {names}: {text}"
+    );
     assert!(text.contains("ok     quickstart step 20"), "{text}");
 
-    let args = ["--steps", "40", "--every", "10", "--state-mb", "1", "--keep", "5"];
+    let args = [
+        "--steps",
+        "40",
+        "--every",
+        "10",
+        "--state-mb",
+        "1",
+        "--keep",
+        "5",
+    ];
     let resumed = run(Command::new(example("quickstart"))
         .args(["--dir", &loc.loc])
         .args(args));
     let out = stdout(&resumed);
-    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
     assert!(out.contains("resumed from step 20"), "{out}");
     assert!(out.contains("skipped: step Some(30)"), "{out}");
     let clean = Loc::dir();

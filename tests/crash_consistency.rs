@@ -1,13 +1,22 @@
-//! SIGKILL a process that is writing checkpoints, at random moments, many
-//! times; after every kill, restore must return a fully verified committed
-//! checkpoint, never a partial one, and the run must be able to go on.
+//! SIGKILL a process that is writing checkpoints, many times, in every
+//! phase of a save and of a restore; after every kill, every committed step
+//! must verify, restore must return the newest committed checkpoint without
+//! falling back, and the run must be able to go on.
+//!
+//! Kills are aimed: the child logs the start of each phase (`ckpt::phase`
+//! events: restore, stage, flush, commit, gc) and each kill waits for one
+//! of them (round robin, plus unaimed kills at random moments), then kills
+//! within the next 0–2 ms, so every phase is hit.
 //!
 //! `CKPT_CRASH_KILLS` sets the number of kills (default 20); `CKPT_CRASH_SEED`
 //! replays a schedule.
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::io::BufRead;
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ckpt::{DType, LocalTier, TensorMut, Tier, checked_nbytes, store, verify};
@@ -41,7 +50,10 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
     let mut last_step = 0u64;
     let mut restored_steps = Vec::new();
 
+    const AIMS: [&str; 6] = ["restore", "stage", "flush", "commit", "gc", "anywhere"];
+    let mut landed: BTreeMap<&str, u32> = BTreeMap::new();
     for kill in 0..kills {
+        let aim = AIMS[kill as usize % AIMS.len()];
         let mut child = Command::new(&qs)
             .arg("--dir")
             .arg(dir.path())
@@ -56,25 +68,56 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
                 "2",
                 "--quiet",
             ])
+            .env("CKPT_LOG", "warn,ckpt::phase=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn quickstart");
-        let delay = Duration::from_millis(rng.range(40, 700));
-        std::thread::sleep(delay);
+        let (tx, rx) = mpsc::channel::<String>();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(p) = phase_of(&line)
+                    && tx.send(p).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let delay = if aim == "anywhere" {
+            let d = Duration::from_millis(rng.range(40, 700));
+            std::thread::sleep(d);
+            d
+        } else {
+            // The 1st to 3rd time the phase starts (restore: only once).
+            let nth = if aim == "restore" { 1 } else { rng.range(1, 4) };
+            let start = Instant::now();
+            let mut seen = 0;
+            while seen < nth {
+                match rx.recv_timeout(Duration::from_secs(20)) {
+                    Ok(p) if p == aim => seen += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("kill {kill}: no `{aim}` phase within 20 s: {e}"),
+                }
+            }
+            std::thread::sleep(Duration::from_micros(rng.range(0, 2000)));
+            start.elapsed()
+        };
         child.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
         let status = child.wait().expect("reap");
         assert!(
             !status.success(),
             "kill {kill}: the child must have been killed"
         );
+        *landed.entry(aim).or_default() += 1;
 
         // Every committed step verifies completely.
         let steps = rt
             .block_on(store::committed_steps(&tier, "quickstart"))
             .expect("list");
         let Some(&newest) = steps.last() else {
-            eprintln!("kill {kill} after {delay:?}: nothing committed yet");
+            eprintln!("kill {kill} ({aim}) after {delay:?}: nothing committed yet");
             continue;
         };
         for &s in &steps {
@@ -133,7 +176,16 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
         );
         last_step = newest;
         restored_steps.push(newest);
-        eprintln!("kill {kill} after {delay:?}: committed {steps:?}, restored step {newest}");
+        eprintln!(
+            "kill {kill} ({aim}) after {delay:?}: committed {steps:?}, restored step {newest}"
+        );
+    }
+    eprintln!("kills per phase: {landed:?}");
+    if kills as usize >= AIMS.len() {
+        assert!(
+            AIMS.iter().all(|a| landed.get(a).copied().unwrap_or(0) > 0),
+            "some phase was never hit: {landed:?}"
+        );
     }
     assert!(
         restored_steps.len() as u32 >= kills / 2,
@@ -158,4 +210,28 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
                 .is_some_and(|(_, s, _)| s >= newest.saturating_sub(3 * 2))),
         "gc left old leftovers: {left:?}"
     );
+}
+
+/// The phase name of a `ckpt::phase` log line (`phase="flush"`), with any
+/// terminal colours stripped.
+fn phase_of(line: &str) -> Option<String> {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI ... final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    if !plain.contains("ckpt::phase") {
+        return None;
+    }
+    let rest = plain.split_once("phase=\"")?.1;
+    Some(rest.split('"').next()?.to_string())
 }

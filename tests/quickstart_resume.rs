@@ -80,7 +80,10 @@ fn crash_and_resume_is_bit_exact_on_s3() {
         .arg("--quiet")));
     let mut first = Command::new(&qs);
     s3.env(&mut first);
-    let first = run(first.args(["--dir", &loc]).args(args).args(["--crash-at-step", "43"]));
+    let first = run(first
+        .args(["--dir", &loc])
+        .args(args)
+        .args(["--crash-at-step", "43"]));
     assert!(!first.status.success(), "the crashing run must die");
     let mut again = Command::new(&qs);
     s3.env(&mut again);

@@ -169,7 +169,16 @@ fn flush_and_restore_on_s3() {
         s3.env(&mut cmd);
         let out = cmd
             .args([sub, "--tier", "s3", "--s3-url", &url])
-            .args(["--state-bytes", "16M", "--tensors", "4", "--iters", "2", "--json", "--dir"])
+            .args([
+                "--state-bytes",
+                "16M",
+                "--tensors",
+                "4",
+                "--iters",
+                "2",
+                "--json",
+                "--dir",
+            ])
             .arg(dir.path())
             .output()
             .expect("run ckpt-bench");
@@ -178,14 +187,14 @@ fn flush_and_restore_on_s3() {
             "ckpt-bench {sub} --tier s3: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: Value = serde_json::from_slice(
-            out.stdout
-                .split(|b| *b == b'\n')
-                .next()
-                .expect("a line"),
-        )
-        .expect("json");
-        let key = if sub == "flush" { "durable_s" } else { "restore_s" };
+        let v: Value =
+            serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().expect("a line"))
+                .expect("json");
+        let key = if sub == "flush" {
+            "durable_s"
+        } else {
+            "restore_s"
+        };
         assert!(num(&v, key) > 0.0, "{v}");
     }
 }

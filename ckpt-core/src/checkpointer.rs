@@ -781,6 +781,7 @@ impl Checkpointer {
         }
 
         // The math-stop: copy (host memcpy, device DMA) + checksum.
+        crate::phase("stage", step);
         let sink = |k: usize, b: Bytes| {
             let _ = stage_tx.send(StageMsg::Block(k, b));
         };

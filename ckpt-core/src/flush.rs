@@ -352,6 +352,7 @@ async fn run_tier(
         tokio::time::sleep(job.policy.stagger * ctx.rank).await;
     }
     let data_path = ctx.data_path();
+    crate::phase("flush", ctx.step);
     let mut writer = tier.create(&data_path).await?;
     let mut written: u64 = 0;
     let rate_start = Instant::now();
@@ -385,6 +386,7 @@ async fn run_tier(
     }
     writer.finish().await?;
     *flush = start.elapsed();
+    crate::phase("commit", ctx.step);
     tier.put(
         &own_manifest,
         Bytes::from(rank_manifest.to_json()?),
@@ -400,6 +402,7 @@ async fn run_tier(
         )
         .await?;
         *committed_at = Some(start.elapsed());
+        crate::phase("gc", ctx.step);
         match store::gc(tier, &ctx.run, &job.policy.retention).await {
             Ok(r) if !r.deleted_steps.is_empty() || !r.removed_leftovers.is_empty() => {
                 tracing::debug!(tier = %tier.location(), deleted = ?r.deleted_steps, leftovers = ?r.removed_leftovers, "retention");

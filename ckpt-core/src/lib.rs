@@ -63,6 +63,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod checkpointer;
+
+/// Marks the start of a phase of a save or restore with a `tracing` event
+/// of target `ckpt::phase` (level debug): `CKPT_LOG=ckpt::phase=debug`
+/// shows where a process spends its time, and the crash test uses it to
+/// kill processes in every phase.
+pub(crate) fn phase(name: &'static str, step: u64) {
+    tracing::debug!(target: "ckpt::phase", phase = name, step);
+}
 pub mod checksum;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -126,6 +126,7 @@ pub fn restore(
     opts: &RestoreOptions,
 ) -> Result<Option<Restored>> {
     let start = Instant::now();
+    crate::phase("restore", opts.step.unwrap_or(0));
     let mut skipped = Vec::new();
     let mut unlisted = Vec::new();
     let mut steps_per_tier = Vec::with_capacity(tiers.len());

@@ -110,7 +110,10 @@ impl Fixture {
         self.reset();
         assert!(self.tier.tamper(path, |b| b[at] ^= mask));
         let verified = match self.rt.block_on(store::load_manifest(&self.tier, RUN, 2)) {
-            Ok(m) => self.rt.block_on(verify::verify_step(&self.tier, &m)).is_ok(),
+            Ok(m) => self
+                .rt
+                .block_on(verify::verify_step(&self.tier, &m))
+                .is_ok(),
             Err(_) => false,
         };
         let (mut w, mut m) = (vec![0f32; 5120], vec![0f32; 5120]);
@@ -146,7 +149,10 @@ impl Fixture {
                 Outcome::Harmless
             }
             1 => {
-                assert!(!verified, "{what}: verify passes but restore skipped step 2");
+                assert!(
+                    !verified,
+                    "{what}: verify passes but restore skipped step 2"
+                );
                 assert!(
                     r.skipped.iter().any(|s| s.step == Some(2)),
                     "{what}: {:?}",
@@ -161,7 +167,9 @@ impl Fixture {
 
 /// A deterministic non-zero byte for position `at`.
 fn mask(at: usize, salt: u64) -> u8 {
-    let mut z = (at as u64).wrapping_add(salt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut z = (at as u64)
+        .wrapping_add(salt)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
     z ^= z >> 29;
     (z as u8) | 1
 }

@@ -363,3 +363,12 @@ async fn small_objects_are_one_put_large_ones_bounded_multipart() {
         .collect();
     assert_eq!(listed.len(), 2, "{listed:?}");
 }
+
+/// The conformance suite every tier passes, over `object_store`'s
+/// `InMemory` store (which honours conditional puts): the object tier is
+/// checked even where no S3 server runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite_on_in_memory_store() {
+    let (_store, tier) = mem_tier(true);
+    crate::conformance::run_all(Arc::new(tier)).await;
+}
