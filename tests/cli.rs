@@ -54,21 +54,14 @@ impl Loc {
     }
 }
 
+/// The quickstart's flags in these tests, but for `--steps`.
+const QS: [&str; 6] = ["--every", "10", "--state-mb", "1", "--keep", "5"];
+
 fn write_checkpoints(loc: &Loc) {
     let out = run(loc
         .cmd(example("quickstart"))
-        .args(["--dir", &loc.loc])
-        .args([
-            "--steps",
-            "30",
-            "--every",
-            "10",
-            "--state-mb",
-            "1",
-            "--keep",
-            "5",
-            "--quiet",
-        ]));
+        .args(["--dir", &loc.loc, "--steps", "30", "--quiet"])
+        .args(QS));
     assert!(
         out.status.success(),
         "{}",
@@ -235,16 +228,8 @@ fn verify_names_the_file_and_chunk_of_a_corruption() {
     let out = run(Command::new(example("quickstart"))
         .arg("--dir")
         .arg(dir.path())
-        .args([
-            "--steps",
-            "30",
-            "--every",
-            "10",
-            "--state-mb",
-            "1",
-            "--keep",
-            "5",
-        ]));
+        .args(["--steps", "30"])
+        .args(QS));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -388,19 +373,9 @@ fn one_flipped_byte_is_caught(file: &str, from: &str, to: &str, names: &str) {
     );
     assert!(text.contains("ok     quickstart step 20"), "{text}");
 
-    let args = [
-        "--steps",
-        "40",
-        "--every",
-        "10",
-        "--state-mb",
-        "1",
-        "--keep",
-        "5",
-    ];
     let resumed = run(Command::new(example("quickstart"))
-        .args(["--dir", &loc.loc])
-        .args(args));
+        .args(["--dir", &loc.loc, "--steps", "40"])
+        .args(QS));
     let out = stdout(&resumed);
     assert!(
         resumed.status.success(),
@@ -411,9 +386,8 @@ fn one_flipped_byte_is_caught(file: &str, from: &str, to: &str, names: &str) {
     assert!(out.contains("skipped: step Some(30)"), "{out}");
     let clean = Loc::dir();
     let reference = run(Command::new(example("quickstart"))
-        .args(["--dir", &clean.loc])
-        .args(args)
-        .arg("--quiet"));
+        .args(["--dir", &clean.loc, "--steps", "40", "--quiet"])
+        .args(QS));
     assert_eq!(common::digest(&resumed), common::digest(&reference));
 }
 

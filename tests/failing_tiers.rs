@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::s3s::{Server, free_port, s3s_fs_binary};
+use common::tmpfs::Tmpfs;
 use common::{Events, digest, example, median, run};
 use serde_json::Value;
 
@@ -285,24 +286,37 @@ fn spawn_quickstart(dirs: &[&str], server: &Server) -> Events {
     Events::spawn(&mut cmd)
 }
 
-#[test]
-fn s3_outage_does_not_stall_training_and_loses_nothing() {
-    const TEST: &str = "s3_outage_does_not_stall_training_and_loses_nothing";
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((mut server, _data)) = start_s3(TEST) else {
-        return;
-    };
+/// Runs the quickstart on `dirs` (the last one on S3) through a 10 s
+/// outage of its S3 server; checks the run ended bit-exact, the loop did
+/// not slow down and S3 failed, then recovered. Returns the events, the
+/// outage's times and the server (still up, for verification).
+fn run_through_outage(
+    test: &str,
+    dirs: &[&str],
+) -> Option<(Events, Outage, Server, tempfile::TempDir)> {
+    let (mut server, data) = start_s3(test)?;
     let want = outage_reference();
-    let s3 = "s3://ckpt/outage";
-    let mut ev = spawn_quickstart(&[s3], &server);
+    let s3 = *dirs.last().expect("an S3 location");
+    let mut ev = spawn_quickstart(dirs, &server);
     let outage = Outage::inject(&mut ev, &mut server, s3, 3, Duration::from_secs(10));
     let status = ev.finish(Duration::from_secs(120));
     assert!(status.success(), "the run failed: {status}");
     assert_eq!(final_digest(&ev), want, "the run diverged");
-
     let [healthy, down, _] = outage.phases(&ev);
     assert_loop_unaffected(&healthy, &down);
     assert_s3_failed_then_recovered(&ev, &outage, s3);
+    Some((ev, outage, server, data))
+}
+
+#[test]
+fn s3_outage_does_not_stall_training_and_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s3 = "s3://ckpt/outage";
+    let Some((ev, _outage, server, _data)) =
+        run_through_outage("s3_outage_does_not_stall_training_and_loses_nothing", &[s3])
+    else {
+        return;
+    };
     // The handle's own error: typed, naming the step.
     for (_, d) in ev.of("durable") {
         if tier_of(&d, s3)["committed"] == false {
@@ -316,24 +330,17 @@ fn s3_outage_does_not_stall_training_and_loses_nothing() {
 
 #[test]
 fn s3_outage_with_a_local_tier_keeps_committing_locally() {
-    const TEST: &str = "s3_outage_with_a_local_tier_keeps_committing_locally";
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((mut server, _data)) = start_s3(TEST) else {
-        return;
-    };
-    let want = outage_reference();
     let local = tempfile::tempdir().expect("tempdir");
     let local_loc = local.path().to_str().expect("utf-8 path").to_string();
     let s3 = "s3://ckpt/mirror";
-    let mut ev = spawn_quickstart(&[&local_loc, s3], &server);
-    let outage = Outage::inject(&mut ev, &mut server, s3, 3, Duration::from_secs(10));
-    let status = ev.finish(Duration::from_secs(120));
-    assert!(status.success(), "the run failed: {status}");
-    assert_eq!(final_digest(&ev), want, "the run diverged");
-
+    let Some((ev, outage, server, _data)) = run_through_outage(
+        "s3_outage_with_a_local_tier_keeps_committing_locally",
+        &[&local_loc, s3],
+    ) else {
+        return;
+    };
     let [healthy, down, _] = outage.phases(&ev);
-    assert_loop_unaffected(&healthy, &down);
-    assert_s3_failed_then_recovered(&ev, &outage, s3);
     // The local tier committed every save, and on time.
     let local_tier = Path::new(&local_loc)
         .canonicalize()
@@ -369,40 +376,6 @@ fn s3_outage_with_a_local_tier_keeps_committing_locally() {
     );
     assert_verifies(&local_loc, None, 3);
     assert_verifies(s3, Some(&server), 3);
-}
-
-/// A tmpfs of `mb` MiB on a temp dir, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(mb: u32) -> Result<Self, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
 }
 
 /// Fills the file system holding `path` with `path` itself.

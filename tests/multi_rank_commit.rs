@@ -145,11 +145,16 @@ fn reference() -> &'static str {
 /// The step every rank restored from in the last incarnation, checking
 /// that all four name the same step and the shared directory.
 fn restored_step(stdout: &str, dir: &Path, after: &str) -> u64 {
+    let dir = dir.canonicalize().expect("canonical dir");
+    restored_step_at(stdout, &dir.display().to_string(), after)
+}
+
+/// As [`restored_step`], for any shared location.
+fn restored_step_at(stdout: &str, location: &str, after: &str) -> u64 {
     let tail = stdout
         .rsplit_once(after)
         .unwrap_or_else(|| panic!("no {after:?} in output:\n{stdout}"))
         .1;
-    let dir = dir.canonicalize().expect("canonical dir");
     let steps: Vec<u64> = (0..4)
         .map(|r| {
             let prefix = format!("rank {r}: restored step ");
@@ -160,9 +165,8 @@ fn restored_step(stdout: &str, dir: &Path, after: &str) -> u64 {
             let rest = &line[prefix.len()..];
             let (step, from) = rest.split_once(" from ").expect("`from` in restore line");
             assert!(
-                from.starts_with(&dir.display().to_string()),
-                "rank {r} restored from {from}, expected the shared directory {}",
-                dir.display()
+                from.starts_with(location),
+                "rank {r} restored from {from}, expected the shared location {location}"
             );
             step.parse().expect("restored step")
         })
@@ -257,25 +261,7 @@ fn killed_rank_restarts_the_job_from_s3_and_it_ends_bit_exact() {
     assert!(out.status.success(), "killed run failed\n{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(stdout.contains("restarts: 1"), "{stdout}");
-    let tail = stdout
-        .rsplit_once("restarting all 4 ranks")
-        .unwrap_or_else(|| panic!("no restart:\n{stdout}"))
-        .1;
-    let steps: Vec<&str> = (0..4)
-        .map(|r| {
-            let prefix = format!("rank {r}: restored step ");
-            let line = tail
-                .lines()
-                .find(|l| l.starts_with(&prefix))
-                .unwrap_or_else(|| panic!("rank {r} did not restore:\n{stdout}"));
-            let (step, from) = line[prefix.len()..]
-                .split_once(" from ")
-                .expect("`from` in restore line");
-            assert!(from.starts_with(&loc), "rank {r} restored from {from}");
-            step
-        })
-        .collect();
-    assert!(steps.iter().all(|s| *s == steps[0]), "{steps:?}");
+    restored_step_at(&stdout, &loc, "restarting all 4 ranks");
     assert_eq!(digest(&out), want, "diverged\n{stdout}");
 }
 

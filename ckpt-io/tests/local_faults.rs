@@ -638,53 +638,14 @@ fn immutable_run_directory_fails_the_save_and_keeps_checkpoints() {
 
 // ------------------------------------------------------------- disk full
 
-/// A tmpfs of 4 MiB mounted on a temp dir, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount() -> Result<Self, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
-    }
-}
+#[path = "../../tests/common/tmpfs.rs"]
+mod tmpfs;
+use tmpfs::Tmpfs;
 
 #[test]
 fn full_disk_during_flush_fails_the_save_and_keeps_checkpoints() {
     const TEST: &str = "full_disk_during_flush_fails_the_save_and_keeps_checkpoints";
-    let disk = match Tmpfs::mount() {
+    let disk = match Tmpfs::mount(4) {
         Ok(d) => d,
         Err(why) => {
             eprintln!("SKIPPED {TEST}: needs a 4 MiB tmpfs: {why}");

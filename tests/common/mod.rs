@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod s3s;
+pub mod tmpfs;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
