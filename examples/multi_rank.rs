@@ -53,7 +53,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use ckpt::{
     Capabilities, Checkpointer, ObjectMeta, PutMode, SaveHandle, ShardSpec, TensorMut, TensorRef,
-    TensorView, Tier, TierPolicy, TierWriter, TrainingState, layout, store,
+    TensorView, Tier, TierPolicy, TierWriter, TrainingState, format::layout, store,
 };
 use clap::Parser;
 use serde::{Deserialize, Serialize};

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ckpt::{DType, LocalTier, TensorMut, Tier, checked_nbytes, store, verify};
+use ckpt::{DType, LocalTier, TensorMut, Tier, checked_nbytes, store, verify_step};
 use common::{TestRng, example};
 
 #[test]
@@ -124,7 +124,7 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
             let m = rt
                 .block_on(store::load_manifest(&tier, "quickstart", s))
                 .unwrap_or_else(|e| panic!("kill {kill}: step {s} committed but unreadable: {e}"));
-            let report = rt.block_on(verify::verify_step(&tier, &m));
+            let report = rt.block_on(verify_step(&tier, &m));
             assert!(
                 report.is_ok(),
                 "kill {kill} (seed {seed}): committed step {s} does not verify: {:?}",
@@ -206,7 +206,7 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
     assert!(
         left.iter()
             .filter(|o| !o.path.contains("/events/"))
-            .all(|o| ckpt::layout::parse_path(&o.path)
+            .all(|o| ckpt::format::layout::parse_path(&o.path)
                 .is_some_and(|(_, s, _)| s >= newest.saturating_sub(3 * 2))),
         "gc left old leftovers: {left:?}"
     );

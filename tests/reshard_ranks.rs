@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ckpt::{
     Checkpointer, DType, Error, LocalTier, MemoryTier, RestoreOptions, Restored, SaveReport,
-    ShardSpec, TensorMut, TensorRef, TensorView, Tier, TierPolicy, TrainingState, layout, store,
-    verify,
+    ShardSpec, TensorMut, TensorRef, TensorView, Tier, TierPolicy, TrainingState, format::layout,
+    store, verify_step,
 };
 use proptest::prelude::*;
 
@@ -321,7 +321,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         .block_on(store::load_manifest(tier.as_ref(), RUN, case.step))
         .expect("manifest");
     prop_assert_eq!(manifest.world_size, n);
-    let report = rt.block_on(verify::verify_step(tier.as_ref(), &manifest));
+    let report = rt.block_on(verify_step(tier.as_ref(), &manifest));
     prop_assert!(report.is_ok(), "{:?}", report.failures);
 
     // M ranks restore their split, concurrently.
@@ -630,7 +630,7 @@ fn a_tensor_smaller_than_the_world_commits_with_empty_pieces() {
     let m = rt
         .block_on(store::load_manifest(tier.as_ref(), RUN, 1))
         .expect("manifest");
-    assert!(rt.block_on(verify::verify_step(tier.as_ref(), &m)).is_ok());
+    assert!(rt.block_on(verify_step(tier.as_ref(), &m)).is_ok());
     // Restored whole, and by 3 ranks along the columns.
     let reader = checkpointer(&rt, &tier, 0, 1, "x", Duration::from_secs(5));
     let (_, bufs) = restore_pieces(

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use ckpt_core::{Checkpointer, TensorViewMut, TierPolicy, layout};
+use ckpt_core::{Checkpointer, TensorViewMut, TierPolicy, format::layout};
 use clap::Args;
 use serde_json::json;
 

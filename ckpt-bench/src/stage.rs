@@ -55,7 +55,7 @@ pub(crate) fn blocking_save(dir: &Path, tensors: &[Vec<u8>], step: u64) -> std::
         .iter()
         .map(|(n, s)| (n.as_str(), ckpt_core::DType::F32, s.as_slice()))
         .collect();
-    let layout = ckpt_core::shard_file::layout(&specs_ref, &Default::default())
+    let layout = ckpt_core::format::shard_file::layout(&specs_ref, &Default::default())
         .map_err(std::io::Error::other)?;
     let path = dir.join(format!("blocking-{step}.safetensors"));
     let mut f = std::fs::File::create(&path)?;

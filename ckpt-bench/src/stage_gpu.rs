@@ -4,8 +4,8 @@
 //! pageable device-to-host for reference, all in one run. The saved bytes
 //! are restored to host memory and compared with the source.
 
+use ckpt_core::cuda::PinnedBuffer;
 use ckpt_core::cuda::{CudaDevice, DeviceBuffer, DeviceTensor};
-use ckpt_core::staging::PinnedBuffer;
 use ckpt_core::{DType, TensorMut, TensorView, TensorViewMut};
 use serde_json::json;
 

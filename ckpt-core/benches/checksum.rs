@@ -7,7 +7,7 @@
 
 use std::hint::black_box;
 
-use ckpt_core::checksum::{ChunkedCrc, DEFAULT_CHUNK_SIZE, chunk_crcs, verify_chunks};
+use ckpt_core::format::checksum::{ChunkedCrc, DEFAULT_CHUNK_SIZE, chunk_crcs, verify_chunks};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const LEN: usize = 64 << 20;

@@ -51,11 +51,12 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{result, sys};
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::spec::{ShardSpec, TensorSpec};
-use crate::stage::DeviceCopy;
-use crate::state::{DeviceSource, TensorView};
+use crate::model::dtype::DType;
+use crate::model::spec::{ShardSpec, TensorSpec};
+use crate::model::state::{DeviceSource, TensorView};
+use crate::save::copy::DeviceCopy;
+pub use crate::save::pool::PinnedBuffer;
 
 /// The driver library probed before cudarc is first called; cudarc's own
 /// loader panics when it finds no driver, so it is never reached then.
@@ -250,7 +251,7 @@ impl CudaDevice {
 
     /// Copies each device range into its host buffer on the copy stream
     /// and returns once all of them have completed. Into page-locked memory
-    /// (a registered staging pool, a [`crate::staging::PinnedBuffer`]) the
+    /// (a registered staging pool, a [`PinnedBuffer`]) the
     /// copies are DMA; into pageable memory the driver bounces them.
     pub fn copy_to_host(&self, copies: &mut [(DeviceSource<'_>, &mut [u8])]) -> Result<()> {
         self.copy_to_host_while(copies, &mut || ())

@@ -63,6 +63,16 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod checkpointer;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+mod error;
+pub mod format;
+mod model;
+pub mod restore;
+mod save;
+pub mod schedule;
+pub mod store;
+mod tier;
 
 /// Marks the start of a phase of a save or restore with a `tracing` event
 /// of target `ckpt::phase` (level debug): `CKPT_LOG=ckpt::phase=debug`
@@ -71,46 +81,17 @@ mod checkpointer;
 pub(crate) fn phase(name: &'static str, step: u64) {
     tracing::debug!(target: "ckpt::phase", phase = name, step);
 }
-pub mod checksum;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-mod dtype;
-mod error;
-pub mod failure_events;
-mod flush;
-mod health;
-pub mod layout;
-pub mod manifest;
-mod memory;
-mod policy;
-pub mod reshard;
-pub mod restore;
-mod retention;
-mod save_handle;
-pub mod schedule;
-pub mod shard_file;
-mod spec;
-mod stage;
-pub mod staging;
-mod state;
-pub mod store;
-mod tier;
-pub mod verify;
 
 pub use checkpointer::{Checkpointer, CheckpointerBuilder};
-pub use dtype::DType;
 pub use error::{Error, Result, Source as ErrorSource, TierFailure};
-pub use health::{ProbeBackoff, TierStatus};
-pub use manifest::{Manifest, RankManifest};
-pub use memory::MemoryTier;
-pub use policy::{BusyPolicy, TierPolicy};
+pub use format::manifest::{Manifest, RankManifest};
+pub use model::*;
+pub use restore::verify::{VerifyReport, verify_step};
 pub use restore::{RestoreOptions, Restored, Skipped};
-pub use retention::Retention;
-pub use save_handle::{SaveHandle, SaveReport, TierReport};
-pub use spec::{ShardSpec, TensorSpec, checked_nbytes, checked_numel};
-pub use staging::StagingPool;
-pub use state::{
-    DeviceSource, LoopState, Pod, SharedTensor, StateTensor, TensorMut, TensorRef, TensorRole,
-    TensorView, TensorViewMut, TrainingState, TrainingStateBuilder, as_bytes, as_bytes_mut,
-};
+pub use save::handle::{SaveHandle, SaveReport, TierReport};
+pub use save::health::{ProbeBackoff, TierStatus};
+pub use save::policy::{BusyPolicy, TierPolicy};
+pub use save::pool::StagingPool;
+pub use store::retention::Retention;
+pub use tier::memory::MemoryTier;
 pub use tier::{Capabilities, ObjectMeta, PutMode, Tier, TierWriter};

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ckpt_core::{
     Checkpointer, MemoryTier, RestoreOptions, TensorMut, TensorRef, Tier, TierPolicy,
-    TrainingState, layout, store, verify,
+    TrainingState, format::layout, store, verify_step,
 };
 
 const RUN: &str = "flips";
@@ -110,10 +110,7 @@ impl Fixture {
         self.reset();
         assert!(self.tier.tamper(path, |b| b[at] ^= mask));
         let verified = match self.rt.block_on(store::load_manifest(&self.tier, RUN, 2)) {
-            Ok(m) => self
-                .rt
-                .block_on(verify::verify_step(&self.tier, &m))
-                .is_ok(),
+            Ok(m) => self.rt.block_on(verify_step(&self.tier, &m)).is_ok(),
             Err(_) => false,
         };
         let (mut w, mut m) = (vec![0f32; 5120], vec![0f32; 5120]);

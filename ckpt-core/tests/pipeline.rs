@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ckpt_core::{
     BusyPolicy, Checkpointer, DType, Error, MemoryTier, RestoreOptions, ShardSpec, SharedTensor,
-    TensorMut, TensorRef, TierPolicy, TrainingState, layout, store,
+    TensorMut, TensorRef, TierPolicy, TrainingState, format::layout, store,
 };
 
 fn data(n: usize, seed: u32) -> Vec<f32> {

@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 use ckpt_core::{
     Checkpointer, DType, Error, PutMode, RestoreOptions, Result, Retention, SharedTensor,
-    TensorMut, TensorRef, Tier, TierPolicy, TrainingState, layout, store, verify,
+    TensorMut, TensorRef, Tier, TierPolicy, TrainingState, format::layout, store, verify_step,
 };
 
 use crate::fault::{FaultTier, OpKind};
@@ -1009,7 +1009,7 @@ pub async fn checkpoint_round_trip(tier: &Arc<dyn Tier>, run: &str) {
             "load manifest",
             store::load_manifest(t, run, step).await,
         );
-        let v = verify::verify_step(t, &m).await;
+        let v = verify_step(t, &m).await;
         if !v.is_ok() || v.chunks_ok == 0 {
             fail(
                 t,

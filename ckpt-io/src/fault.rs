@@ -575,7 +575,7 @@ mod tests {
     use super::*;
     use ckpt_core::{
         Checkpointer, MemoryTier, RestoreOptions, Restored, SaveReport, TensorMut, TensorRef,
-        TierPolicy, TrainingState, layout, store,
+        TierPolicy, TrainingState, format::layout, store,
     };
 
     const N: usize = 10_000;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use ckpt_core::{
     Checkpointer, Error, Manifest, RestoreOptions, Restored, SaveReport, TensorMut, TensorRef,
-    Tier, TierPolicy, TrainingState, layout, store,
+    Tier, TierPolicy, TrainingState, format::layout, store,
 };
 use ckpt_io::LocalTier;
 
@@ -311,11 +311,11 @@ fn edit_manifest(s: &Store, step: u64, f: impl FnOnce(&mut serde_json::Value)) {
     let mut v: serde_json::Value =
         serde_json::from_slice(&fs::read(&path).expect("read manifest")).expect("parse manifest");
     if let Some(o) = v.as_object_mut() {
-        o.remove(ckpt_core::manifest::SEAL_KEY);
+        o.remove(ckpt_core::format::manifest::SEAL_KEY);
     }
     f(&mut v);
     let json = serde_json::to_vec_pretty(&v).expect("json");
-    fs::write(&path, ckpt_core::manifest::seal(&json)).expect("write manifest");
+    fs::write(&path, ckpt_core::format::manifest::seal(&json)).expect("write manifest");
 }
 
 /// The one tier error of a save that committed nowhere.

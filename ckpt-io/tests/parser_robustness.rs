@@ -9,7 +9,7 @@ use std::sync::{Arc, LazyLock};
 
 use ckpt_core::{
     Checkpointer, DType, Manifest, MemoryTier, RankManifest, ShardSpec, TensorRef, Tier,
-    TierPolicy, TrainingState, layout, shard_file,
+    TierPolicy, TrainingState, format::layout, format::shard_file,
 };
 use proptest::prelude::*;
 use serde_json::Value;
@@ -92,7 +92,7 @@ static SEEDS: LazyLock<Seeds> = LazyLock::new(|| {
 /// panics, and what parses serializes back to a document that parses
 /// again.
 fn parse_manifests(bytes: &[u8]) {
-    for doc in [bytes.to_vec(), ckpt_core::manifest::seal(bytes)] {
+    for doc in [bytes.to_vec(), ckpt_core::format::manifest::seal(bytes)] {
         if let Ok(m) = Manifest::parse("m", &doc) {
             let json = m.to_json().expect("serializes");
             Manifest::parse("m", &json).expect("a parsed manifest re-parses");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ckpt_core::{
     Checkpointer, Error, PutMode, ShardSpec, TensorMut, TensorRef, Tier, TierPolicy, TrainingState,
-    checksum, layout, store,
+    format::checksum, format::layout, store,
 };
 use ckpt_io::peer::protocol::{self, ErrorKind, HEADER_LEN, Header, Opcode};
 use ckpt_io::peer::{PeerConfig, PeerServer, PeerServerConfig, PeerServerHandle, PeerTier};

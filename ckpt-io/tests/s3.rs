@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use ckpt_core::{
     Checkpointer, Error, PutMode, SaveReport, TensorMut, TensorRef, Tier, TierPolicy,
-    TrainingState, layout,
+    TrainingState, format::layout,
 };
 use ckpt_io::object::object_store::{ObjectStoreExt, PutPayload, RetryConfig};
 use ckpt_io::{ObjectTier, ObjectTierConfig};

@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     // As read, and resealed so that mutations reach the JSON validation
     // behind the self-checksum.
-    for doc in [data.to_vec(), ckpt_core::manifest::seal(data)] {
+    for doc in [data.to_vec(), ckpt_core::format::manifest::seal(data)] {
         if let Ok(m) = Manifest::parse("MANIFEST.json", &doc) {
             let json = m.to_json().expect("a parsed manifest serializes");
             let again = Manifest::parse("MANIFEST.json", &json);

@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use ckpt_core::shard_file::parse_header;
+use ckpt_core::format::shard_file::parse_header;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use ckpt::{
-    DType, Error, Manifest, Result, Retention, TensorMut, Tier, layout, open_existing_location,
-    store, verify,
+    DType, Error, Manifest, Result, Retention, TensorMut, Tier, VerifyReport, format::layout,
+    open_existing_location, store, verify_step,
 };
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -253,8 +253,8 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
                 let mut bad = 0;
                 for s in steps {
                     let report = match store::load_manifest(tier.as_ref(), &run, s).await {
-                        Ok(m) => verify::verify_step(tier.as_ref(), &m).await,
-                        Err(e) => verify::VerifyReport {
+                        Ok(m) => verify_step(tier.as_ref(), &m).await,
+                        Err(e) => VerifyReport {
                             step: s,
                             chunks_ok: 0,
                             bytes: 0,
@@ -379,9 +379,12 @@ fn export(
     let meta = std::collections::BTreeMap::from([
         ("run".to_string(), run.clone()),
         ("step".to_string(), m.step.to_string()),
-        ("exported_by".to_string(), ckpt::manifest::library_version()),
+        (
+            "exported_by".to_string(),
+            ckpt::format::manifest::library_version(),
+        ),
     ]);
-    let layout = ckpt::shard_file::layout(&specs, &meta)?;
+    let layout = ckpt::format::shard_file::layout(&specs, &meta)?;
     let tmp = out.with_extension("safetensors.partial");
     let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut w = std::io::BufWriter::with_capacity(8 << 20, file);

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::retention::Retention;
+use crate::store::retention::Retention;
 
 /// What `save` does when the staging pool is still held by an earlier
 /// flush.

@@ -20,8 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::staging::StagingPool;
-use crate::state::DeviceSource;
+use crate::model::state::DeviceSource;
+use crate::save::pool::StagingPool;
 
 /// Where one staged tensor's bytes come from.
 #[derive(Debug, Clone, Copy)]
@@ -352,7 +352,7 @@ pub(crate) fn stage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checksum::chunk_crcs;
+    use crate::format::checksum::chunk_crcs;
 
     #[test]
     fn staged_stream_and_crcs_match_sources() {

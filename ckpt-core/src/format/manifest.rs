@@ -19,12 +19,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checksum::chunk_count;
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::layout;
-use crate::spec::{MAX_DIMS, ShardSpec, checked_nbytes, checked_numel};
-use crate::state::{LoopState, TensorRole};
+use crate::format::checksum::chunk_count;
+use crate::format::layout;
+use crate::model::dtype::DType;
+use crate::model::spec::{MAX_DIMS, ShardSpec, checked_nbytes, checked_numel};
+use crate::model::state::{LoopState, TensorRole};
 
 /// Version of the manifest format this library writes.
 pub const FORMAT_VERSION: u32 = 2;

@@ -9,20 +9,23 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::flush::{self, SaveCtx, StageMsg, TensorCtx, TierJob};
-use crate::health::{Health, ProbeBackoff, TierStatus};
-use crate::layout;
-use crate::policy::{BusyPolicy, TierPolicy};
+use crate::format::checksum;
+use crate::format::layout;
+use crate::format::shard_file;
+use crate::model::ShardSpec;
+use crate::model::state::{TensorViewMut, TrainingState, view_len};
 use crate::restore::{self, RestoreOptions, Restored};
-use crate::save_handle::{SaveHandle, SaveReport, Shared, TierReport};
+use crate::save::commit::{self, TierJob};
+use crate::save::copy::{self as stage, DeviceCopy, Source};
+use crate::save::handle::{SaveHandle, SaveReport, Shared, TierReport};
+use crate::save::health::{Health, ProbeBackoff, TierStatus};
+use crate::save::policy::{BusyPolicy, TierPolicy};
+use crate::save::pool::{DEFAULT_BLOCK_SIZE, StagingPool};
+use crate::save::stream::{self, SaveCtx, StageMsg, TensorCtx};
+use crate::schedule;
 use crate::schedule::{FailureEvent, Policy, Scheduler, SchedulerConfig};
-use crate::shard_file;
-use crate::stage::{self, DeviceCopy, Source};
-use crate::staging::{DEFAULT_BLOCK_SIZE, StagingPool};
-use crate::state::{TensorViewMut, TrainingState, view_len};
+use crate::store::events as failure_events;
 use crate::tier::Tier;
-use crate::{checksum, spec::ShardSpec};
-use crate::{failure_events, schedule};
 
 enum Runtime {
     Owned(tokio::runtime::Runtime),
@@ -335,7 +338,7 @@ impl CheckpointerBuilder {
                         )));
                     }
                     Some(c) => c,
-                    None => crate::staging::DEFAULT_CUDA_REGISTER_CHUNK.max(self.block_size),
+                    None => crate::save::pool::DEFAULT_CUDA_REGISTER_CHUNK.max(self.block_size),
                 };
                 Some((device, chunk))
             }
@@ -748,7 +751,7 @@ impl Checkpointer {
                 done: done_tx,
             };
             runs.push(TierRun::Flush(
-                handle.spawn(flush::flush_tier(ctx.clone(), job)),
+                handle.spawn(commit::flush_tier(ctx.clone(), job)),
                 slot.health.clone(),
             ));
         }
@@ -776,7 +779,7 @@ impl Checkpointer {
             let ctx = ctx.clone();
             std::thread::Builder::new()
                 .name("ckpt-dispatch".into())
-                .spawn(move || flush::dispatch(ctx, stage_rx, outs, manifest_tx))
+                .spawn(move || stream::dispatch(ctx, stage_rx, outs, manifest_tx))
                 .map_err(|e| Error::io("<dispatch thread>", e))?;
         }
 

@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::dtype::DType;
 
 /// Most dimensions a tensor may have; a bound for hardened parsing.
 pub const MAX_DIMS: usize = 32;

@@ -3,15 +3,18 @@
 //! [`layout`] and the commit rule: a step exists iff its
 //! `MANIFEST.json` exists and parses.
 
+pub(crate) mod events;
+pub(crate) mod retention;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::layout::{self, MANIFEST};
-use crate::manifest::{HeaderSum, Manifest};
-use crate::retention::Retention;
+use crate::format::layout::{self, MANIFEST};
+use crate::format::manifest::{HeaderSum, Manifest};
+use crate::store::retention::Retention;
 use crate::tier::Tier;
 
 /// Committed steps of `run` on `tier`, ascending. A MANIFEST that is present

@@ -7,7 +7,7 @@
 //! merged into one run, so identical or row-split shardings copy in a few
 //! large runs and only column splits produce many small ones.
 
-use crate::spec::ShardSpec;
+use crate::model::spec::ShardSpec;
 
 /// One contiguous copy, in elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,8 @@
 //! provide. The checkpoint layout, the commit protocol and retention live in
 //! ckpt-core on top of it, identical for every tier.
 
+pub(crate) mod memory;
+
 use std::fmt::Debug;
 use std::ops::Range;
 

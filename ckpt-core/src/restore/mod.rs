@@ -9,18 +9,21 @@
 //! tensor the checkpoint lacks) stops restore at once: falling back to an
 //! older checkpoint would not fix it.
 
+pub(crate) mod reshard;
+pub(crate) mod verify;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::checksum::verify_chunks;
 use crate::error::{Error, Result, TierFailure};
-use crate::layout;
-use crate::manifest::{Manifest, Piece};
-use crate::reshard::plan_runs;
-use crate::spec::{ShardSpec, checked_nbytes};
-use crate::state::{LoopState, TensorViewMut};
+use crate::format::checksum::verify_chunks;
+use crate::format::layout;
+use crate::format::manifest::{Manifest, Piece};
+use crate::model::spec::{ShardSpec, checked_nbytes};
+use crate::model::state::{LoopState, TensorViewMut};
+use crate::restore::reshard::plan_runs;
 use crate::store;
 use crate::tier::Tier;
 

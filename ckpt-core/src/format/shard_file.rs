@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::spec::checked_nbytes;
+use crate::model::dtype::DType;
+use crate::model::spec::checked_nbytes;
 
 /// Alignment of the data section.
 pub const DATA_ALIGN: u64 = 4096;

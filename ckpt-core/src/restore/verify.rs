@@ -4,9 +4,9 @@
 
 use serde::Serialize;
 
-use crate::checksum::verify_chunks;
-use crate::layout;
-use crate::manifest::Manifest;
+use crate::format::checksum::verify_chunks;
+use crate::format::layout;
+use crate::format::manifest::Manifest;
 use crate::store;
 use crate::tier::Tier;
 
@@ -75,7 +75,7 @@ pub async fn verify_step(tier: &dyn Tier, m: &Manifest) -> VerifyReport {
             if let Some(want) = &p.blake3 {
                 // Identity check over the whole piece, when recorded.
                 if let Ok(bytes) = tier.get_range(&path, p.offset..p.offset + p.length).await {
-                    let got = crate::checksum::blake3_hex(&bytes);
+                    let got = crate::format::checksum::blake3_hex(&bytes);
                     if &got != want {
                         report.failures.push(format!(
                             "tensor `{name}` in {path}: blake3 {got}, expected {want}"

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::spec::{ShardSpec, TensorSpec, checked_nbytes};
+use crate::model::dtype::DType;
+use crate::model::spec::{ShardSpec, TensorSpec, checked_nbytes};
 
 /// A read-only view of one tensor, the way callers plug their own tensor
 /// types into ckpt. The bytes are in host memory ([`TensorView::data`]), or

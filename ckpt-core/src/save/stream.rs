@@ -1,0 +1,262 @@
+//! The stream of one save: the dispatcher thread turns staged blocks (in
+//! any order) into the shard file's byte stream (header, then every tensor
+//! in layout order), sends it to every tier that takes the save, checksums
+//! what staging did not (the staged copy, or zero-copy tensors), and
+//! publishes this rank's manifest when the last byte has gone out.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::error::{Error, Result};
+use crate::format::checksum;
+use crate::format::layout;
+use crate::format::manifest::{
+    FORMAT_VERSION, HeaderSum, Piece, RankManifest, RankTensor, library_version,
+};
+use crate::model::dtype;
+use crate::model::state::{LoopState, TensorRole};
+
+/// Everything about one save that the background needs, owned.
+#[derive(Debug)]
+pub(crate) struct SaveCtx {
+    pub run: String,
+    pub step: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    pub incarnation: String,
+    pub chunk_size: u64,
+    pub created_unix_ms: u64,
+    pub loop_state: LoopState,
+    pub header: Bytes,
+    pub file_len: u64,
+    pub blake3: bool,
+    /// Hold the flush until staging has finished. Set when the whole save
+    /// fits in the pool: writing while copying would steal cores and memory
+    /// bandwidth from the math-stop. A save larger than the pool must
+    /// stream, so it flushes while it stages.
+    pub defer_flush: bool,
+    /// Whether staging computed the staged tensors' checksums.
+    pub crc_while_staging: bool,
+    pub commit_timeout: Duration,
+    pub tensors: Vec<TensorCtx>,
+}
+
+#[derive(Debug)]
+pub(crate) struct TensorCtx {
+    pub name: String,
+    pub dtype: dtype::DType,
+    pub role: TensorRole,
+    pub global_shape: Vec<u64>,
+    pub global_offsets: Vec<u64>,
+    pub shape: Vec<u64>,
+    pub offset: u64,
+    pub len: u64,
+    /// Zero-copy bytes, or `None` if the tensor was staged.
+    pub shared: Option<Bytes>,
+    /// Index among staged tensors.
+    pub staged_index: Option<usize>,
+}
+
+impl SaveCtx {
+    pub(crate) fn data_path(&self) -> String {
+        format!(
+            "{}/{}",
+            layout::step_dir(&self.run, self.step),
+            layout::rank_data_file(self.rank)
+        )
+    }
+    pub(crate) fn rank_manifest_path(&self, rank: u32) -> String {
+        format!(
+            "{}/{}",
+            layout::step_dir(&self.run, self.step),
+            layout::rank_manifest_file(rank)
+        )
+    }
+}
+
+/// Messages from staging to the dispatcher.
+pub(crate) enum StageMsg {
+    Block(usize, Bytes),
+    Done(Vec<Vec<u32>>),
+    Failed(Error),
+}
+
+pub(crate) type ManifestCell = Option<Result<Arc<RankManifest>>>;
+
+/// Runs on its own thread: reorders staged blocks, emits the shard file's
+/// bytes in order to every tier, checksums zero-copy tensors, and finally
+/// publishes the rank manifest.
+pub(crate) fn dispatch(
+    ctx: Arc<SaveCtx>,
+    rx: std_mpsc::Receiver<StageMsg>,
+    outs: Vec<mpsc::UnboundedSender<Bytes>>,
+    manifest_tx: watch::Sender<ManifestCell>,
+) {
+    let result = dispatch_inner(&ctx, &rx, &outs);
+    drop(outs);
+    let cell = match result {
+        Ok(m) => Ok(Arc::new(m)),
+        Err(e) => Err(e),
+    };
+    let _ = manifest_tx.send(Some(cell));
+}
+
+struct Reorder<'a> {
+    rx: &'a std_mpsc::Receiver<StageMsg>,
+    pending: BTreeMap<usize, Bytes>,
+    next: usize,
+    current: Bytes,
+    crcs: Option<Vec<Vec<u32>>>,
+}
+
+impl Reorder<'_> {
+    fn recv(&mut self) -> Result<()> {
+        match self.rx.recv() {
+            Ok(StageMsg::Block(k, b)) => {
+                self.pending.insert(k, b);
+                Ok(())
+            }
+            Ok(StageMsg::Done(crcs)) => {
+                self.crcs = Some(crcs);
+                Ok(())
+            }
+            Ok(StageMsg::Failed(e)) => Err(e),
+            Err(_) => Err(Error::InvalidState(
+                "staging ended without finishing".into(),
+            )),
+        }
+    }
+
+    /// Takes the next `n` bytes of the staged stream as one or more slices.
+    fn take(&mut self, mut n: usize, out: &mut impl FnMut(Bytes)) -> Result<()> {
+        while n > 0 {
+            if self.current.is_empty() {
+                while !self.pending.contains_key(&self.next) {
+                    self.recv()?;
+                }
+                self.current = self.pending.remove(&self.next).unwrap_or_default();
+                self.next += 1;
+                continue;
+            }
+            let k = n.min(self.current.len());
+            out(self.current.split_to(k));
+            n -= k;
+        }
+        Ok(())
+    }
+}
+
+fn dispatch_inner(
+    ctx: &SaveCtx,
+    rx: &std_mpsc::Receiver<StageMsg>,
+    outs: &[mpsc::UnboundedSender<Bytes>],
+) -> Result<RankManifest> {
+    let emit = |b: Bytes| {
+        for o in outs {
+            // A tier that gave up has closed its channel; the others go on.
+            let _ = o.send(b.clone());
+        }
+    };
+    let mut reorder = Reorder {
+        rx,
+        pending: BTreeMap::new(),
+        next: 0,
+        current: Bytes::new(),
+        crcs: None,
+    };
+    if ctx.defer_flush {
+        while reorder.crcs.is_none() {
+            reorder.recv()?;
+        }
+    }
+    emit(ctx.header.clone());
+    let mut shared_crcs: Vec<Option<Vec<u32>>> = Vec::with_capacity(ctx.tensors.len());
+    let mut hashes: Vec<Option<String>> = Vec::with_capacity(ctx.tensors.len());
+    for t in &ctx.tensors {
+        let mut hasher = ctx.blake3.then(blake3::Hasher::new);
+        if let Some(bytes) = &t.shared {
+            shared_crcs.push(Some(checksum::chunk_crcs(bytes, ctx.chunk_size)));
+            if let Some(h) = hasher.as_mut() {
+                h.update(bytes);
+            }
+            emit(bytes.clone());
+        } else {
+            let len = usize::try_from(t.len).map_err(|_| Error::tensor(&t.name, "too large"))?;
+            // Checksum the staged copy here unless staging already did: it is
+            // immutable, and no byte reaches a tier before it is summed.
+            let mut crc =
+                (!ctx.crc_while_staging).then(|| checksum::ChunkedCrc::new(ctx.chunk_size));
+            reorder.take(len, &mut |b: Bytes| {
+                if let Some(c) = crc.as_mut() {
+                    c.update(&b);
+                }
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&b);
+                }
+                emit(b);
+            })?;
+            shared_crcs.push(crc.map(checksum::ChunkedCrc::finish));
+        }
+        hashes.push(hasher.map(|h| h.finalize().to_hex().to_string()));
+    }
+    while reorder.crcs.is_none() {
+        reorder.recv()?;
+    }
+    let staged_crcs = reorder.crcs.take().unwrap_or_default();
+    let file = layout::rank_data_file(ctx.rank);
+    let mut tensors = Vec::with_capacity(ctx.tensors.len());
+    for ((t, shared), blake3) in ctx.tensors.iter().zip(shared_crcs).zip(hashes) {
+        let crc32c = match (shared, t.staged_index) {
+            (Some(c), _) => c,
+            (None, Some(i)) => staged_crcs.get(i).cloned().ok_or_else(|| {
+                Error::InvalidState(format!("no checksums for tensor `{}`", t.name))
+            })?,
+            (None, None) => {
+                return Err(Error::InvalidState(format!(
+                    "tensor `{}` has no data source",
+                    t.name
+                )));
+            }
+        };
+        tensors.push(RankTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            global_shape: t.global_shape.clone(),
+            role: t.role,
+            piece: Piece {
+                rank: ctx.rank,
+                file: file.clone(),
+                offset: t.offset,
+                length: t.len,
+                global_offsets: t.global_offsets.clone(),
+                shape: t.shape.clone(),
+                crc32c,
+                blake3,
+            },
+        });
+    }
+    Ok(RankManifest {
+        format: FORMAT_VERSION,
+        library: library_version(),
+        run: ctx.run.clone(),
+        step: ctx.step,
+        world_size: ctx.world_size,
+        rank: ctx.rank,
+        incarnation: ctx.incarnation.clone(),
+        chunk_size: ctx.chunk_size,
+        created_unix_ms: ctx.created_unix_ms,
+        file,
+        file_len: ctx.file_len,
+        header: Some(HeaderSum {
+            len: ctx.header.len() as u64,
+            crc32c: crc32c::crc32c(&ctx.header),
+        }),
+        loop_state: ctx.loop_state.clone(),
+        tensors,
+    })
+}
