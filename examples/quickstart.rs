@@ -457,7 +457,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         "; skipped: {}",
                         r.skipped
                             .iter()
-                            .map(|s| format!("step {:?}: {}", s.step, s.reason))
+                            .map(|s| format!("step {:?}: {}", s.step, s.error))
                             .collect::<Vec<_>>()
                             .join("; ")
                     )
@@ -467,7 +467,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "restored",
                 serde_json::json!({"step": r.step, "tier": r.tier, "ms": ms(t0.elapsed()),
                     "bytes": r.bytes_read,
-                    "skipped": r.skipped.iter().map(|s| serde_json::json!({"step": s.step, "tier": s.tier, "reason": s.reason})).collect::<Vec<_>>()}),
+                    "skipped": r.skipped.iter().map(|s| serde_json::json!({"step": s.step, "tier": s.tier, "reason": s.error.to_string()})).collect::<Vec<_>>()}),
             );
         } else {
             out.say("no checkpoint found: starting fresh".to_string());

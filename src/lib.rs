@@ -134,7 +134,7 @@ fn open_s3(location: &str, access: Access) -> Result<Arc<dyn Tier>> {
             .block_on(probe.check())
     })
     .join()
-    .unwrap_or_else(|_| Err(Error::InvalidState("the S3 probe thread panicked".into())));
+    .unwrap_or_else(|_| Err(Error::Internal("the S3 probe thread panicked".into())));
     match checked {
         Ok(()) => Ok(Arc::new(tier)),
         Err(e) if access == Access::Save && e.is_retryable() => {

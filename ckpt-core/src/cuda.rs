@@ -288,7 +288,7 @@ impl CudaDevice {
         };
         for (src, dst) in copies.iter_mut() {
             if src.len() != dst.len() {
-                return Err(Error::InvalidState(format!(
+                return Err(Error::Internal(format!(
                     "device copy of {} bytes into a host buffer of {} bytes",
                     src.len(),
                     dst.len()
@@ -425,7 +425,7 @@ impl DeviceBuffer {
     /// saves read the new bytes.
     pub fn copy_from_host(&mut self, src: &[u8]) -> Result<()> {
         if src.len() != self.len {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidInput(format!(
                 "device buffer of {} bytes cannot take {} bytes",
                 self.len,
                 src.len()
@@ -452,7 +452,7 @@ impl DeviceBuffer {
     /// Copies the whole buffer into `dst` (of the same length).
     pub fn copy_to_host(&self, dst: &mut [u8]) -> Result<()> {
         if dst.len() != self.len {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidInput(format!(
                 "device buffer of {} bytes cannot fill a host buffer of {} bytes",
                 self.len,
                 dst.len()

@@ -101,6 +101,22 @@ pub enum Error {
         reason: String,
     },
 
+    /// A checkpoint restore must not use: it was created after the trust
+    /// limit of a detected error
+    /// ([`RestoreOptions::after_detected_error`](crate::RestoreOptions::after_detected_error)),
+    /// so it may hold the error.
+    #[error(
+        "step {step} was created at {created_unix_ms} ms, after the trust limit {limit_unix_ms} ms of a detected error"
+    )]
+    AfterTrustLimit {
+        /// The step.
+        step: u64,
+        /// When its save started (ms since the Unix epoch).
+        created_unix_ms: u64,
+        /// The limit.
+        limit_unix_ms: u64,
+    },
+
     /// The caller's buffers do not match a verified checkpoint (wrong
     /// shape, dtype, missing tensor). Not a storage fault: restore does not
     /// fall back.
@@ -183,14 +199,46 @@ pub enum Error {
         reason: String,
     },
 
-    /// The checkpointer is in a state where the call cannot run
-    /// (closed, a flush failed, a save skipped...).
+    /// A path that cannot be used: a run name that is not a safe path
+    /// component, an object path that could escape its tier, a key the
+    /// store refuses.
+    #[error("invalid path `{path}`: {reason}")]
+    InvalidPath {
+        /// The path as given.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The caller's loop state does not decode into the type asked for
+    /// (or cannot be encoded).
+    #[error("cannot decode {what}: {reason}")]
+    Decode {
+        /// What was decoded (`rng state`, `data_loader state`...).
+        what: String,
+        /// The decoder's message.
+        reason: String,
+    },
+
+    /// Bad input given at run time: an incomplete training state, a shard
+    /// outside its tensor, buffers of the wrong size.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// The checkpointer or a writer is in a state where the call cannot run
+    /// (closed, already finished, a flush stuck...).
     #[error("invalid state: {0}")]
     InvalidState(String),
 
-    /// Bad configuration or bad input state given by the caller.
+    /// Bad configuration of a checkpointer, tier or pool, reported by the
+    /// builder that was given it.
     #[error("configuration: {0}")]
     Config(String),
+
+    /// An internal invariant did not hold (a bug in ckpt: please report
+    /// it). Never caused by storage contents or caller input.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     /// The CUDA driver is absent or one of its calls failed (feature
     /// `cuda`): no driver library, no such device, a copy or a
@@ -271,6 +319,7 @@ impl Error {
             Error::CorruptHeader { .. } => "CorruptHeader",
             Error::Incomplete { .. } => "Incomplete",
             Error::InvalidManifest { .. } => "InvalidManifest",
+            Error::AfterTrustLimit { .. } => "AfterTrustLimit",
             Error::TensorMismatch { .. } => "TensorMismatch",
             Error::Io { .. } => "Io",
             Error::Backend { .. } => "Backend",
@@ -278,8 +327,12 @@ impl Error {
             Error::NotCommitted { .. } => "NotCommitted",
             Error::Unlisted { .. } => "Unlisted",
             Error::Location { .. } => "Location",
+            Error::InvalidPath { .. } => "InvalidPath",
+            Error::Decode { .. } => "Decode",
+            Error::InvalidInput(_) => "InvalidInput",
             Error::InvalidState(_) => "InvalidState",
             Error::Config(_) => "Config",
+            Error::Internal(_) => "Internal",
             Error::Cuda(_) => "Cuda",
         }
     }
@@ -323,9 +376,15 @@ impl Error {
                 | Error::InvalidManifest { .. }
                 | Error::Backend { .. }
                 | Error::Unavailable { .. }
+                | Error::AfterTrustLimit { .. }
                 | Error::Io { .. }
         )
     }
+}
+
+/// Serializes an error as its message (reports are JSON).
+pub(crate) fn serialize_error<S: serde::Serializer>(e: &Error, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&e.to_string())
 }
 
 /// Serializes an optional error as its message or `null`.

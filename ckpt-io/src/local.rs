@@ -39,7 +39,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         Ok(h) => h
             .spawn_blocking(f)
             .await
-            .map_err(|e| Error::InvalidState(format!("file I/O task failed: {e}")))?,
+            .map_err(|e| Error::Internal(format!("file I/O task failed: {e}")))?,
         Err(_) => f(),
     }
 }
@@ -149,10 +149,13 @@ impl LocalTier {
                 .split('/')
                 .all(|c| !c.is_empty() && c != "." && c != "..");
         if !ok {
-            return Err(Error::Config(format!(
-                "invalid object path `{rel}` for {}",
-                self.root.display()
-            )));
+            return Err(Error::InvalidPath {
+                path: rel.to_string(),
+                reason: format!(
+                    "not a relative path inside {} (empty, `.` or `..` components)",
+                    self.root.display()
+                ),
+            });
         }
         Ok(self.root.join(rel))
     }
@@ -387,7 +390,7 @@ impl Tier for LocalTier {
                 .end
                 .checked_sub(range.start)
                 .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| Error::Config(format!("invalid range {range:?} for {rel}")))?;
+                .ok_or_else(|| Error::InvalidInput(format!("invalid range {range:?} for {rel}")))?;
             let this = self.clone();
             let rel = rel.to_string();
             blocking(move || {

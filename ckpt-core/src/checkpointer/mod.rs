@@ -830,7 +830,7 @@ impl Checkpointer {
                             commit: Duration::ZERO,
                             retention: Duration::ZERO,
                             committed: false,
-                            error: Some(Error::InvalidState(format!("flush task failed: {e}"))),
+                            error: Some(Error::Internal(format!("flush task failed: {e}"))),
                         });
                         health.record(r.error.as_ref());
                         reports.push(r);

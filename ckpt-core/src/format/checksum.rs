@@ -17,7 +17,7 @@ pub fn chunk_count(len: u64, chunk_size: u64) -> u64 {
 /// crc32c of every `chunk_size` chunk of `data` (the last may be short).
 ///
 /// ```
-/// let crcs = ckpt_core::checksum::chunk_crcs(&[0u8; 10], 4);
+/// let crcs = ckpt_core::format::checksum::chunk_crcs(&[0u8; 10], 4);
 /// assert_eq!(crcs.len(), 3);
 /// ```
 pub fn chunk_crcs(data: &[u8], chunk_size: u64) -> Vec<u32> {

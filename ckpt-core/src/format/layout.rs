@@ -19,9 +19,12 @@ pub fn validate_run(run: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(format!(
-            "run name `{run}` must be 1..=128 characters of [A-Za-z0-9._-] and not start with `.`"
-        )))
+        Err(Error::InvalidPath {
+            path: run.to_string(),
+            reason:
+                "a run name must be 1..=128 characters of [A-Za-z0-9._-] and not start with `.`"
+                    .into(),
+        })
     }
 }
 

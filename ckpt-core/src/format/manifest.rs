@@ -433,7 +433,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(path: &str, bytes: &[u8]) -> Resul
 /// Pretty JSON with its self-checksum.
 fn to_sealed_json<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>> {
     let json = serde_json::to_vec_pretty(v)
-        .map_err(|e| Error::InvalidState(format!("cannot serialize the {what}: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot serialize the {what}: {e}")))?;
     Ok(seal(&json))
 }
 
@@ -556,7 +556,7 @@ impl Manifest {
         ranks.sort_by_key(|r| r.rank);
         let first = ranks
             .first()
-            .ok_or_else(|| Error::InvalidState("no rank manifests to merge".into()))?;
+            .ok_or_else(|| Error::Internal("no rank manifests to merge".into()))?;
         let dir = layout::step_dir(&first.run, first.step);
         let path = format!("{dir}/{}", layout::MANIFEST);
         let (run, step, world_size) = (first.run.clone(), first.step, first.world_size);

@@ -53,8 +53,8 @@ pub fn layout(
         rel.push(cursor);
         cursor = end;
     }
-    let mut text =
-        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Config(e.to_string()))?;
+    let mut text = serde_json::to_vec(&Value::Object(header))
+        .map_err(|e| Error::Internal(format!("cannot serialize a shard header: {e}")))?;
     let unpadded = 8 + text.len() as u64;
     let padded = unpadded.div_ceil(DATA_ALIGN) * DATA_ALIGN;
     text.resize((padded - 8) as usize, b' ');

@@ -100,12 +100,12 @@ impl ShardSpec {
     /// ```
     pub fn split(global_shape: Vec<u64>, dim: usize, parts: u64, index: u64) -> Result<Self> {
         let n = *global_shape.get(dim).ok_or_else(|| {
-            Error::Config(format!(
+            Error::InvalidInput(format!(
                 "split dim {dim} out of range for shape {global_shape:?}"
             ))
         })?;
         if parts == 0 || index >= parts {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidInput(format!(
                 "split part {index} of {parts} is out of range"
             )));
         }
@@ -124,12 +124,12 @@ impl ShardSpec {
     pub fn validate(&self) -> Result<()> {
         let d = self.global_shape.len();
         if d > MAX_DIMS {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidInput(format!(
                 "{d} dimensions exceed the limit of {MAX_DIMS}"
             )));
         }
         if self.offsets.len() != d || self.shape.len() != d {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidInput(format!(
                 "shard rank mismatch: global {:?}, offsets {:?}, shape {:?}",
                 self.global_shape, self.offsets, self.shape
             )));
@@ -137,14 +137,14 @@ impl ShardSpec {
         for i in 0..d {
             let end = self.offsets[i].checked_add(self.shape[i]);
             if end.is_none_or(|e| e > self.global_shape[i]) {
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidInput(format!(
                     "shard offsets {:?} + shape {:?} exceed global shape {:?} in dim {i}",
                     self.offsets, self.shape, self.global_shape
                 )));
             }
         }
         checked_numel(&self.global_shape).ok_or_else(|| {
-            Error::Config(format!("global shape {:?} overflows", self.global_shape))
+            Error::InvalidInput(format!("global shape {:?} overflows", self.global_shape))
         })?;
         Ok(())
     }

@@ -370,12 +370,15 @@ impl LoopState {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, v: &Value) -> Result<T> {
-    serde_json::from_value(v.clone())
-        .map_err(|e| Error::Config(format!("cannot decode {what} state: {e}")))
+    serde_json::from_value(v.clone()).map_err(|e| Error::Decode {
+        what: format!("{what} state"),
+        reason: e.to_string(),
+    })
 }
 
 fn encode<T: Serialize + ?Sized>(what: &str, v: &T) -> Result<Value> {
-    serde_json::to_value(v).map_err(|e| Error::Config(format!("cannot encode {what} state: {e}")))
+    serde_json::to_value(v)
+        .map_err(|e| Error::InvalidInput(format!("cannot encode the {what} state: {e}")))
 }
 
 /// One tensor of a [`TrainingState`].
@@ -524,7 +527,7 @@ enum Declared {
 impl Declared {
     fn into_value(self, what: &str, how: &str) -> Result<Value> {
         match self {
-            Declared::Missing => Err(Error::Config(format!(
+            Declared::Missing => Err(Error::InvalidInput(format!(
                 "training state has no {what}: call .{how}(..) or, if the run truly has none, .without_{how}()"
             ))),
             Declared::Absent => Ok(Value::Null),
@@ -627,7 +630,7 @@ impl<'a> TrainingStateBuilder<'a> {
     /// neither given nor declared absent, or if a tensor is malformed.
     pub fn build(self) -> Result<TrainingState<'a>> {
         if !self.has_model {
-            return Err(Error::Config(
+            return Err(Error::InvalidInput(
                 "training state has no model tensors: call .model(..)".into(),
             ));
         }

@@ -9,7 +9,7 @@
 //! tensor the checkpoint lacks) stops restore at once: falling back to an
 //! older checkpoint would not fix it.
 
-pub(crate) mod reshard;
+pub mod reshard;
 pub(crate) mod verify;
 
 use std::sync::{Arc, Mutex};
@@ -82,8 +82,10 @@ pub struct Skipped {
     pub step: Option<u64>,
     /// The tier.
     pub tier: String,
-    /// The error that ruled it out.
-    pub reason: String,
+    /// The error that ruled it out (a data fault: corrupt chunk, missing
+    /// file, invalid manifest, unreachable tier...).
+    #[serde(rename = "reason", serialize_with = "crate::error::serialize_error")]
+    pub error: Error,
 }
 
 /// What a restore loaded.
@@ -141,7 +143,7 @@ pub fn restore(
                 skipped.push(Skipped {
                     step: None,
                     tier: tier.location(),
-                    reason: format!("cannot list: {e}"),
+                    error: e.clone(),
                 });
                 unlisted.push(TierFailure {
                     tier: tier.location(),
@@ -217,7 +219,7 @@ pub fn restore(
                     skipped.push(Skipped {
                         step: Some(step),
                         tier: tier.location(),
-                        reason: e.to_string(),
+                        error: e,
                     });
                 }
                 Err(e) => return Err(e),
@@ -234,8 +236,8 @@ fn describe(skipped: &[Skipped]) -> String {
     skipped
         .iter()
         .map(|s| match s.step {
-            Some(step) => format!("step {step} on {}: {}", s.tier, s.reason),
-            None => format!("{}: {}", s.tier, s.reason),
+            Some(step) => format!("step {step} on {}: {}", s.tier, s.error),
+            None => format!("{}: cannot list: {}", s.tier, s.error),
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -267,12 +269,10 @@ fn attempt(
     if let Some(limit) = opts.not_after_unix_ms
         && m.created_unix_ms > limit
     {
-        return Err(Error::Incomplete {
-            path: layout::manifest_path(run, step),
-            reason: format!(
-                "created at {} ms, after the trust limit {limit} ms (detected error latency)",
-                m.created_unix_ms
-            ),
+        return Err(Error::AfterTrustLimit {
+            step,
+            created_unix_ms: m.created_unix_ms,
+            limit_unix_ms: limit,
         });
     }
     let _ = rank;
@@ -514,9 +514,8 @@ pub fn read_targets(
         workers
             .into_iter()
             .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidState("a restore thread panicked".into()))
-                })
+                w.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("a restore thread panicked".into())))
             })
             .collect()
     });

@@ -34,7 +34,7 @@ fn strides(shape: &[u64]) -> Vec<u64> {
 ///
 /// ```
 /// use ckpt_core::ShardSpec;
-/// use ckpt_core::reshard::{plan_runs, Run};
+/// use ckpt_core::restore::reshard::{plan_runs, Run};
 /// // saved: rows 0..2 of a 4x3 matrix; wanted: rows 1..4
 /// let src = ShardSpec::new(vec![4, 3], vec![0, 0], vec![2, 3]).unwrap();
 /// let dst = ShardSpec::new(vec![4, 3], vec![1, 0], vec![3, 3]).unwrap();

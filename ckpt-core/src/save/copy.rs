@@ -159,7 +159,7 @@ fn fill(
             .collect());
     }
     let gpu = gpu.ok_or_else(|| {
-        Error::InvalidState("a tensor in GPU memory but no CUDA device to copy it".into())
+        Error::Internal("a tensor in GPU memory but no CUDA device to copy it".into())
     })?;
     let mut crcs = vec![0u32; ops.len()];
     let mut names: Vec<&str> = Vec::new();
@@ -179,7 +179,7 @@ fn fill(
                 Source::Host(h) => host.push((i, &h[op.src..op.src + op.len], dst)),
                 Source::Device { src, tensor } => {
                     let piece = src.range(op.src, op.len).ok_or_else(|| {
-                        Error::InvalidState(format!(
+                        Error::Internal(format!(
                             "tensor `{tensor}`: piece {}..{} outside its {} device bytes",
                             op.src,
                             op.src + op.len,
@@ -237,8 +237,8 @@ pub(crate) fn stage(
     sink: &(dyn Fn(usize, Bytes) + Sync),
 ) -> Result<Staged> {
     let block_size = pool.block_size();
-    let chunk =
-        usize::try_from(chunk_size).map_err(|_| Error::Config("chunk size too large".into()))?;
+    let chunk = usize::try_from(chunk_size)
+        .map_err(|_| Error::Internal("chunk size too large for this platform".into()))?;
     let plan = plan(sources, block_size, chunk);
     let next = Mutex::new(0usize);
     let failed = AtomicBool::new(false);
@@ -298,7 +298,7 @@ pub(crate) fn stage(
                 .into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(Error::InvalidState("a staging thread panicked".into()))
+                        Err(Error::Internal("a staging thread panicked".into()))
                     })
                 })
                 .collect()
@@ -330,7 +330,7 @@ pub(crate) fn stage(
         .collect();
     for (ops, partial) in plan.iter().zip(per_block) {
         let partial =
-            partial.ok_or_else(|| Error::InvalidState("a staging block was not filled".into()))?;
+            partial.ok_or_else(|| Error::Internal("a staging block was not filled".into()))?;
         for (op, crc) in ops.iter().zip(partial) {
             let table = &mut crcs[op.tensor];
             if table.len() == op.chunk + 1 {

@@ -123,7 +123,10 @@ fn outcome(report: SaveReport) -> Result<SaveReport> {
         .map(|t| TierFailure {
             tier: t.tier.clone(),
             error: t.error.clone().unwrap_or_else(|| {
-                Error::InvalidState(format!("step {} not committed", report.step))
+                Error::Internal(format!(
+                    "step {} not committed and no reason given",
+                    report.step
+                ))
             }),
         })
         .collect();

@@ -126,9 +126,7 @@ impl Reorder<'_> {
                 Ok(())
             }
             Ok(StageMsg::Failed(e)) => Err(e),
-            Err(_) => Err(Error::InvalidState(
-                "staging ended without finishing".into(),
-            )),
+            Err(_) => Err(Error::Internal("staging ended without finishing".into())),
         }
     }
 
@@ -213,11 +211,12 @@ fn dispatch_inner(
     for ((t, shared), blake3) in ctx.tensors.iter().zip(shared_crcs).zip(hashes) {
         let crc32c = match (shared, t.staged_index) {
             (Some(c), _) => c,
-            (None, Some(i)) => staged_crcs.get(i).cloned().ok_or_else(|| {
-                Error::InvalidState(format!("no checksums for tensor `{}`", t.name))
-            })?,
+            (None, Some(i)) => staged_crcs
+                .get(i)
+                .cloned()
+                .ok_or_else(|| Error::Internal(format!("no checksums for tensor `{}`", t.name)))?,
             (None, None) => {
-                return Err(Error::InvalidState(format!(
+                return Err(Error::Internal(format!(
                     "tensor `{}` has no data source",
                     t.name
                 )));

@@ -440,10 +440,9 @@ impl ObjectTier {
         config.validate()?;
         let prefix = prefix.trim_matches('/').to_string();
         if !prefix.is_empty() {
-            Path::parse(&prefix).map_err(|e| {
-                Error::Config(format!(
-                    "object tier prefix `{prefix}` is not a valid key: {e}"
-                ))
+            Path::parse(&prefix).map_err(|e| Error::InvalidPath {
+                path: prefix.clone(),
+                reason: format!("not a valid object key prefix: {e}"),
             })?;
         }
         Ok(Self {
@@ -570,11 +569,9 @@ impl Inner {
         } else {
             format!("{}/{path}", self.prefix)
         };
-        Path::parse(&full).map_err(|e| {
-            Error::Config(format!(
-                "`{path}` is not a valid object key on {}: {e}",
-                self.location
-            ))
+        Path::parse(&full).map_err(|e| Error::InvalidPath {
+            path: path.to_string(),
+            reason: format!("not a valid object key on {}: {e}", self.location),
         })
     }
 
@@ -663,9 +660,10 @@ impl Inner {
             E::NotImplemented { .. } | E::NotSupported { .. } => {
                 fail(false, "operation not supported by the store".into())
             }
-            E::InvalidPath { .. } => {
-                Error::Config(format!("`{path}` is not a valid object key: {text}"))
-            }
+            E::InvalidPath { .. } => Error::InvalidPath {
+                path: path.to_string(),
+                reason: format!("not a valid object key: {text}"),
+            },
             _ => match status {
                 Some(401 | 403) => denied(status),
                 Some(404) if op == Op::List => bucket_missing(),

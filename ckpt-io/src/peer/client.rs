@@ -513,11 +513,9 @@ impl PeerTier {
     }
 
     fn check_path(&self, path: &str) -> Result<()> {
-        protocol::validate_object_path(path).map_err(|e| {
-            Error::Config(format!(
-                "invalid object path for {}: {e}",
-                self.inner.location
-            ))
+        protocol::validate_object_path(path).map_err(|e| Error::InvalidPath {
+            path: path.to_string(),
+            reason: format!("not a valid object path on {}: {e}", self.inner.location),
         })
     }
 
@@ -1089,8 +1087,9 @@ impl Tier for PeerTier {
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {
         Box::pin(async move {
-            protocol::validate_prefix(prefix).map_err(|e| {
-                Error::Config(format!("invalid prefix for {}: {e}", self.inner.location))
+            protocol::validate_prefix(prefix).map_err(|e| Error::InvalidPath {
+                path: prefix.to_string(),
+                reason: format!("not a valid prefix on {}: {e}", self.inner.location),
             })?;
             let req = Request::List {
                 prefix: prefix.to_string(),
