@@ -614,7 +614,7 @@ fn train(
     let mut builder = Checkpointer::builder(args.run.clone())
         // The pool is allocated up front, not inside the first save.
         .staging_capacity(shard.nbytes())
-        .from_env()?
+        .from_env()
         .copy_threads(1)
         .restore_threads(2)
         .commit_timeout(timeout);
@@ -734,9 +734,9 @@ fn train(
                         .iter()
                         .flat_map(|[_, m, v]| [m as &dyn TensorView, v as &dyn TensorView]),
                 )
-                .rng(&rng)?
-                .data_loader(&loader)?
-                .lr_schedule(&sched)?
+                .rng(&rng)
+                .data_loader(&loader)
+                .lr_schedule(&sched)
                 .build()?;
             let h = ckpt.save(&state)?;
             info(format!(

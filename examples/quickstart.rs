@@ -476,7 +476,6 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     out.say(format!("schedule: {}", ckpt.explain_schedule()));
-    ckpt.should_save(step); // starts the schedule's clock
     // Saves whose flush is still running: reported when done, without
     // ever waiting for them in the loop.
     let mut pending: VecDeque<SaveHandle> = VecDeque::new();
@@ -523,9 +522,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         .iter()
                         .flat_map(|(_, m, v)| [m as &dyn TensorView, v as &dyn TensorView]),
                 )
-                .rng(&rng)?
-                .data_loader(&loader)?
-                .lr_schedule(&sched)?
+                .rng(&rng)
+                .data_loader(&loader)
+                .lr_schedule(&sched)
                 .build()?;
             let h = ckpt.save(&state)?;
             let r = h.report();

@@ -24,11 +24,11 @@
 //!     TensorRef::from_slice("adam.v.w", &[64, 64], &v),
 //! );
 //! let state = TrainingState::builder(1)
-//!     .model([&tw as _])
-//!     .optimizer([&tm as _, &tv as _])
-//!     .rng(&0u64)?
-//!     .data_loader(&0u64)?
-//!     .lr_schedule(&1e-3)?
+//!     .model([&tw])
+//!     .optimizer([&tm, &tv])
+//!     .rng(&0u64)
+//!     .data_loader(&0u64)
+//!     .lr_schedule(&1e-3)
 //!     .build()?;
 //! ckpt.save(&state)?.wait()?;
 //!

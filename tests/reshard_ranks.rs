@@ -239,7 +239,7 @@ fn save_pieces(
         .without_rng()
         .without_data_loader()
         .without_lr_schedule()
-        .extra(&ckpt.rank_id())?
+        .extra(&ckpt.rank_id())
         .build()?;
     ckpt.save(&state)?.wait()
 }

@@ -135,7 +135,7 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..a.state.iters {
         blocks.push(blocking_save(&a.state.dir, &tensors, i as u64)?);
     }
-    let pool_locked = ckpt.staging_pool().is_some_and(|p| p.is_locked());
+    let pool_locked = ckpt.staging_stats().is_some_and(|p| p.locked);
     let (amin, amax) = (
         asyncs.iter().copied().fold(f64::MAX, f64::min),
         asyncs.iter().copied().fold(0.0, f64::max),
@@ -147,7 +147,7 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
         floors::median(&mut floorsn),
         floors::median(&mut durables),
     );
-    let limit = (bytes + ckpt.staging_pool().map(|p| p.capacity()).unwrap_or(bytes)) as f64;
+    let limit = (bytes + ckpt.staging_stats().map(|p| p.capacity).unwrap_or(bytes)) as f64;
     let result = json!({
         "bench": "stage",
         "state_bytes": bytes,

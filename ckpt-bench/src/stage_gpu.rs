@@ -79,8 +79,8 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(back);
 
-    let staging_registered = ckpt.staging_pool().is_some_and(|p| p.is_cuda_registered());
-    let staging_locked = ckpt.staging_pool().is_some_and(|p| p.is_locked());
+    let staging_registered = ckpt.staging_stats().is_some_and(|p| p.cuda_registered);
+    let staging_locked = ckpt.staging_stats().is_some_and(|p| p.locked);
     let mut pinned = PinnedBuffer::new(&dev, bytes as usize)?;
     let mut pageable = vec![1u8; bytes as usize];
     let (mut pins, mut pages) = (vec![], vec![]);

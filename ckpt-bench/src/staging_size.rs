@@ -90,10 +90,7 @@ fn one(
         .staging_capacity(capacity)
         .when_busy(policy)
         .build()?;
-    let pool_bytes = ckpt
-        .staging_pool()
-        .map(|p| p.capacity())
-        .unwrap_or(capacity);
+    let pool_bytes = ckpt.staging_stats().map(|p| p.capacity).unwrap_or(capacity);
     let mut handles: Vec<SaveHandle> = Vec::with_capacity(a.saves);
     let mut math_stop = Vec::with_capacity(a.saves);
     let mut waited = Vec::with_capacity(a.saves);

@@ -111,8 +111,8 @@ pub fn state_of<'a>(
     TrainingState::builder(step)
         .model(views.iter().copied())
         .without_optimizer()
-        .rng(&step)?
-        .data_loader(&step)?
+        .rng(&step)
+        .data_loader(&step)
         .without_lr_schedule()
         .build()
 }

@@ -34,7 +34,7 @@
 //! let w = DeviceBuffer::from_host(&gpu, &vec![0u8; 4096])?;
 //! let w = w.tensor("w", DType::F32, &[1024]);
 //! let state = TrainingState::builder(1)
-//!     .model([&w as _])
+//!     .model([&w])
 //!     .without_optimizer()
 //!     .without_rng()
 //!     .without_data_loader()
@@ -54,7 +54,7 @@ use cudarc::driver::{result, sys};
 use crate::error::{Error, Result};
 use crate::model::dtype::DType;
 use crate::model::spec::{ShardSpec, TensorSpec};
-use crate::model::state::{DeviceSource, TensorView};
+use crate::model::{DeviceSource, TensorBytes, TensorView};
 use crate::save::copy::DeviceCopy;
 pub use crate::save::pool::PinnedBuffer;
 
@@ -564,23 +564,13 @@ impl<'a> DeviceTensor<'a> {
 }
 
 impl TensorView for DeviceTensor<'_> {
-    fn name(&self) -> &str {
-        &self.spec.name
+    fn spec(&self) -> &TensorSpec {
+        &self.spec
     }
-    fn dtype(&self) -> DType {
-        self.spec.dtype
-    }
-    fn shape(&self) -> &[u64] {
-        &self.spec.shape
-    }
-    /// Empty: the bytes are on the device ([`TensorView::device`]).
-    fn data(&self) -> &[u8] {
-        &[]
+    fn bytes(&self) -> TensorBytes<'_> {
+        TensorBytes::Device(self.source)
     }
     fn shard(&self) -> Option<&ShardSpec> {
         self.shard.as_ref()
-    }
-    fn device(&self) -> Option<DeviceSource<'_>> {
-        Some(self.source)
     }
 }

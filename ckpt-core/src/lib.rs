@@ -23,11 +23,11 @@
 //!     TensorRef::from_slice("adam.v.w", &[32, 32], &v),
 //! );
 //! let state = TrainingState::builder(100)
-//!     .model([&tw as _])
-//!     .optimizer([&tm as _, &tv as _])
-//!     .rng(&[42u64])?
-//!     .data_loader(&6400u64)?
-//!     .lr_schedule(&1e-3f64)?
+//!     .model([&tw])
+//!     .optimizer([&tm, &tv])
+//!     .rng(&[42u64])
+//!     .data_loader(&6400u64)
+//!     .lr_schedule(&1e-3f64)
 //!     .build()?;
 //! let handle = ckpt.save(&state)?;        // returns after the copy: the math-stop
 //! println!("math-stop {:?}", handle.math_stop());
@@ -72,6 +72,7 @@ pub mod restore;
 mod save;
 pub mod schedule;
 pub mod store;
+mod sync;
 mod tier;
 
 /// Marks the start of a phase of a save or restore with a `tracing` event
@@ -91,7 +92,7 @@ pub use restore::{RestoreOptions, Restored, Skipped};
 pub use save::handle::{SaveHandle, SaveReport, TierReport};
 pub use save::health::{ProbeBackoff, TierStatus};
 pub use save::policy::{BusyPolicy, TierPolicy};
-pub use save::pool::StagingPool;
+pub use save::pool::StagingStats;
 pub use store::retention::Retention;
 pub use tier::memory::MemoryTier;
 pub use tier::{Capabilities, ObjectMeta, PutMode, Tier, TierWriter};

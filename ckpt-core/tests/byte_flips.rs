@@ -36,14 +36,11 @@ fn save(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) {
     let tw = TensorRef::from_slice("model.w", &[64, 80], w);
     let tm = TensorRef::from_slice("adam.m.model.w", &[64, 80], m);
     let state = TrainingState::builder(step)
-        .model([&tw as _])
-        .optimizer([&tm as _])
+        .model([&tw])
+        .optimizer([&tm])
         .rng(&[step, 11])
-        .expect("rng")
         .data_loader(&(step * 64))
-        .expect("loader")
         .lr_schedule(&1e-3)
-        .expect("lr")
         .build()
         .expect("state");
     ckpt.save(&state).expect("save").wait().expect("durable");

@@ -180,9 +180,9 @@ fn staging_pool_is_registered_in_chunks() {
         .cuda(dev.clone())
         .build()
         .expect("build");
-    let pool = ckpt.staging_pool().expect("pool allocated at build");
-    assert!(pool.is_cuda_registered(), "{pool:?}");
-    assert_eq!(pool.cuda_registered_chunks(), 4);
+    let pool = ckpt.staging_stats().expect("pool allocated at build");
+    assert!(pool.cuda_registered, "{pool:?}");
+    assert_eq!(pool.cuda_registered_chunks, 4);
 
     // A pool sized by the first save is registered too.
     let ckpt = Checkpointer::builder("pinned-lazy")
@@ -198,9 +198,9 @@ fn staging_pool_is_registered_in_chunks() {
         .expect("save")
         .wait()
         .expect("durable");
-    let pool = ckpt.staging_pool().expect("pool");
-    assert!(pool.is_cuda_registered(), "{pool:?}");
-    assert_eq!(pool.cuda_registered_chunks(), 1, "5 blocks fit one chunk");
+    let pool = ckpt.staging_stats().expect("pool");
+    assert!(pool.cuda_registered, "{pool:?}");
+    assert_eq!(pool.cuda_registered_chunks, 1, "5 blocks fit one chunk");
 
     // A chunk that is not a whole number of blocks is refused.
     let err = Checkpointer::builder("bad-chunk")

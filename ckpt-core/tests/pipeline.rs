@@ -16,8 +16,8 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
 /// A state of one model and one optimizer tensor, no loop state.
 fn bare_state<'a>(step: u64, w: &'a TensorRef<'a>, m: &'a TensorRef<'a>) -> TrainingState<'a> {
     TrainingState::builder(step)
-        .model([w as _])
-        .optimizer([m as _])
+        .model([w])
+        .optimizer([m])
         .without_rng()
         .without_data_loader()
         .without_lr_schedule()
@@ -29,12 +29,12 @@ fn save_step(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) -> ckpt_core:
     let tw = TensorRef::from_slice("w", &[w.len() as u64], w);
     let tm = TensorRef::from_slice("opt.m", &[m.len() as u64], m);
     let state = TrainingState::builder(step)
-        .model([&tw as _])
-        .optimizer([&tm as _])
+        .model([&tw])
+        .optimizer([&tm])
         .rng(&[step, 7])
-        .and_then(|b| b.data_loader(&(step * 32)))
-        .and_then(|b| b.lr_schedule(&0.01))
-        .and_then(|b| b.build())
+        .data_loader(&(step * 32))
+        .lr_schedule(&0.01)
+        .build()
         .expect("state");
     ckpt.save(&state).expect("save").wait().expect("durable")
 }
@@ -207,7 +207,7 @@ fn zero_copy_shared_bytes_and_reshard_one_to_three() {
     let bytes = Bytes::copy_from_slice(ckpt_core::as_bytes(&global));
     let t = SharedTensor::new("emb", DType::F32, &[9, 700], bytes);
     let state = TrainingState::builder(3)
-        .model([&t as _])
+        .model([&t])
         .without_optimizer()
         .without_rng()
         .without_data_loader()

@@ -773,11 +773,12 @@ impl Sample {
         let m = TensorRef::from_slice("opt.m", &[], &self.m);
         let s = SharedTensor::new("emb", DType::U8, &[9, 1000], self.shared.clone());
         let state = TrainingState::builder(step)
-            .model([&w as _, &h as _, &s as _])
-            .optimizer([&m as _])
-            .rng(&[step, 1])?
-            .data_loader(&(step * 10))?
-            .lr_schedule(&0.5f64)?
+            .model([&w, &h])
+            .model([&s])
+            .optimizer([&m])
+            .rng(&[step, 1])
+            .data_loader(&(step * 10))
+            .lr_schedule(&0.5f64)
             .build()?;
         ckpt.save(&state)?.wait()
     }

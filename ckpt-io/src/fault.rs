@@ -606,10 +606,10 @@ mod tests {
         let w = data(step as u32);
         let tw = TensorRef::from_slice("w", &[N as u64], &w);
         let state = TrainingState::builder(step)
-            .model([&tw as _])
+            .model([&tw])
             .without_optimizer()
-            .rng(&[step])?
-            .data_loader(&step)?
+            .rng(&[step])
+            .data_loader(&step)
             .without_lr_schedule()
             .build()?;
         ckpt.save(&state)?.wait()

@@ -300,7 +300,9 @@ impl Tier for LocalTier {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, true, false)
+        Capabilities::NONE
+            .with_atomic_create(true)
+            .with_survives_process(true)
     }
 
     fn create<'a>(&'a self, rel: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {

@@ -73,10 +73,10 @@ impl Store {
         let tw = TensorRef::from_slice("w", &[n as u64], &w);
         let tb = TensorRef::from_slice("b", &[100], &b);
         let state = TrainingState::builder(step)
-            .model([&tw as _, &tb as _])
+            .model([&tw, &tb])
             .without_optimizer()
-            .rng(&[step])?
-            .data_loader(&(step * 3))?
+            .rng(&[step])
+            .data_loader(&(step * 3))
             .without_lr_schedule()
             .build()?;
         let r = self.ckpt.save(&state)?.wait();

@@ -42,12 +42,12 @@ static SEEDS: LazyLock<Seeds> = LazyLock::new(|| {
                 let tb = TensorRef::from_slice(format!("b{rank}"), &[10], &b);
                 let ts = TensorRef::from_slice(format!("s{rank}"), &[], &scalar);
                 let state = TrainingState::builder(5)
-                    .model([&tw as _, &tb as _])
-                    .optimizer([&ts as _])
+                    .model([&tw, &tb])
+                    .optimizer([&ts])
                     .rng(&[rank])
-                    .and_then(|b| b.data_loader(&5u64))
-                    .and_then(|b| b.lr_schedule(&0.1f64))
-                    .and_then(|b| b.build())
+                    .data_loader(&5u64)
+                    .lr_schedule(&0.1f64)
+                    .build()
                     .expect("state");
                 ckpt.save(&state).expect("save").wait().expect("durable");
             });

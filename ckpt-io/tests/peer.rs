@@ -900,12 +900,12 @@ fn two_ranks_checkpoint_and_restore_through_peers() {
                     let shape = spec.shape.clone();
                     let t = TensorRef::from_slice("w", &shape, &local).with_shard(spec);
                     let state = TrainingState::builder(step)
-                        .model([&t as _])
+                        .model([&t])
                         .without_optimizer()
                         .without_rng()
                         .without_lr_schedule()
                         .data_loader(&(step * 100))
-                        .and_then(|b| b.build())
+                        .build()
                         .expect("state");
                     let report = ckpt.save(&state).expect("save").wait().expect("durable");
                     assert!(report.tiers[0].committed, "rank {r}: {:?}", report.tiers);
@@ -999,12 +999,12 @@ fn two_ranks_checkpoint_and_restore_through_peers() {
                 let shape = spec.shape.clone();
                 let t = TensorRef::from_slice("w", &shape, &local).with_shard(spec);
                 let state = TrainingState::builder(4)
-                    .model([&t as _])
+                    .model([&t])
                     .without_optimizer()
                     .without_rng()
                     .without_lr_schedule()
                     .data_loader(&400u64)
-                    .and_then(|b| b.build())
+                    .build()
                     .expect("state");
                 let report = ckpt.save(&state).expect("save").wait().expect("durable");
                 assert!(report.tiers[0].committed, "rank {r}: {:?}", report.tiers);
@@ -1052,7 +1052,7 @@ fn a_save_streams_through_a_small_staging_pool() {
             let w: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
             let t = TensorRef::from_slice("w", &[100_000], &w);
             let state = TrainingState::builder(1)
-                .model([&t as _])
+                .model([&t])
                 .without_optimizer()
                 .without_rng()
                 .without_data_loader()

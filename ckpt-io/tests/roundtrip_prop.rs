@@ -148,9 +148,9 @@ fn save(ckpt: &Checkpointer, case: &Case, step: u64) -> Vec<Vec<u8>> {
         .model(views)
         .without_optimizer()
         .rng(&[case.seed, step])
-        .and_then(|b| b.data_loader(&step))
-        .map(|b| b.without_lr_schedule())
-        .and_then(|b| b.build())
+        .data_loader(&step)
+        .without_lr_schedule()
+        .build()
         .expect("state");
     let report = ckpt.save(&state).expect("save").wait().expect("durable");
     assert!(report.tiers.iter().all(|t| t.committed), "{report:?}");

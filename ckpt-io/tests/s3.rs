@@ -345,12 +345,12 @@ fn save_step(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) -> ckpt_core:
     let tw = TensorRef::from_slice("w", &[w.len() as u64], w);
     let tm = TensorRef::from_slice("opt.m", &[m.len() as u64], m);
     let state = TrainingState::builder(step)
-        .model([&tw as _])
-        .optimizer([&tm as _])
+        .model([&tw])
+        .optimizer([&tm])
         .rng(&[step, 7])
-        .and_then(|b| b.data_loader(&(step * 32)))
-        .and_then(|b| b.lr_schedule(&0.01))
-        .and_then(|b| b.build())
+        .data_loader(&(step * 32))
+        .lr_schedule(&0.01)
+        .build()
         .expect("state");
     ckpt.save(&state).expect("save")
 }

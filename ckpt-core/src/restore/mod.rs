@@ -22,7 +22,7 @@ use crate::format::checksum::verify_chunks;
 use crate::format::layout;
 use crate::format::manifest::{Manifest, Piece};
 use crate::model::spec::{ShardSpec, checked_nbytes};
-use crate::model::state::{LoopState, TensorViewMut};
+use crate::model::{LoopState, TensorViewMut};
 use crate::restore::reshard::plan_runs;
 use crate::store;
 use crate::tier::Tier;
@@ -386,7 +386,7 @@ pub fn read_targets(
         let entry = &m.tensors[&name];
         let want = checked_nbytes(&region.shape, entry.dtype)
             .ok_or_else(|| Error::tensor(&name, "size overflows"))?;
-        let buf = t.data_mut();
+        let buf = t.bytes_mut();
         if buf.len() as u64 != want {
             return Err(Error::tensor(
                 &name,

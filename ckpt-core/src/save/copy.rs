@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::model::state::DeviceSource;
+use crate::model::DeviceSource;
 use crate::save::pool::StagingPool;
 
 /// Where one staged tensor's bytes come from.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::{Error, Result, TierFailure};
+use crate::sync::{lock, wait};
 
 /// Outcome of one save on one tier.
 #[derive(Debug, Clone, Serialize)]
@@ -56,7 +57,36 @@ pub struct SaveReport {
     pub total: Duration,
 }
 
+impl TierReport {
+    /// The report of a tier that did not run this save (down, or a failed
+    /// task).
+    pub(crate) fn not_run(tier: String, error: Error) -> Self {
+        Self {
+            tier,
+            flush: Duration::ZERO,
+            commit: Duration::ZERO,
+            retention: Duration::ZERO,
+            committed: false,
+            error: Some(error),
+        }
+    }
+}
+
 impl SaveReport {
+    /// A report for a save that is starting.
+    pub(crate) fn new(step: u64, bytes: u64, staged_bytes: u64) -> Self {
+        Self {
+            step,
+            bytes,
+            staged_bytes,
+            math_stop: Duration::ZERO,
+            waited: Duration::ZERO,
+            skipped: false,
+            tiers: Vec::new(),
+            total: Duration::ZERO,
+        }
+    }
+
     /// Time from the start of the save until the last tier that committed
     /// had its commit marker durable (retention excluded).
     pub fn durable_after(&self) -> Option<Duration> {
@@ -90,7 +120,7 @@ impl Shared {
     }
 
     pub(crate) fn finish(&self, tiers: Vec<TierReport>, total: Duration) {
-        let mut g = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&self.report);
         g.0.tiers = tiers;
         g.0.total = total;
         g.1 = true;
@@ -100,10 +130,7 @@ impl Shared {
     }
 
     fn snapshot(&self) -> (SaveReport, bool) {
-        self.report
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.report).clone()
     }
 }
 
@@ -137,6 +164,26 @@ fn outcome(report: SaveReport) -> Result<SaveReport> {
 }
 
 impl SaveHandle {
+    /// A handle whose flush is still to come.
+    pub(crate) fn pending(report: SaveReport) -> Self {
+        Self {
+            shared: Shared::new(report),
+        }
+    }
+
+    /// A handle for a save that is over before it started (skipped, or no
+    /// tier to write to).
+    pub(crate) fn finished(report: SaveReport, tiers: Vec<TierReport>, total: Duration) -> Self {
+        let h = Self::pending(report);
+        h.finish(tiers, total);
+        h
+    }
+
+    /// Completes the save with every tier's report.
+    pub(crate) fn finish(&self, tiers: Vec<TierReport>, total: Duration) {
+        self.shared.finish(tiers, total);
+    }
+
     /// Step of the save.
     pub fn step(&self) -> u64 {
         self.shared.snapshot().0.step
@@ -165,9 +212,9 @@ impl SaveHandle {
     /// Blocks until every tier has finished, and returns the report. Fails
     /// if no tier committed the checkpoint.
     pub fn wait(&self) -> Result<SaveReport> {
-        let mut g = self.shared.report.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&self.shared.report);
         while !g.1 {
-            g = self.shared.done.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = wait(&self.shared.done, g);
         }
         outcome(g.0.clone())
     }

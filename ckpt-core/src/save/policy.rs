@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::error::{Error, Result};
 use crate::store::retention::Retention;
 
 /// What `save` does when the staging pool is still held by an earlier
@@ -52,9 +53,9 @@ impl TierPolicy {
         }
     }
 
-    /// Writes only every `k`-th save.
+    /// Writes only every `k`-th save (at least 1).
     pub fn every(mut self, k: u64) -> Self {
-        self.every = k.max(1);
+        self.every = k;
         self
     }
 
@@ -64,9 +65,9 @@ impl TierPolicy {
         self
     }
 
-    /// Limits write bandwidth to `bytes_per_s`.
+    /// Limits write bandwidth to `bytes_per_s` (more than 0).
     pub fn rate_limit(mut self, bytes_per_s: u64) -> Self {
-        self.rate_limit = (bytes_per_s > 0).then_some(bytes_per_s);
+        self.rate_limit = Some(bytes_per_s);
         self
     }
 
@@ -74,5 +75,24 @@ impl TierPolicy {
     pub fn stagger(mut self, d: Duration) -> Self {
         self.stagger = d;
         self
+    }
+
+    /// Whether save number `index` (counting from 0) goes to this tier.
+    pub(crate) fn takes(&self, index: u64) -> bool {
+        index.is_multiple_of(self.every)
+    }
+
+    /// Checks the policy of the tier at `location`.
+    pub fn validate(&self, location: &str) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("tier {location}: {m}")));
+        if self.every == 0 {
+            return bad("`every` must be at least 1".into());
+        }
+        if self.rate_limit == Some(0) {
+            return bad("a rate limit of 0 bytes/s would never write".into());
+        }
+        self.retention
+            .validate()
+            .map_err(|e| Error::Config(format!("tier {location}: {e}")))
     }
 }

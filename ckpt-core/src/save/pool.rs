@@ -21,6 +21,7 @@
 //! block straddles two registrations; the pool is unregistered before it is
 //! unmapped.
 
+use crate::sync::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -71,7 +72,7 @@ unsafe impl Sync for PoolInner {}
 
 impl PoolInner {
     fn release(&self, index: usize) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = lock(&self.free);
         free.push(index);
         drop(free);
         self.returned.notify_all();
@@ -85,6 +86,27 @@ impl Drop for PoolInner {
         let reg = self.cuda.get_mut().unwrap_or_else(|e| e.into_inner());
         drop(reg.take());
     }
+}
+
+/// The staging pool's size and state, for reports and benchmarks
+/// ([`crate::Checkpointer::staging_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StagingStats {
+    /// Bytes of staging memory.
+    pub capacity: u64,
+    /// Bytes per block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub blocks: usize,
+    /// Blocks free now (the others hold staged data a flush still needs).
+    pub free_blocks: usize,
+    /// Whether the pool is locked in RAM (`mlock`).
+    pub locked: bool,
+    /// Whether the pool is registered (pinned) with a CUDA driver.
+    pub cuda_registered: bool,
+    /// How many CUDA registrations cover it.
+    pub cuda_registered_chunks: usize,
 }
 
 /// A pool of page-locked staging blocks. Cheap to clone (shared).
@@ -191,7 +213,7 @@ impl StagingPool {
     pub fn cuda_registered_chunks(&self) -> usize {
         #[cfg(feature = "cuda")]
         {
-            let reg = self.inner.cuda.lock().unwrap_or_else(|e| e.into_inner());
+            let reg = lock(&self.inner.cuda);
             reg.as_ref().map_or(0, |r| r.chunks.len())
         }
         #[cfg(not(feature = "cuda"))]
@@ -213,7 +235,7 @@ impl StagingPool {
                 "CUDA registration chunk of {chunk} bytes must be a positive multiple of the staging block size {block}"
             )));
         }
-        let mut reg = self.inner.cuda.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reg = lock(&self.inner.cuda);
         if let Some(r) = reg.as_ref() {
             if Arc::ptr_eq(&r.device, device) {
                 return Ok(());
@@ -247,15 +269,28 @@ impl StagingPool {
         }
     }
 
+    /// Its size and state.
+    pub fn stats(&self) -> StagingStats {
+        StagingStats {
+            capacity: self.capacity(),
+            block_size: self.block_size(),
+            blocks: self.blocks(),
+            free_blocks: self.free_blocks(),
+            locked: self.is_locked(),
+            cuda_registered: self.is_cuda_registered(),
+            cuda_registered_chunks: self.cuda_registered_chunks(),
+        }
+    }
+
     /// Blocks currently free.
     pub fn free_blocks(&self) -> usize {
         self.inner.free.lock().map(|f| f.len()).unwrap_or(0)
     }
 
     /// Takes a free block without waiting.
+    #[cfg(test)]
     pub fn try_acquire(&self) -> Option<Block> {
-        let mut free = self.inner.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.pop().map(|index| Block {
+        lock(&self.inner.free).pop().map(|index| Block {
             pool: self.inner.clone(),
             index,
         })
@@ -265,7 +300,7 @@ impl StagingPool {
     /// Returns the block and how long it waited.
     pub fn acquire(&self, timeout: Duration) -> Result<(Block, Duration)> {
         let start = Instant::now();
-        let mut free = self.inner.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = lock(&self.inner.free);
         let mut waited = false;
         loop {
             if let Some(index) = free.pop() {
@@ -299,9 +334,10 @@ impl StagingPool {
     }
 
     /// Waits until every block is free (no flush holds staged data).
+    #[cfg(test)]
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let start = Instant::now();
-        let mut free = self.inner.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = lock(&self.inner.free);
         while free.len() < self.inner.blocks {
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {

@@ -46,7 +46,7 @@ pub(crate) struct SaveCtx {
     pub tensors: Vec<TensorCtx>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct TensorCtx {
     pub name: String,
     pub dtype: dtype::DType,

@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+
 /// A tier's retention policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -29,19 +31,34 @@ impl Default for Retention {
 }
 
 impl Retention {
-    /// Keep the newest `n` (at least 1).
+    /// Keep the newest `n` (at least 1: the newest checkpoint is never
+    /// deleted).
     pub const fn keep_last(n: usize) -> Self {
         Self {
-            keep_last: if n == 0 { 1 } else { n },
+            keep_last: n,
             keep_every_steps: None,
             floor: 1,
         }
     }
 
-    /// Also keep every step divisible by `k`.
+    /// Also keep every step divisible by `k` (at least 1).
     pub const fn with_keep_every(mut self, k: u64) -> Self {
-        self.keep_every_steps = if k == 0 { None } else { Some(k) };
+        self.keep_every_steps = Some(k);
         self
+    }
+
+    /// Checks the policy: `keep_last` and `keep_every` of 0 are errors, not
+    /// silently raised.
+    pub fn validate(&self) -> Result<()> {
+        if self.keep_last == 0 {
+            return Err(Error::Config(
+                "retention must keep at least the newest checkpoint (keep_last >= 1)".into(),
+            ));
+        }
+        if self.keep_every_steps == Some(0) {
+            return Err(Error::Config("keep_every must be at least 1".into()));
+        }
+        Ok(())
     }
 
     /// Never keep fewer than `floor` (see
@@ -67,7 +84,7 @@ impl Retention {
         let newest_start = steps.len().saturating_sub(n);
         let (mut keep, mut delete) = (Vec::new(), Vec::new());
         for (i, &s) in steps.iter().enumerate() {
-            let long_term = self.keep_every_steps.is_some_and(|k| s % k == 0);
+            let long_term = self.keep_every_steps.is_some_and(|k| k > 0 && s % k == 0);
             if i >= newest_start || long_term {
                 keep.push(s);
             } else {
@@ -84,9 +101,17 @@ mod tests {
 
     #[test]
     fn newest_is_always_kept_and_floor_wins() {
+        // Even a policy that fails validation never deletes the newest.
         assert_eq!(
             Retention::keep_last(0).select(&[3, 1, 2]),
             (vec![3], vec![1, 2])
+        );
+        assert!(Retention::keep_last(0).validate().is_err());
+        assert!(
+            Retention::keep_last(1)
+                .with_keep_every(0)
+                .validate()
+                .is_err()
         );
         assert_eq!(
             Retention::keep_last(1).with_floor(3).select(&[1, 2, 3, 4]),

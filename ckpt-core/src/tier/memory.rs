@@ -84,7 +84,7 @@ impl Tier for MemoryTier {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, false, false)
+        Capabilities::NONE.with_atomic_create(true)
     }
 
     fn create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {

@@ -54,14 +54,37 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Builds a capability set.
-    pub const fn new(atomic_create: bool, survives_process: bool, survives_node: bool) -> Self {
-        Self {
-            atomic_create,
-            survives_process,
-            survives_node,
-            buffered_write: 0,
-        }
+    /// Nothing promised: the starting point of the `with_*` setters.
+    ///
+    /// ```
+    /// use ckpt_core::Capabilities;
+    /// let c = Capabilities::NONE.with_atomic_create(true).with_survives_process(true);
+    /// assert!(c.atomic_create && c.survives_process && !c.survives_node);
+    /// ```
+    pub const NONE: Self = Self {
+        atomic_create: false,
+        survives_process: false,
+        survives_node: false,
+        buffered_write: 0,
+    };
+
+    /// Declares whether `put(.., PutMode::Create)` is atomic against
+    /// concurrent writers.
+    pub const fn with_atomic_create(mut self, on: bool) -> Self {
+        self.atomic_create = on;
+        self
+    }
+
+    /// Declares whether data survives the loss of this process.
+    pub const fn with_survives_process(mut self, on: bool) -> Self {
+        self.survives_process = on;
+        self
+    }
+
+    /// Declares whether data survives the loss of this node.
+    pub const fn with_survives_node(mut self, on: bool) -> Self {
+        self.survives_node = on;
+        self
     }
 
     /// Declares how many staged bytes a writer may hold before releasing.

@@ -798,9 +798,13 @@ impl Tier for ObjectTier {
         let c = &self.inner.config;
         // A part is uploaded only once full, and `max_parts_in_flight` of
         // them may be in the air: that much staged memory stays referenced.
-        Capabilities::new(c.conditional_put, true, true).with_buffered_write(
-            (c.part_size as u64).saturating_mul(c.max_parts_in_flight as u64 + 1),
-        )
+        Capabilities::NONE
+            .with_atomic_create(c.conditional_put)
+            .with_survives_process(true)
+            .with_survives_node(true)
+            .with_buffered_write(
+                (c.part_size as u64).saturating_mul(c.max_parts_in_flight as u64 + 1),
+            )
     }
 
     fn create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {

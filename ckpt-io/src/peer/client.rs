@@ -927,7 +927,9 @@ impl Tier for PeerTier {
     /// node loss loses the objects held there (one replica per shard), so
     /// `survives_node` is `false`.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(true, true, false)
+        Capabilities::NONE
+            .with_atomic_create(true)
+            .with_survives_process(true)
     }
 
     fn create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {

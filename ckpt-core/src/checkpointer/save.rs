@@ -1,0 +1,338 @@
+//! [`Checkpointer::save`], phase by phase: plan, pool, the tiers this save
+//! goes to, the dispatcher, the copy (the math-stop), and the background
+//! task that collects every tier's outcome.
+
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::checkpointer::{Checkpointer, TierSlot, new_pool, unix_ms};
+use crate::error::{Error, Result};
+use crate::model::TrainingState;
+use crate::save::commit::{self, TierJob};
+use crate::save::copy;
+use crate::save::handle::{SaveHandle, SaveReport, TierReport};
+use crate::save::health::Health;
+use crate::save::plan::SavePlan;
+use crate::save::policy::BusyPolicy;
+use crate::save::pool::StagingPool;
+use crate::save::stream::{self, SaveCtx, StageMsg};
+use crate::schedule::{self, Policy};
+use crate::sync::lock;
+
+/// One tier's part of a save: a flush task, or a report made up front for
+/// a tier that is down.
+enum TierRun {
+    Flush(tokio::task::JoinHandle<TierReport>, Arc<Health>),
+    Unavailable(TierReport),
+}
+
+/// The tiers a save goes to.
+struct Flushes {
+    runs: Vec<TierRun>,
+    /// The byte stream into each flushing tier.
+    outs: Vec<mpsc::UnboundedSender<Bytes>>,
+    /// Where the rank manifest goes once the stream is complete.
+    manifest: watch::Sender<stream::ManifestCell>,
+}
+
+impl Checkpointer {
+    /// Saves `state`: copies it into the staging pool (the math-stop, the
+    /// only time the caller waits) and returns while the flush to every
+    /// tier runs in the background. [`SaveHandle::wait`] blocks until it is
+    /// durable.
+    ///
+    /// A tier that is down is left out (its report says
+    /// [`Error::Unavailable`]); when every tier the save goes to is down,
+    /// nothing is copied at all.
+    pub fn save(&self, state: &TrainingState<'_>) -> Result<SaveHandle> {
+        let step = state.step();
+        self.log_start(step);
+        let t0 = Instant::now();
+        let rt = self.handle()?.clone();
+        let _span =
+            tracing::info_span!("save", run = %self.settings.run, rank = self.settings.rank, step)
+                .entered();
+        // One save at a time: saves are numbered (tier selection) and their
+        // blocks are taken from the pool in order.
+        let mut saves = lock(&self.saves);
+        let plan = SavePlan::new(
+            &self.settings.run,
+            self.settings.rank,
+            state,
+            self.gpu().is_some(),
+        )?;
+        let pool = self.pool_for(plan.staged_bytes)?;
+        self.check_streaming(step, &plan, &pool)?;
+        let mut report = SaveReport::new(step, plan.bytes, plan.staged_bytes);
+        if self.settings.busy == BusyPolicy::Skip && !pool_can_take(&pool, plan.staged_bytes) {
+            tracing::info!(
+                step,
+                "save skipped: staging pool still held by an earlier flush"
+            );
+            report.skipped = true;
+            report.math_stop = t0.elapsed();
+            return Ok(SaveHandle::finished(report, Vec::new(), t0.elapsed()));
+        }
+        let index = *saves;
+        *saves += 1;
+        let ctx = Arc::new(self.save_ctx(state, &plan, &pool));
+        let flushes = self.start_flushes(index, &ctx, &rt);
+        if flushes.outs.is_empty() && !flushes.runs.is_empty() {
+            tracing::debug!(
+                step,
+                "save not staged: every tier it goes to is unavailable"
+            );
+            report.math_stop = t0.elapsed();
+            let reports = flushes
+                .runs
+                .into_iter()
+                .filter_map(|r| match r {
+                    TierRun::Unavailable(r) => Some(r),
+                    TierRun::Flush(..) => None,
+                })
+                .collect();
+            return Ok(SaveHandle::finished(report, reports, t0.elapsed()));
+        }
+        let stage_tx = spawn_dispatcher(ctx, flushes.outs, flushes.manifest)?;
+
+        // The math-stop: copy (host memcpy, device DMA) + checksum.
+        crate::phase("stage", step);
+        let sink = |k: usize, b: Bytes| {
+            let _ = stage_tx.send(StageMsg::Block(k, b));
+        };
+        let staged = copy::stage(
+            &pool,
+            &plan.sources,
+            self.settings.chunk_size,
+            self.settings.crc_while_staging,
+            self.settings.copy_threads,
+            self.settings.block_timeout,
+            self.gpu(),
+            &sink,
+        );
+        let math_stop = t0.elapsed();
+        match staged {
+            Ok(s) => {
+                report.waited = s.waited;
+                let _ = stage_tx.send(StageMsg::Done(s.crcs));
+            }
+            Err(e) => {
+                let _ = stage_tx.send(StageMsg::Failed(e.clone()));
+                return Err(e);
+            }
+        }
+        drop(stage_tx);
+        drop(saves);
+        report.math_stop = math_stop;
+        tracing::info!(step, bytes = report.bytes, staged = report.staged_bytes, math_stop = ?math_stop, waited = ?report.waited, "staged");
+        let h = self.collect_in_background(report, flushes.runs, t0, &rt);
+        let mut inflight = lock(&self.inflight);
+        inflight.retain(|h| !h.is_done());
+        inflight.push(h.clone());
+        Ok(h)
+    }
+
+    /// The staging pool, allocated at the first save (sized to it) unless
+    /// the builder gave a capacity.
+    fn pool_for(&self, staged_bytes: u64) -> Result<StagingPool> {
+        let mut guard = lock(&self.pool);
+        if let Some(p) = guard.as_ref() {
+            return Ok(p.clone());
+        }
+        let block = self.settings.block_size;
+        let p = new_pool(staged_bytes.max(block as u64), block, self.cuda.as_ref())?;
+        *guard = Some(p.clone());
+        Ok(p)
+    }
+
+    /// A save larger than the pool streams through it: the flush must hand
+    /// blocks back before staging can finish, so no tier may hold more than
+    /// the pool minus a block (else the save would deadlock).
+    fn check_streaming(&self, step: u64, plan: &SavePlan<'_>, pool: &StagingPool) -> Result<()> {
+        if plan.staged_bytes <= pool.capacity() {
+            return Ok(());
+        }
+        for slot in &self.tiers {
+            let held = slot.tier.capabilities().buffered_write;
+            let need = held.saturating_add(pool.block_size() as u64);
+            if held > 0 && need > pool.capacity() {
+                return Err(Error::Config(format!(
+                    "step {step}: {} bytes must stream through a staging pool of {} bytes, but tier {} holds up to {held} bytes per upload; raise the staging capacity to at least {need} bytes (or to the state's size)",
+                    plan.staged_bytes,
+                    pool.capacity(),
+                    slot.tier.location()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn save_ctx(
+        &self,
+        state: &TrainingState<'_>,
+        plan: &SavePlan<'_>,
+        pool: &StagingPool,
+    ) -> SaveCtx {
+        let s = &self.settings;
+        SaveCtx {
+            run: s.run.clone(),
+            step: state.step(),
+            rank: s.rank,
+            world_size: s.world_size,
+            incarnation: s.incarnation.clone(),
+            chunk_size: s.chunk_size,
+            created_unix_ms: unix_ms(),
+            loop_state: state.loop_state().clone(),
+            header: plan.header(),
+            file_len: plan.layout.file_len,
+            blake3: s.blake3,
+            defer_flush: plan.staged_bytes <= pool.capacity(),
+            crc_while_staging: s.crc_while_staging,
+            commit_timeout: s.commit_timeout,
+            tensors: plan.tensors.clone(),
+        }
+    }
+
+    /// A latency-aware schedule needs enough snapshots that one taken at
+    /// least L before a detected error is still retained.
+    fn latency_floor(&self) -> usize {
+        let s = lock(&self.scheduler);
+        match s.policy() {
+            Policy::LatencyAware { latency, .. } => {
+                schedule::retention_floor(s.interval().as_secs_f64(), latency.as_secs_f64())
+                    as usize
+            }
+            _ => 1,
+        }
+    }
+
+    /// Starts one flush task per tier that takes save number `index`; a
+    /// tier that is down gets its report right away.
+    fn start_flushes(
+        &self,
+        index: u64,
+        ctx: &Arc<SaveCtx>,
+        rt: &tokio::runtime::Handle,
+    ) -> Flushes {
+        let floor = self.latency_floor();
+        let (manifest, manifest_rx) = watch::channel(None);
+        let mut flushes = Flushes {
+            runs: Vec::new(),
+            outs: Vec::new(),
+            manifest,
+        };
+        for slot in self.tiers.iter().filter(|s| s.policy.takes(index)) {
+            if let Some(e) = slot.health.unavailable() {
+                tracing::debug!(step = ctx.step, tier = %slot.tier.location(), "tier left out of the save: unavailable");
+                flushes.runs.push(TierRun::Unavailable(TierReport::not_run(
+                    slot.tier.location(),
+                    e,
+                )));
+                continue;
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            flushes.outs.push(tx);
+            let job = self.tier_job(slot, floor, rx, manifest_rx.clone());
+            flushes.runs.push(TierRun::Flush(
+                rt.spawn(commit::flush_tier(ctx.clone(), job)),
+                slot.health.clone(),
+            ));
+        }
+        flushes
+    }
+
+    fn tier_job(
+        &self,
+        slot: &TierSlot,
+        latency_floor: usize,
+        data: mpsc::UnboundedReceiver<Bytes>,
+        manifest: watch::Receiver<stream::ManifestCell>,
+    ) -> TierJob {
+        // Saves to one tier are flushed in order: this one waits for the
+        // previous one's completion.
+        let (done, done_rx) = oneshot::channel();
+        let previous = lock(&slot.previous).replace(done_rx);
+        let mut policy = slot.policy;
+        policy.retention = policy
+            .retention
+            .with_floor(policy.retention.floor.max(latency_floor));
+        TierJob {
+            tier: slot.tier.clone(),
+            policy,
+            data,
+            manifest,
+            previous,
+            done,
+        }
+    }
+
+    /// Waits for every tier of the save in the background, records the
+    /// save with the scheduler and the tiers' health, and completes the
+    /// handle.
+    fn collect_in_background(
+        &self,
+        report: SaveReport,
+        runs: Vec<TierRun>,
+        t0: Instant,
+        rt: &tokio::runtime::Handle,
+    ) -> SaveHandle {
+        let math_stop = report.math_stop;
+        let handle = SaveHandle::pending(report);
+        let finisher = handle.clone();
+        let scheduler = self.scheduler.clone();
+        rt.spawn(async move {
+            let mut reports = Vec::with_capacity(runs.len());
+            for run in runs {
+                match run {
+                    TierRun::Unavailable(r) => reports.push(r),
+                    TierRun::Flush(task, health) => {
+                        let r = task.await.unwrap_or_else(|e| {
+                            TierReport::not_run(
+                                "?".into(),
+                                Error::Internal(format!("flush task failed: {e}")),
+                            )
+                        });
+                        health.record(r.error.as_ref());
+                        reports.push(r);
+                    }
+                }
+            }
+            if reports.iter().any(|r| r.committed) {
+                let absorbed = reports
+                    .iter()
+                    .map(|r| r.flush + r.commit)
+                    .max()
+                    .unwrap_or(Duration::ZERO);
+                lock(&scheduler).record_save(math_stop, absorbed);
+            }
+            finisher.finish(reports, t0.elapsed());
+        });
+        handle
+    }
+}
+
+/// Whether the pool can take a save of `staged_bytes` right now (policy
+/// `Skip`): a save larger than the pool needs it whole.
+fn pool_can_take(pool: &StagingPool, staged_bytes: u64) -> bool {
+    let needed = staged_bytes.div_ceil(pool.block_size() as u64) as usize;
+    pool.free_blocks() >= needed.min(pool.blocks())
+}
+
+/// Starts the dispatcher thread of one save; returns the channel staging
+/// sends its blocks to.
+fn spawn_dispatcher(
+    ctx: Arc<SaveCtx>,
+    outs: Vec<mpsc::UnboundedSender<Bytes>>,
+    manifest: watch::Sender<stream::ManifestCell>,
+) -> Result<std_mpsc::Sender<StageMsg>> {
+    let (tx, rx) = std_mpsc::channel::<StageMsg>();
+    std::thread::Builder::new()
+        .name("ckpt-dispatch".into())
+        .spawn(move || stream::dispatch(ctx, rx, outs, manifest))
+        .map_err(|e| Error::io("<dispatch thread>", e))?;
+    Ok(tx)
+}
