@@ -18,7 +18,7 @@ echo "== docs (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features
 
 echo "== every feature alone, and none, compiles"
-for features in "" s3 peer cuda; do
+for features in "" s3 peer cuda cli; do
   echo "-- ckpt: features [${features}]"
   cargo check -p ckpt --lib --bins --no-default-features --features "${features}"
 done

@@ -144,8 +144,8 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
     );
     let exported = std::fs::read(&out).expect("export");
     let ex = safetensors::SafeTensors::deserialize(&exported).expect("export is valid safetensors");
-    assert_eq!(ex.len(), 15);
-    assert_eq!(ex.tensor("mlp.w1").expect("tensor").shape(), &[64, 32]);
+    assert_eq!(ex.len(), 12);
+    assert_eq!(ex.tensor("mlp.w1").expect("tensor").shape(), &[96, 32]);
     assert_eq!(
         ex.tensor("adam.m.emb.table").expect("t").data().len(),
         m["tensors"]["adam.m.emb.table"]["pieces"][0]["length"]
@@ -176,7 +176,7 @@ fn ls_inspect_verify_export_gc_on_a_directory() {
     let bytes = std::fs::read(&shard).expect("shard");
     let st =
         safetensors::SafeTensors::deserialize(&bytes).expect("shard is a valid safetensors file");
-    assert_eq!(st.tensor("mlp.w1").expect("tensor").shape(), &[64, 32]);
+    assert_eq!(st.tensor("mlp.w1").expect("tensor").shape(), &[96, 32]);
 }
 
 #[test]

@@ -19,8 +19,11 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ckpt::{DType, LocalTier, TensorMut, Tier, checked_nbytes, store, verify_step};
-use common::{TestRng, example};
+use std::sync::Arc;
+
+use ckpt::rng::Rng;
+use ckpt::{CheckpointStore, DType, LocalTier, TensorMut, Tier, checked_nbytes};
+use common::example;
 
 #[test]
 fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
@@ -38,15 +41,11 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
                 .unwrap_or(1)
         });
     eprintln!("crash test: {kills} kills, CKPT_CRASH_SEED={seed}");
-    let mut rng = TestRng(seed);
+    let mut rng = Rng::seed_from_u64(seed);
     let qs = example("quickstart");
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let tier = LocalTier::new(dir.path()).expect("tier");
+    let tier: Arc<dyn Tier> = Arc::new(LocalTier::new(dir.path()).expect("tier"));
+    let store = CheckpointStore::new(tier.clone()).expect("store");
     let mut last_step = 0u64;
     let mut restored_steps = Vec::new();
 
@@ -113,18 +112,16 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
         *landed.entry(aim).or_default() += 1;
 
         // Every committed step verifies completely.
-        let steps = rt
-            .block_on(store::committed_steps(&tier, "quickstart"))
-            .expect("list");
+        let steps = store.steps("quickstart").expect("list");
         let Some(&newest) = steps.last() else {
             eprintln!("kill {kill} ({aim}) after {delay:?}: nothing committed yet");
             continue;
         };
         for &s in &steps {
-            let m = rt
-                .block_on(store::load_manifest(&tier, "quickstart", s))
+            let m = store
+                .manifest("quickstart", s)
                 .unwrap_or_else(|e| panic!("kill {kill}: step {s} committed but unreadable: {e}"));
-            let report = rt.block_on(verify_step(&tier, &m));
+            let report = store.verify(&m);
             assert!(
                 report.is_ok(),
                 "kill {kill} (seed {seed}): committed step {s} does not verify: {:?}",
@@ -133,9 +130,7 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
         }
 
         // Restore through the library: newest step, no fallback needed.
-        let m = rt
-            .block_on(store::load_manifest(&tier, "quickstart", newest))
-            .expect("manifest");
+        let m = store.manifest("quickstart", newest).expect("manifest");
         let mut bufs: Vec<(String, DType, Vec<u64>, Vec<u8>)> = m
             .tensors
             .iter()
@@ -154,16 +149,14 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
             .collect();
         let mut refs: Vec<&mut dyn ckpt::TensorViewMut> =
             targets.iter_mut().map(|t| t as _).collect();
-        let r = ckpt::restore::restore(
-            rt.handle(),
-            &[std::sync::Arc::new(tier.clone()) as std::sync::Arc<dyn Tier>],
-            "quickstart",
-            0,
-            &mut refs,
-            &ckpt::RestoreOptions::default().threads(2),
-        )
-        .expect("restore")
-        .expect("a committed checkpoint");
+        let r = store
+            .restore(
+                "quickstart",
+                &mut refs,
+                &ckpt::RestoreOptions::default().threads(2),
+            )
+            .expect("restore")
+            .expect("a committed checkpoint");
         assert_eq!(r.step, newest);
         assert!(
             r.skipped.is_empty(),
@@ -193,15 +186,11 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
     );
     let start = Instant::now();
     // Crash leftovers (temp files of killed writers) are cleaned by gc.
-    let gc = rt
-        .block_on(store::gc(
-            &tier,
-            "quickstart",
-            &ckpt::Retention::keep_last(2),
-        ))
+    let gc = store
+        .gc("quickstart", &ckpt::Retention::keep_last(2))
         .expect("gc");
     eprintln!("gc: {gc:?} in {:?}", start.elapsed());
-    let left = rt.block_on(tier.list("quickstart/")).expect("list");
+    let left = list_objects(&store, "quickstart/");
     let newest = *restored_steps.last().expect("some restore");
     assert!(
         left.iter()
@@ -210,6 +199,16 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
                 .is_some_and(|(_, s, _)| s >= newest.saturating_sub(3 * 2))),
         "gc left old leftovers: {left:?}"
     );
+}
+
+/// Every object under `prefix`, through a runtime of the test's own.
+fn list_objects(store: &CheckpointStore, prefix: &str) -> Vec<ckpt::ObjectMeta> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(store.tier().list(prefix))
+        .expect("list")
 }
 
 /// The phase name of a `ckpt::phase` log line (`phase="flush"`), with any

@@ -15,7 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use ckpt::{Error, LocalTier, Tier, format::layout, store, verify_step};
+use ckpt::{Error, LocalTier, Tier, format::layout, store};
 use common::{digest, example};
 
 const RUN: &str = "multi_rank";
@@ -315,7 +315,7 @@ fn rank_dying_mid_commit_leaves_the_step_uncommitted() {
         .block_on(store::load_manifest(&tier, RUN, 5))
         .expect("manifest of step 5");
     assert_eq!(m.world_size, 4);
-    let report = rt.block_on(verify_step(&tier, &m));
+    let report = rt.block_on(store::verify_step(&tier, &m));
     assert!(
         report.is_ok(),
         "step 5 does not verify: {:?}",
@@ -349,7 +349,7 @@ fn kills_at_random_steps_resume_from_the_newest_commit() {
                 .unwrap_or(1)
         });
     eprintln!("CKPT_MULTI_SEED={seed}");
-    let mut rng = common::TestRng(seed);
+    let mut rng = ckpt::rng::Rng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -358,7 +358,7 @@ fn kills_at_random_steps_resume_from_the_newest_commit() {
         let rank = rng.range(0, 4);
         // Half the kills land right after a save returned, with its flush
         // and commit in flight.
-        let step = if rng.next().is_multiple_of(2) {
+        let step = if rng.next_u64().is_multiple_of(2) {
             5 * rng.range(1, 8)
         } else {
             rng.range(1, 40)
@@ -404,7 +404,7 @@ fn kills_at_random_steps_resume_from_the_newest_commit() {
             let m = rt
                 .block_on(store::load_manifest(&tier, RUN, s))
                 .expect("manifest");
-            let report = rt.block_on(verify_step(&tier, &m));
+            let report = rt.block_on(store::verify_step(&tier, &m));
             assert!(report.is_ok(), "{ctx}: step {s}: {:?}", report.failures);
         }
         eprintln!("{ctx}: committed {committed:?} at the kill, resumed from {from:?}");

@@ -7,31 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ckpt::rng::Rng;
 use ckpt::{
     Checkpointer, DType, Error, LocalTier, MemoryTier, RestoreOptions, Restored, SaveReport,
     ShardSpec, TensorMut, TensorRef, TensorView, Tier, TierPolicy, TrainingState, format::layout,
-    store, verify_step,
+    store,
 };
 use proptest::prelude::*;
 
 const RUN: &str = "reshard";
-
-/// A deterministic byte stream (splitmix64) for tensor contents and tilings.
-struct Mix(u64);
-
-impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `lo..hi` (`hi > lo`).
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-}
 
 /// One global tensor of a case and how it is cut.
 #[derive(Debug, Clone)]
@@ -99,8 +83,8 @@ fn numel(shape: &[u64]) -> u64 {
 
 fn contents(plan: &TensorPlan) -> Vec<u8> {
     let n = (numel(&plan.shape) as usize) * plan.dtype.size();
-    let mut mix = Mix(plan.seed ^ 0x5eed);
-    (0..n).map(|_| mix.next() as u8).collect()
+    let mut mix = Rng::seed_from_u64(plan.seed ^ 0x5eed);
+    (0..n).map(|_| mix.next_u64() as u8).collect()
 }
 
 /// Cuts the global box into `parts` boxes: repeatedly splits a random box
@@ -108,7 +92,7 @@ fn contents(plan: &TensorPlan) -> Vec<u8> {
 /// elements than `parts`, the remaining ranks hold empty pieces. Shuffled,
 /// so any rank may hold any piece.
 fn guillotine(global: &[u64], parts: u32, seed: u64) -> Vec<ShardSpec> {
-    let mut mix = Mix(seed);
+    let mut mix = Rng::seed_from_u64(seed);
     let mut boxes = vec![ShardSpec::full(global.to_vec())];
     while boxes.len() < parts as usize {
         let splittable: Vec<usize> = (0..boxes.len())
@@ -321,7 +305,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         .block_on(store::load_manifest(tier.as_ref(), RUN, case.step))
         .expect("manifest");
     prop_assert_eq!(manifest.world_size, n);
-    let report = rt.block_on(verify_step(tier.as_ref(), &manifest));
+    let report = rt.block_on(store::verify_step(tier.as_ref(), &manifest));
     prop_assert!(report.is_ok(), "{:?}", report.failures);
 
     // M ranks restore their split, concurrently.
@@ -415,8 +399,8 @@ proptest! {
 // Commits that must not happen.
 
 fn matrix(rows: u64, cols: u64) -> (String, DType, Vec<u8>) {
-    let mut mix = Mix(rows * 1000 + cols);
-    let bytes = (0..rows * cols * 4).map(|_| mix.next() as u8).collect();
+    let mut mix = Rng::seed_from_u64(rows * 1000 + cols);
+    let bytes = (0..rows * cols * 4).map(|_| mix.next_u64() as u8).collect();
     ("w".to_string(), DType::F32, bytes)
 }
 
@@ -630,7 +614,7 @@ fn a_tensor_smaller_than_the_world_commits_with_empty_pieces() {
     let m = rt
         .block_on(store::load_manifest(tier.as_ref(), RUN, 1))
         .expect("manifest");
-    assert!(rt.block_on(verify_step(tier.as_ref(), &m)).is_ok());
+    assert!(rt.block_on(store::verify_step(tier.as_ref(), &m)).is_ok());
     // Restored whole, and by 3 ranks along the columns.
     let reader = checkpointer(&rt, &tier, 0, 1, "x", Duration::from_secs(5));
     let (_, bufs) = restore_pieces(

@@ -3,12 +3,12 @@
 //! Each subcommand lives in its own module with an `Args` struct and a
 //! `run` function; this file only dispatches.
 
-mod duration;
 mod floors;
 mod flush;
 mod plan;
 mod plot;
 mod restore;
+mod sim;
 mod simulate;
 mod stage;
 #[cfg(feature = "cuda")]

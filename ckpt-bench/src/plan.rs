@@ -11,8 +11,8 @@ use ckpt_core::schedule::{
 use serde::Serialize;
 
 use crate::CliError;
-use crate::duration::{format_secs, parse_duration};
 use crate::plot;
+use ckpt_core::schedule::{format_secs, parse_duration};
 
 /// Arguments of `ckpt-bench plan`.
 #[derive(Debug, clap::Args)]

@@ -3,12 +3,14 @@
 
 use std::path::Path;
 
-use ckpt_core::schedule::{IntervalSummary, cost_terms, expected_overhead};
+use ckpt_core::schedule::{cost_terms, expected_overhead};
+
+use crate::sim::IntervalSummary;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::CliError;
-use crate::duration::format_secs;
+use ckpt_core::schedule::format_secs;
 
 /// Inputs of the plan cost curve.
 pub struct CostCurve<'a> {

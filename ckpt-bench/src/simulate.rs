@@ -4,15 +4,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ckpt_core::schedule::{
-    IntervalSummary, SimParams, availability_optimum, best_interval, daly, mtbf_from_failure_prob,
-    sweep, young,
-};
+use ckpt_core::schedule::{availability_optimum, daly, mtbf_from_failure_prob, young};
+
+use crate::sim::{IntervalSummary, SimParams, best_interval, sweep};
 use serde::Serialize;
 
 use crate::CliError;
-use crate::duration::{format_secs, parse_duration};
 use crate::plot;
+use ckpt_core::schedule::{format_secs, parse_duration};
 
 /// Arguments of `ckpt-bench simulate`.
 #[derive(Debug, clap::Args)]

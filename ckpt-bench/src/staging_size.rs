@@ -36,7 +36,7 @@ pub struct StagingSizeArgs {
     pub fractions: Vec<f64>,
     /// Compute time between the end of one save's math-stop and the next
     /// save (e.g. 500ms, 2s).
-    #[arg(long, default_value = "1s", value_parser = crate::duration::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = ckpt_core::schedule::parse_duration)]
     pub interval: Duration,
     /// Saves per configuration.
     #[arg(long, default_value_t = 8)]

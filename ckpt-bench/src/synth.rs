@@ -56,17 +56,7 @@ pub fn tensors(bytes: u64, count: usize) -> Vec<Vec<u8>> {
     let count = count.max(1);
     let each = (bytes / count as u64 / 4 * 4) as usize;
     (0..count)
-        .map(|i| {
-            let mut v = vec![0u8; each];
-            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ i as u64;
-            for w in v.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-            }
-            v
-        })
+        .map(|i| ckpt_core::rng::pattern(each, i as u64))
         .collect()
 }
 

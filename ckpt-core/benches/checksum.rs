@@ -13,15 +13,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 const LEN: usize = 64 << 20;
 
 fn data() -> Vec<u8> {
-    let mut v = vec![0u8; LEN];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for w in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-    }
-    v
+    ckpt_core::rng::pattern(LEN, 1)
 }
 
 fn checksum(c: &mut Criterion) {

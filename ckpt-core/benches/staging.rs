@@ -16,17 +16,7 @@ const STATE: usize = 256 << 20;
 
 fn tensors(count: usize) -> Vec<Vec<u8>> {
     (0..count)
-        .map(|i| {
-            let mut v = vec![0u8; STATE / count];
-            let mut x = 0x2545_f491_4f6c_dd1du64 ^ i as u64;
-            for w in v.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-            }
-            v
-        })
+        .map(|i| ckpt_core::rng::pattern(STATE / count, i as u64))
         .collect()
 }
 

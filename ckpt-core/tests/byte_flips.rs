@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use ckpt_core::{
-    Checkpointer, MemoryTier, RestoreOptions, TensorMut, TensorRef, Tier, TierPolicy,
-    TrainingState, format::layout, store, verify_step,
+    CheckpointStore, Checkpointer, MemoryTier, RestoreOptions, TensorMut, TensorRef, Tier,
+    TierPolicy, TrainingState, format::layout, store,
 };
 
 const RUN: &str = "flips";
@@ -30,6 +30,7 @@ struct Fixture {
     w2: Vec<f32>,
     m2: Vec<f32>,
     rt: tokio::runtime::Runtime,
+    store: CheckpointStore,
 }
 
 fn save(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) {
@@ -78,6 +79,7 @@ fn fixture() -> Fixture {
         "MANIFEST, rank manifest, shard: {pristine:?}"
     );
     Fixture {
+        store: CheckpointStore::new(Arc::new(tier.clone())).expect("store"),
         tier,
         pristine,
         w2,
@@ -107,23 +109,21 @@ impl Fixture {
         self.reset();
         assert!(self.tier.tamper(path, |b| b[at] ^= mask));
         let verified = match self.rt.block_on(store::load_manifest(&self.tier, RUN, 2)) {
-            Ok(m) => self.rt.block_on(verify_step(&self.tier, &m)).is_ok(),
+            Ok(m) => self.rt.block_on(store::verify_step(&self.tier, &m)).is_ok(),
             Err(_) => false,
         };
         let (mut w, mut m) = (vec![0f32; 5120], vec![0f32; 5120]);
         let mut tw = TensorMut::from_slice("model.w", &[64, 80], &mut w);
         let mut tm = TensorMut::from_slice("adam.m.model.w", &[64, 80], &mut m);
-        let tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(self.tier.clone())];
-        let r = ckpt_core::restore::restore(
-            self.rt.handle(),
-            &tiers,
-            RUN,
-            0,
-            &mut [&mut tw, &mut tm],
-            &RestoreOptions::default().threads(1),
-        )
-        .unwrap_or_else(|e| panic!("{path} byte {at} ^ {mask:#04x}: restore failed: {e}"))
-        .expect("a checkpoint");
+        let r = self
+            .store
+            .restore(
+                RUN,
+                &mut [&mut tw, &mut tm],
+                &RestoreOptions::default().threads(1),
+            )
+            .unwrap_or_else(|e| panic!("{path} byte {at} ^ {mask:#04x}: restore failed: {e}"))
+            .expect("a checkpoint");
         let what = format!("{path} byte {at} ^ {mask:#04x}");
         match r.step {
             2 => {

@@ -27,15 +27,7 @@ fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
 
 /// Non-trivial bytes, different per tensor.
 fn bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    ckpt_core::rng::pattern(len, seed)
 }
 
 fn state<'a>(step: u64, views: &[&'a dyn TensorView]) -> TrainingState<'a> {

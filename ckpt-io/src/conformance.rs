@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 use ckpt_core::{
     Checkpointer, DType, Error, PutMode, RestoreOptions, Result, Retention, SharedTensor,
-    TensorMut, TensorRef, Tier, TierPolicy, TrainingState, format::layout, store, verify_step,
+    TensorMut, TensorRef, Tier, TierPolicy, TrainingState, format::layout, store,
 };
 
 use crate::fault::{FaultTier, OpKind};
@@ -120,15 +120,7 @@ pub async fn run_all_except(tier: Arc<dyn Tier>, skip: &[(&str, &str)]) {
 
 /// Deterministic bytes: the same `(len, seed)` always gives the same data.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    ckpt_core::rng::pattern(len, seed)
 }
 
 fn fail(tier: &dyn Tier, check: &str, what: impl std::fmt::Display) -> ! {
@@ -1010,7 +1002,7 @@ pub async fn checkpoint_round_trip(tier: &Arc<dyn Tier>, run: &str) {
             "load manifest",
             store::load_manifest(t, run, step).await,
         );
-        let v = verify_step(t, &m).await;
+        let v = store::verify_step(t, &m).await;
         if !v.is_ok() || v.chunks_ok == 0 {
             fail(
                 t,

@@ -77,6 +77,13 @@ pub enum Fault {
         /// Path suffix of the objects concerned.
         suffix: String,
     },
+    /// The process SIGKILLs itself when a [`Tier::put`] to a matching path
+    /// starts: a crash at exactly that point of the commit protocol (no
+    /// cleanup, no unwinding), for process-level crash tests.
+    KillProcessOnPut {
+        /// Path suffix of the objects concerned.
+        suffix: String,
+    },
     /// Every call on a matching path (and every write and finish of a
     /// matching streamed object) first waits `delay`.
     Latency {
@@ -125,6 +132,13 @@ impl Fault {
         }
     }
 
+    /// [`Fault::KillProcessOnPut`].
+    pub fn kill_process_on_put(suffix: impl Into<String>) -> Self {
+        Fault::KillProcessOnPut {
+            suffix: suffix.into(),
+        }
+    }
+
     /// [`Fault::Latency`] on every path.
     pub fn latency(delay: Duration) -> Self {
         Fault::Latency {
@@ -140,6 +154,7 @@ impl Fault {
             | Fault::FailPut { suffix }
             | Fault::FailFinish { suffix }
             | Fault::FailDelete { suffix }
+            | Fault::KillProcessOnPut { suffix }
             | Fault::Latency { suffix, .. } => suffix,
         }
     }
@@ -203,6 +218,8 @@ enum Verdict {
     Full {
         fit: usize,
     },
+    /// SIGKILL this process.
+    Kill,
 }
 
 impl State {
@@ -405,7 +422,7 @@ impl TierWriter for FaultWriter {
             };
             pause(delay).await;
             match verdict {
-                Verdict::Pass => self.inner()?.write(data).await,
+                Verdict::Pass | Verdict::Kill => self.inner()?.write(data).await,
                 Verdict::Fail(what) => Err(injected(&self.location, &self.path, &what)),
                 Verdict::Full { fit } => {
                     if fit > 0 {
@@ -438,7 +455,7 @@ impl TierWriter for FaultWriter {
                     let _ = inner.abort().await;
                     Err(injected(&self.location, &self.path, &what))
                 }
-                Verdict::Pass | Verdict::Full { .. } => inner.finish().await,
+                Verdict::Pass | Verdict::Full { .. } | Verdict::Kill => inner.finish().await,
             }
         })
     }
@@ -487,6 +504,7 @@ impl Tier for FaultTier {
                 let delay = s.delay(path);
                 let verdict = s.fire(path, |f| match f {
                     Fault::FailPut { .. } => Some(Verdict::Fail("put".into())),
+                    Fault::KillProcessOnPut { .. } => Some(Verdict::Kill),
                     Fault::StorageFullAfter { bytes, .. } if len > 0 => {
                         if len <= *bytes {
                             *bytes -= len;
@@ -505,6 +523,16 @@ impl Tier for FaultTier {
                 Verdict::Pass => self.inner.put(path, data, mode).await,
                 Verdict::Fail(what) => Err(injected(&location, path, &what)),
                 Verdict::Full { .. } => Err(storage_full(&location, path)),
+                Verdict::Kill => {
+                    eprintln!("FaultTier: killing this process before putting {path}");
+                    // SAFETY: raise(2) with a valid signal number has no
+                    // memory-safety preconditions; SIGKILL ends the process
+                    // here, without running any more of this program.
+                    unsafe {
+                        libc::raise(libc::SIGKILL);
+                    }
+                    Err(injected(&location, path, "kill"))
+                }
             }
         })
     }
@@ -564,7 +592,9 @@ impl Tier for FaultTier {
             pause(delay).await;
             match verdict {
                 Verdict::Fail(what) => Err(injected(&self.inner.location(), path, &what)),
-                Verdict::Pass | Verdict::Full { .. } => self.inner.delete(path).await,
+                Verdict::Pass | Verdict::Full { .. } | Verdict::Kill => {
+                    self.inner.delete(path).await
+                }
             }
         })
     }

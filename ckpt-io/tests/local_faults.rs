@@ -159,13 +159,9 @@ impl Store {
         let m = self.manifest(step)?;
         let n = self.sizes[&step];
         let mut w = vec![0f32; n];
-        let rt = rt();
-        ckpt_core::restore::read_targets(
-            rt.handle(),
-            self.tier.as_ref(),
+        ckpt_core::CheckpointStore::new(self.tier.clone())?.read(
             &m,
             &mut [&mut TensorMut::from_slice("w", &[n as u64], &mut w)],
-            2,
         )
     }
 }

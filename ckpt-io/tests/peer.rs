@@ -575,15 +575,7 @@ fn hostile_input_is_refused_and_the_server_keeps_serving() {
     check_alive(0);
 
     // Random bytes instead of an Auth frame.
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let garbage: Vec<u8> = (0..4096)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let garbage = ckpt_core::rng::pattern(4096, 3);
     let mut raw = Raw::connect(addr);
     raw.send(&garbage);
     raw.expect_closed();

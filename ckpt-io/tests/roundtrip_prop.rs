@@ -92,16 +92,11 @@ fn case() -> impl Strategy<Value = Case> {
 /// Deterministic bytes for tensor `i` of `step`; booleans stay 0 or 1.
 fn bytes_for(t: &TensorCase, i: usize, seed: u64, step: u64) -> Vec<u8> {
     let n = checked_nbytes(&t.shape, t.dtype).expect("small shapes") as usize;
-    let mut x = (seed ^ ((i as u64) << 32) ^ step).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let b = (x >> 29) as u8;
-            if t.dtype == DType::Bool { b & 1 } else { b }
-        })
-        .collect()
+    let mut v = ckpt_core::rng::pattern(n, seed ^ ((i as u64) << 32) ^ step);
+    if t.dtype == DType::Bool {
+        v.iter_mut().for_each(|b| *b &= 1);
+    }
+    v
 }
 
 fn save(ckpt: &Checkpointer, case: &Case, step: u64) -> Vec<Vec<u8>> {

@@ -108,15 +108,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// Deterministic, position-dependent bytes (no two parts alike).
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    ckpt_core::rng::pattern(len, seed)
 }
 
 fn paths(objects: &[ckpt_core::ObjectMeta]) -> Vec<String> {

@@ -3,11 +3,10 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use ckpt::{
-    DType, Error, Manifest, Result, Retention, TensorMut, Tier, VerifyReport, format::layout,
-    open_existing_location, store, verify_step,
+    CheckpointStore, DType, Error, Manifest, Result, Retention, TensorMut, VerifyReport,
+    format::layout, open_existing_location,
 };
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -106,21 +105,10 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
                 .unwrap_or_else(|_| "warn".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ckpt: cannot start runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(cli, &rt) {
+    match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ckpt: {e}");
@@ -129,26 +117,32 @@ fn main() -> ExitCode {
     }
 }
 
-async fn pick_run(tier: &dyn Tier, run: Option<String>) -> Result<String> {
+/// The store at `location`, which must exist: read-only commands never
+/// create anything.
+fn open(location: &str) -> Result<CheckpointStore> {
+    CheckpointStore::new(open_existing_location(location)?)
+}
+
+fn pick_run(store: &CheckpointStore, run: Option<String>) -> Result<String> {
     if let Some(r) = run {
         return Ok(r);
     }
-    let runs = store::runs(tier).await?;
+    let runs = store.runs()?;
     match runs.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(Error::NotFound {
-            path: format!("{}: no committed checkpoint", tier.location()),
+            path: format!("{}: no committed checkpoint", store.tier().location()),
         }),
         many => Err(Error::Config(format!(
             "{} holds several runs ({}): pick one with --run",
-            tier.location(),
+            store.tier().location(),
             many.join(", ")
         ))),
     }
 }
 
-async fn pick_step(tier: &dyn Tier, run: &str, step: Option<u64>) -> Result<u64> {
-    let steps = store::committed_steps(tier, run).await?;
+fn pick_step(store: &CheckpointStore, run: &str, step: Option<u64>) -> Result<u64> {
+    let steps = store.steps(run)?;
     match step {
         Some(s) if steps.contains(&s) => Ok(s),
         Some(s) => Err(Error::NotFound {
@@ -158,7 +152,7 @@ async fn pick_step(tier: &dyn Tier, run: &str, step: Option<u64>) -> Result<u64>
             ),
         }),
         None => steps.last().copied().ok_or_else(|| Error::NotFound {
-            path: format!("{}/{run}: no committed checkpoint", tier.location()),
+            path: format!("{}/{run}: no committed checkpoint", store.tier().location()),
         }),
     }
 }
@@ -184,56 +178,29 @@ fn time_str(unix_ms: u64) -> String {
     )
 }
 
-fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Ls {
             location,
             run,
             json,
-        } => {
-            let tier = open_existing_location(&location)?;
-            rt.block_on(async {
-                let runs = match run {
-                    Some(r) => vec![r],
-                    None => store::runs(tier.as_ref()).await?,
-                };
-                if !json {
-                    println!("{:<24} {:>12} {:>14} {:>6}  CREATED", "RUN", "STEP", "BYTES", "WORLD");
-                }
-                for r in runs {
-                    for step in store::committed_steps(tier.as_ref(), &r).await? {
-                        match store::load_manifest(tier.as_ref(), &r, step).await {
-                            Ok(m) if json => println!(
-                                "{}",
-                                json!({"run": r, "step": step, "bytes": m.data_bytes(), "world_size": m.world_size, "created_unix_ms": m.created_unix_ms, "created": time_str(m.created_unix_ms), "tensors": m.tensors.len()})
-                            ),
-                            Ok(m) => println!("{:<24} {:>12} {:>14} {:>6}  {}", r, step, m.data_bytes(), m.world_size, time_str(m.created_unix_ms)),
-                            Err(e) if json => println!("{}", json!({"run": r, "step": step, "error": e.to_string()})),
-                            Err(e) => println!("{:<24} {:>12} unreadable manifest: {e}", r, step),
-                        }
-                    }
-                }
-                Ok(ExitCode::SUCCESS)
-            })
-        }
+        } => ls(&open(&location)?, run, json),
         Cmd::Inspect {
             location,
             run,
             step,
             json,
         } => {
-            let tier = open_existing_location(&location)?;
-            rt.block_on(async {
-                let run = pick_run(tier.as_ref(), run).await?;
-                let step = pick_step(tier.as_ref(), &run, step).await?;
-                let m = store::load_manifest(tier.as_ref(), &run, step).await?;
-                if json {
-                    println!("{}", String::from_utf8_lossy(&m.to_json()?));
-                } else {
-                    print_manifest(&m);
-                }
-                Ok(ExitCode::SUCCESS)
-            })
+            let store = open(&location)?;
+            let run = pick_run(&store, run)?;
+            let step = pick_step(&store, &run, step)?;
+            let m = store.manifest(&run, step)?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&m.to_json()?));
+            } else {
+                print_manifest(&m);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Verify {
             location,
@@ -241,42 +208,7 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             step,
             all,
             json,
-        } => {
-            let tier = open_existing_location(&location)?;
-            rt.block_on(async {
-                let run = pick_run(tier.as_ref(), run).await?;
-                let steps = if all {
-                    store::committed_steps(tier.as_ref(), &run).await?
-                } else {
-                    vec![pick_step(tier.as_ref(), &run, step).await?]
-                };
-                let mut bad = 0;
-                for s in steps {
-                    let report = match store::load_manifest(tier.as_ref(), &run, s).await {
-                        Ok(m) => verify_step(tier.as_ref(), &m).await,
-                        Err(e) => VerifyReport {
-                            step: s,
-                            chunks_ok: 0,
-                            bytes: 0,
-                            failures: vec![e.to_string()],
-                        },
-                    };
-                    if !report.is_ok() {
-                        bad += 1;
-                    }
-                    if json {
-                        println!("{}", json!({"run": run, "step": s, "ok": report.is_ok(), "chunks_ok": report.chunks_ok, "bytes": report.bytes, "failures": report.failures}));
-                    } else if report.is_ok() {
-                        println!("ok     {run} step {s}: {} chunks, {} bytes verified", report.chunks_ok, report.bytes);
-                    } else {
-                        for f in &report.failures {
-                            println!("FAILED {run} step {s}: {f}");
-                        }
-                    }
-                }
-                Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
-            })
-        }
+        } => verify(&open(&location)?, run, step, all, json),
         Cmd::Gc {
             location,
             run,
@@ -284,26 +216,24 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             keep_every,
             dry_run,
         } => {
-            let tier = open_existing_location(&location)?;
+            let store = open(&location)?;
             let mut retention = Retention::keep_last(keep_last);
             if let Some(k) = keep_every {
                 retention = retention.with_keep_every(k);
             }
-            rt.block_on(async {
-                let run = pick_run(tier.as_ref(), run).await?;
-                if dry_run {
-                    let steps = store::committed_steps(tier.as_ref(), &run).await?;
-                    let (keep, delete) = retention.select(&steps);
-                    println!("would keep {keep:?}, delete {delete:?}");
-                } else {
-                    let r = store::gc(tier.as_ref(), &run, &retention).await?;
-                    println!(
-                        "kept {:?}, deleted {:?}, removed leftovers {:?}",
-                        r.kept_steps, r.deleted_steps, r.removed_leftovers
-                    );
-                }
-                Ok(ExitCode::SUCCESS)
-            })
+            retention.validate()?;
+            let run = pick_run(&store, run)?;
+            if dry_run {
+                let (keep, delete) = retention.select(&store.steps(&run)?);
+                println!("would keep {keep:?}, delete {delete:?}");
+            } else {
+                let r = store.gc(&run, &retention)?;
+                println!(
+                    "kept {:?}, deleted {:?}, removed leftovers {:?}",
+                    r.kept_steps, r.deleted_steps, r.removed_leftovers
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Export {
             location,
@@ -311,11 +241,102 @@ fn run(cli: Cli, rt: &tokio::runtime::Runtime) -> Result<ExitCode> {
             step,
             out,
         } => {
-            let tier = open_existing_location(&location)?;
-            export(rt, tier, run, step, &out)?;
+            export(&open(&location)?, run, step, &out)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn ls(store: &CheckpointStore, run: Option<String>, json: bool) -> Result<ExitCode> {
+    let runs = match run {
+        Some(r) => vec![r],
+        None => store.runs()?,
+    };
+    if !json {
+        println!(
+            "{:<24} {:>12} {:>14} {:>6}  CREATED",
+            "RUN", "STEP", "BYTES", "WORLD"
+        );
+    }
+    for r in runs {
+        for step in store.steps(&r)? {
+            match store.manifest(&r, step) {
+                Ok(m) if json => println!(
+                    "{}",
+                    json!({"run": r, "step": step, "bytes": m.data_bytes(), "world_size": m.world_size,
+                        "created_unix_ms": m.created_unix_ms, "created": time_str(m.created_unix_ms),
+                        "tensors": m.tensors.len()})
+                ),
+                Ok(m) => println!(
+                    "{:<24} {:>12} {:>14} {:>6}  {}",
+                    r,
+                    step,
+                    m.data_bytes(),
+                    m.world_size,
+                    time_str(m.created_unix_ms)
+                ),
+                Err(e) if json => {
+                    println!(
+                        "{}",
+                        json!({"run": r, "step": step, "error": e.to_string()})
+                    )
+                }
+                Err(e) => println!("{:<24} {:>12} unreadable manifest: {e}", r, step),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(
+    store: &CheckpointStore,
+    run: Option<String>,
+    step: Option<u64>,
+    all: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let run = pick_run(store, run)?;
+    let steps = if all {
+        store.steps(&run)?
+    } else {
+        vec![pick_step(store, &run, step)?]
+    };
+    let mut bad = 0;
+    for s in steps {
+        let report = match store.manifest(&run, s) {
+            Ok(m) => store.verify(&m),
+            Err(e) => VerifyReport {
+                step: s,
+                chunks_ok: 0,
+                bytes: 0,
+                failures: vec![e.to_string()],
+            },
+        };
+        if !report.is_ok() {
+            bad += 1;
+        }
+        if json {
+            println!(
+                "{}",
+                json!({"run": run, "step": s, "ok": report.is_ok(), "chunks_ok": report.chunks_ok,
+                    "bytes": report.bytes, "failures": report.failures})
+            );
+        } else if report.is_ok() {
+            println!(
+                "ok     {run} step {s}: {} chunks, {} bytes verified",
+                report.chunks_ok, report.bytes
+            );
+        } else {
+            for f in &report.failures {
+                println!("FAILED {run} step {s}: {f}");
+            }
+        }
+    }
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn print_manifest(m: &Manifest) {
@@ -359,18 +380,19 @@ fn print_manifest(m: &Manifest) {
     }
 }
 
+/// Writes the global tensors of one checkpoint into one standard
+/// safetensors file, tensor by tensor (memory: the largest tensor), every
+/// chunk verified as read; the file appears under its name only when
+/// complete and synced.
 fn export(
-    rt: &tokio::runtime::Runtime,
-    tier: Arc<dyn Tier>,
+    store: &CheckpointStore,
     run: Option<String>,
     step: Option<u64>,
     out: &std::path::Path,
 ) -> Result<()> {
-    let (m, run) = rt.block_on(async {
-        let run = pick_run(tier.as_ref(), run).await?;
-        let step = pick_step(tier.as_ref(), &run, step).await?;
-        Ok::<_, Error>((store::load_manifest(tier.as_ref(), &run, step).await?, run))
-    })?;
+    let run = pick_run(store, run)?;
+    let step = pick_step(store, &run, step)?;
+    let m = store.manifest(&run, step)?;
     let specs: Vec<(&str, DType, &[u64])> = m
         .tensors
         .iter()
@@ -395,7 +417,7 @@ fn export(
             .ok_or_else(|| Error::tensor(name, "size overflows"))?;
         let mut buf = vec![0u8; usize::try_from(n).map_err(|_| Error::tensor(name, "too large"))?];
         let mut target = TensorMut::new(name.clone(), t.dtype, &t.shape, &mut buf);
-        ckpt::restore::read_targets(rt.handle(), tier.as_ref(), &m, &mut [&mut target], 4)?;
+        store.read(&m, &mut [&mut target])?;
         w.write_all(&buf).map_err(|e| Error::io(&tmp, e))?;
     }
     let file = w

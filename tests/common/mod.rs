@@ -46,22 +46,6 @@ pub fn digest(out: &Output) -> String {
         .to_string()
 }
 
-/// A tiny deterministic PRNG for test schedules (splitmix64).
-pub struct TestRng(pub u64);
-
-impl TestRng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo).max(1)
-    }
-}
-
 /// A child process whose stdout is one JSON object per line (the
 /// examples' `--json`), read on a thread of its own; every event is stamped
 /// with the time it arrived.

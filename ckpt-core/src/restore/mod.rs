@@ -44,8 +44,10 @@ pub struct RestoreOptions {
     /// Unix epoch): set it to `detection − L` when an error was detected
     /// with latency `L`, so no checkpoint that may hold the error is loaded.
     pub not_after_unix_ms: Option<u64>,
-    /// Parallel reads (default 4).
+    /// Parallel reads (0: the checkpointer's `restore_threads`, else 4).
     pub threads: usize,
+    /// Whose loop state to return (a checkpointer uses its own rank).
+    pub rank: u32,
 }
 
 impl RestoreOptions {
@@ -71,6 +73,13 @@ impl RestoreOptions {
     /// Number of parallel reads.
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n;
+        self
+    }
+
+    /// Return rank `rank`'s loop state (for a [`CheckpointStore`](crate::CheckpointStore);
+    /// a checkpointer restores its own rank's).
+    pub fn rank(mut self, rank: u32) -> Self {
+        self.rank = rank;
         self
     }
 }
@@ -122,7 +131,7 @@ impl Restored {
 /// Restores `targets` for `rank` from `tiers` (priority order). Returns
 /// `Ok(None)` if no tier holds any committed checkpoint of `run` (a fresh
 /// start); fails if checkpoints exist but none verifies.
-pub fn restore(
+pub(crate) fn restore(
     handle: &tokio::runtime::Handle,
     tiers: &[Arc<dyn Tier>],
     run: &str,
@@ -300,7 +309,7 @@ enum Unit<'a> {
 
 /// Reads every target from one checkpoint on one tier, verifying every
 /// chunk it reads. Returns the bytes read.
-pub fn read_targets(
+pub(crate) fn read_targets(
     handle: &tokio::runtime::Handle,
     tier: &dyn Tier,
     m: &Manifest,

@@ -27,6 +27,16 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// A report of a step that could not even be read.
+    pub(crate) fn failed(step: u64, why: String) -> Self {
+        Self {
+            step,
+            chunks_ok: 0,
+            bytes: 0,
+            failures: vec![why],
+        }
+    }
+
     /// Whether everything verified.
     pub fn is_ok(&self) -> bool {
         self.failures.is_empty()

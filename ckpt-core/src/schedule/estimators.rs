@@ -306,8 +306,8 @@ impl MtbfEstimator {
 #[cfg(test)]
 mod tests {
     use super::super::failure_log::{FailureEvent, failure_stats};
-    use super::super::rng::Rng;
     use super::*;
+    use crate::rng::Rng;
     use proptest::prelude::*;
 
     fn ms(x: u64) -> Duration {

@@ -17,8 +17,9 @@
 //!   by [`failure_stats`] of a failure log of [`FailureEvent`]s.
 //! * **Scheduler**: [`Scheduler::should_save`] is the one call a training
 //!   loop makes per step; [`Scheduler::explain`] says why.
-//! * **Simulator**: [`simulate_run`] and [`sweep`] replay a synchronous job
-//!   with random failures (seeded [`Rng`]) to compare intervals.
+//! * **Simulator**: `ckpt-bench simulate` replays a synchronous job with
+//!   random failures to compare intervals (it lives in the benchmark crate:
+//!   no training loop needs it).
 //!
 //! ```
 //! use std::time::{Duration, Instant};
@@ -38,14 +39,14 @@
 //! # Ok::<(), ckpt_core::schedule::ScheduleError>(())
 //! ```
 
+mod duration;
 mod error;
 mod estimators;
 mod failure_log;
 mod formulas;
 mod policy;
-mod rng;
-mod simulate;
 
+pub use duration::{format_secs, parse_duration, parse_seconds};
 pub use error::ScheduleError;
 pub use estimators::{MtbfEstimator, RestartEstimator, RobustEstimator, SaveTimeEstimator};
 pub use failure_log::{
@@ -57,8 +58,3 @@ pub use formulas::{
     latency_aware_interval, latency_aware_optimum, mtbf_from_failure_prob, retention_floor, young,
 };
 pub use policy::{Policy, Scheduler, SchedulerConfig};
-pub use rng::{Rng, splitmix64};
-pub use simulate::{
-    IntervalSummary, MAX_FAILURES_PER_RUN, MeanCi, RunOutcome, SimParams, best_interval, mean_ci95,
-    simulate_run, student_t_975, sweep,
-};

@@ -1188,17 +1188,8 @@ mod tests {
             Err(ProtocolError::BadPayload { .. })
         ));
         // Random garbage never panics and is always rejected.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for n in 0..2000usize {
-            let len = n % 97;
-            let buf: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let buf = ckpt_core::rng::pattern(n % 97, n as u64);
             assert!(Request::decode_frame(&buf, DEFAULT_MAX_FRAME).is_err());
         }
     }

@@ -22,14 +22,32 @@
 //!
 //! With f = 1 each segment of W = interval·step_time seconds of work and
 //! its checkpoint C is an independent renewal, and its expected duration
-//! is [`expected_segment_time`](super::expected_segment_time)
+//! is `ckpt_core::schedule::expected_segment_time`
 //! M·e^{R/M}·(e^{(W+C)/M} − 1), which the tests check the simulator
 //! against.
 
 use serde::Serialize;
 
-use super::error::ScheduleError;
-use super::rng::Rng;
+use ckpt_core::rng::Rng;
+use ckpt_core::schedule::ScheduleError;
+
+/// Why a simulation could not be set up or run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SimError {
+    /// A parameter is out of its domain.
+    #[error(transparent)]
+    Invalid(#[from] ScheduleError),
+    /// A simulated run saw more failures than the safety cap; the
+    /// parameters make progress practically impossible.
+    #[error(
+        "simulation gave up after {0} failures in one run: failures are too frequent for the chosen interval to make progress"
+    )]
+    TooManyFailures(u64),
+}
+
+fn invalid(name: &'static str, reason: impl Into<String>) -> SimError {
+    SimError::Invalid(ScheduleError::invalid(name, reason))
+}
 
 /// Safety cap on failures in one simulated run.
 pub const MAX_FAILURES_PER_RUN: u64 = 10_000_000;
@@ -53,15 +71,15 @@ pub struct SimParams {
 
 impl SimParams {
     /// Checks every parameter's domain.
-    pub fn validate(&self) -> Result<(), ScheduleError> {
+    pub fn validate(&self) -> Result<(), SimError> {
         if self.total_steps == 0 {
-            return Err(ScheduleError::invalid("total_steps", "must be at least 1"));
+            return Err(invalid("total_steps", "must be at least 1"));
         }
         let finite_nonneg = |name, v: f64| {
             if v.is_finite() && v >= 0.0 {
                 Ok(())
             } else {
-                Err(ScheduleError::invalid(
+                Err(invalid(
                     name,
                     format!("must be a finite number ≥ 0, got {v}"),
                 ))
@@ -70,19 +88,19 @@ impl SimParams {
         finite_nonneg("ckpt_cost", self.ckpt_cost_s)?;
         finite_nonneg("restart", self.restart_s)?;
         if !(self.step_time_s.is_finite() && self.step_time_s > 0.0) {
-            return Err(ScheduleError::invalid(
+            return Err(invalid(
                 "step_time",
                 format!("must be positive and finite, got {}", self.step_time_s),
             ));
         }
         if self.mtbf_s.is_nan() || self.mtbf_s <= 0.0 {
-            return Err(ScheduleError::invalid(
+            return Err(invalid(
                 "mtbf",
                 format!("must be positive, got {}", self.mtbf_s),
             ));
         }
         if !(0.0..=1.0).contains(&self.blocking_fraction) {
-            return Err(ScheduleError::invalid(
+            return Err(invalid(
                 "blocking_fraction",
                 format!("must lie in [0, 1], got {}", self.blocking_fraction),
             ));
@@ -152,7 +170,7 @@ struct Sim<'a, G: FnMut() -> f64> {
 impl<G: FnMut() -> f64> Sim<'_, G> {
     /// Spends `d` seconds on `a`. Returns `Ok(false)` if a failure struck
     /// first (the clock is then at the failure).
-    fn spend(&mut self, d: f64, a: Activity) -> Result<bool, ScheduleError> {
+    fn spend(&mut self, d: f64, a: Activity) -> Result<bool, SimError> {
         let end = self.t + d;
         let (done, ok) = if self.next_fail < end {
             (self.next_fail - self.t, false)
@@ -171,14 +189,14 @@ impl<G: FnMut() -> f64> Sim<'_, G> {
             self.next_fail = self.t + (self.next_gap)();
             self.out.failures += 1;
             if self.out.failures > MAX_FAILURES_PER_RUN {
-                return Err(ScheduleError::TooManyFailures(MAX_FAILURES_PER_RUN));
+                return Err(SimError::TooManyFailures(MAX_FAILURES_PER_RUN));
             }
         }
         Ok(ok)
     }
 
     /// Restarts until a restart completes without failure.
-    fn restart(&mut self) -> Result<(), ScheduleError> {
+    fn restart(&mut self) -> Result<(), SimError> {
         while !self.spend(self.p.restart_s, Activity::Restart)? {}
         Ok(())
     }
@@ -190,13 +208,10 @@ fn run_with_gaps(
     p: &SimParams,
     interval_steps: u64,
     next_gap: impl FnMut() -> f64,
-) -> Result<RunOutcome, ScheduleError> {
+) -> Result<RunOutcome, SimError> {
     p.validate()?;
     if interval_steps == 0 {
-        return Err(ScheduleError::invalid(
-            "interval",
-            "must be at least 1 step",
-        ));
+        return Err(invalid("interval", "must be at least 1 step"));
     }
     let mut sim = Sim {
         p,
@@ -267,7 +282,7 @@ fn run_with_gaps(
 /// Simulates one run with checkpoints every `interval_steps` steps and
 /// exponential failure gaps drawn from `rng`.
 ///
-/// ```
+/// ```text
 /// use ckpt_core::schedule::{simulate_run, Rng, SimParams};
 /// let p = SimParams { total_steps: 1000, step_time_s: 1.0, ckpt_cost_s: 10.0,
 ///     restart_s: 30.0, mtbf_s: f64::INFINITY, blocking_fraction: 1.0 };
@@ -280,7 +295,7 @@ pub fn simulate_run(
     params: &SimParams,
     interval_steps: u64,
     rng: &mut Rng,
-) -> Result<RunOutcome, ScheduleError> {
+) -> Result<RunOutcome, SimError> {
     let mtbf = params.mtbf_s;
     run_with_gaps(params, interval_steps, || rng.exponential(mtbf))
 }
@@ -297,7 +312,7 @@ pub struct MeanCi {
 
 /// Mean and 95 % confidence half-width t₀.₉₇₅,ₙ₋₁ · s / √n of `xs`.
 ///
-/// ```
+/// ```text
 /// use ckpt_core::schedule::mean_ci95;
 /// let m = mean_ci95(&[1.0, 2.0, 3.0]);
 /// assert_eq!(m.mean, 2.0);
@@ -330,7 +345,7 @@ pub fn mean_ci95(xs: &[f64]) -> MeanCi {
 /// expansion of Abramowitz & Stegun 26.7.5 (relative error < 2e-4).
 /// `df == 0` gives infinity.
 ///
-/// ```
+/// ```text
 /// use ckpt_core::schedule::student_t_975;
 /// assert!((student_t_975(49) - 2.0096).abs() < 1e-4);
 /// ```
@@ -391,10 +406,10 @@ pub fn sweep(
     intervals: &[u64],
     seeds: u64,
     base_seed: u64,
-) -> Result<Vec<IntervalSummary>, ScheduleError> {
+) -> Result<Vec<IntervalSummary>, SimError> {
     params.validate()?;
     if seeds == 0 {
-        return Err(ScheduleError::invalid("seeds", "must be at least 1"));
+        return Err(invalid("seeds", "must be at least 1"));
     }
     intervals
         .iter()
@@ -438,8 +453,8 @@ pub fn best_interval(summaries: &[IntervalSummary]) -> Option<&IntervalSummary> 
 
 #[cfg(test)]
 mod tests {
-    use super::super::formulas::expected_segment_time;
     use super::*;
+    use ckpt_core::schedule::expected_segment_time;
 
     fn params(mtbf: f64, f: f64) -> SimParams {
         SimParams {
@@ -458,7 +473,7 @@ mod tests {
     }
 
     #[test]
-    fn no_failures_blocking() -> Result<(), ScheduleError> {
+    fn no_failures_blocking() -> Result<(), SimError> {
         let p = params(f64::INFINITY, 1.0);
         let o = simulate_run(&p, 100, &mut Rng::seed_from_u64(0))?;
         assert_eq!((o.wall_s, o.checkpoints, o.failures), (1600.0, 10, 0));
@@ -473,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    fn no_failures_async() -> Result<(), ScheduleError> {
+    fn no_failures_async() -> Result<(), SimError> {
         let p = params(f64::INFINITY, 0.5);
         // 9 async checkpoints (30 s exposed, background 30 s < 100 s of
         // compute) and a fully blocking final one.
@@ -497,7 +512,7 @@ mod tests {
     }
 
     #[test]
-    fn failure_during_background_loses_that_checkpoint() -> Result<(), ScheduleError> {
+    fn failure_during_background_loses_that_checkpoint() -> Result<(), SimError> {
         let p = SimParams {
             total_steps: 300,
             step_time_s: 1.0,
@@ -523,7 +538,7 @@ mod tests {
     }
 
     #[test]
-    fn failure_during_restart_restarts() -> Result<(), ScheduleError> {
+    fn failure_during_restart_restarts() -> Result<(), SimError> {
         let p = params(1.0, 1.0);
         // Failures at 50 and 55 (during the 10 s restart), then none.
         let mut gaps = vec![f64::INFINITY, 5.0, 50.0];
@@ -579,7 +594,7 @@ mod tests {
             ..params(1.0, 1.0)
         };
         let r = simulate_run(&p, 10, &mut Rng::seed_from_u64(0));
-        assert_eq!(r, Err(ScheduleError::TooManyFailures(MAX_FAILURES_PER_RUN)));
+        assert_eq!(r, Err(SimError::TooManyFailures(MAX_FAILURES_PER_RUN)));
     }
 
     /// The simulated mean wall time matches the exact expectation
@@ -588,7 +603,7 @@ mod tests {
     /// seeds; the per-run coefficient of variation is ≲ 10 %, so the
     /// standard error of the mean is ≲ 0.5 %.
     #[test]
-    fn matches_analytic_expectation() -> Result<(), ScheduleError> {
+    fn matches_analytic_expectation() -> Result<(), SimError> {
         for (interval, cost, restart, mtbf) in [
             (100u64, 10.0, 20.0, 500.0),
             (50, 5.0, 30.0, 200.0),
@@ -619,7 +634,7 @@ mod tests {
     }
 
     #[test]
-    fn async_saves_reduce_overhead() -> Result<(), ScheduleError> {
+    fn async_saves_reduce_overhead() -> Result<(), SimError> {
         let blocking = sweep(&params(5000.0, 1.0), &[100], 50, 0)?;
         let half = sweep(&params(5000.0, 0.5), &[100], 50, 0)?;
         assert!(half[0].wall_s.mean < blocking[0].wall_s.mean);
@@ -627,7 +642,7 @@ mod tests {
     }
 
     #[test]
-    fn sweep_optimum_near_young() -> Result<(), ScheduleError> {
+    fn sweep_optimum_near_young() -> Result<(), SimError> {
         let p = SimParams {
             total_steps: 20_000,
             step_time_s: 1.0,

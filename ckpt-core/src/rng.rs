@@ -1,5 +1,7 @@
-//! A small, seedable pseudo-random number generator for the simulator and
-//! the statistical tests.
+//! A small, seedable pseudo-random number generator: the one the
+//! examples' training loops, the simulator, the benchmarks and the tests
+//! use, so runs are reproducible. Its state is serde-serializable, so a
+//! training loop can checkpoint it.
 //!
 //! [`Rng`] is xoshiro256++ (Blackman & Vigna, 2019) seeded through
 //! splitmix64, so that any `u64` seed (including 0) gives a well-mixed,
@@ -9,7 +11,7 @@
 /// One step of splitmix64: advances `state` and returns the next output.
 ///
 /// ```
-/// use ckpt_core::schedule::splitmix64;
+/// use ckpt_core::rng::splitmix64;
 /// let mut s = 0;
 /// assert_eq!(splitmix64(&mut s), 0xe220_a839_7b1d_cdaf);
 /// ```
@@ -21,8 +23,22 @@ pub fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// `len` deterministic pseudo-random bytes: the same `(len, seed)` always
+/// gives the same bytes; different seeds give unrelated ones.
+///
+/// ```
+/// use ckpt_core::rng::pattern;
+/// assert_eq!(pattern(100, 7), pattern(100, 7));
+/// assert_ne!(pattern(100, 7), pattern(100, 8));
+/// ```
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng::seed_from_u64(seed).fill(&mut v);
+    v
+}
+
 /// xoshiro256++ generator.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng {
     s: [u64; 4],
 }
@@ -62,6 +78,19 @@ impl Rng {
         s[2] ^= t;
         s[3] = s[3].rotate_left(45);
         result
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for w in buf.chunks_mut(8) {
+            w.copy_from_slice(&self.next_u64().to_le_bytes()[..w.len()]);
+        }
+    }
+
+    /// Uniform in `lo..hi` (`lo` if the range is empty). The modulo bias
+    /// is below 2^-40 for ranges under 2^24, which is all its users need.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % hi.saturating_sub(lo).max(1)
     }
 
     /// Uniform `f64` in `[0, 1)` with 53 random bits.

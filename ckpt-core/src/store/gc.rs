@@ -1,0 +1,72 @@
+//! Garbage collection: retention applied to committed steps, and crash
+//! leftovers removed. Deletion uncommits first (MANIFEST before data), so a
+//! crash in the middle leaves an uncommitted leftover, never a committed
+//! checkpoint with missing data.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::format::layout::{self, MANIFEST};
+use crate::store::retention::Retention;
+use crate::tier::Tier;
+
+/// Deletes one step: MANIFEST first (uncommit), then everything else.
+pub async fn delete_step(tier: &dyn Tier, run: &str, step: u64) -> Result<usize> {
+    let dir = layout::step_dir(run, step);
+    tier.delete(&layout::manifest_path(run, step)).await?;
+    let objects = tier.list(&format!("{dir}/")).await?;
+    for o in &objects {
+        tier.delete(&o.path).await?;
+    }
+    Ok(objects.len() + 1)
+}
+
+/// What a garbage collection did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Committed steps deleted by the retention policy.
+    pub deleted_steps: Vec<u64>,
+    /// Uncommitted steps (crash leftovers) removed.
+    pub removed_leftovers: Vec<u64>,
+    /// Committed steps kept.
+    pub kept_steps: Vec<u64>,
+}
+
+/// Applies `retention` to `run` and removes crash leftovers: uncommitted
+/// step directories older than the newest committed step. Uncommitted
+/// steps newer than it may belong to a save in progress and are left alone.
+pub async fn gc(tier: &dyn Tier, run: &str, retention: &Retention) -> Result<GcReport> {
+    let objects = tier.list(&format!("{run}/")).await?;
+    let mut by_step: BTreeMap<u64, bool> = BTreeMap::new();
+    for (r, s, rest) in objects.iter().filter_map(|o| layout::parse_path(&o.path)) {
+        if r == run {
+            *by_step.entry(s).or_default() |= rest == MANIFEST;
+        }
+    }
+    let committed: Vec<u64> = by_step
+        .iter()
+        .filter(|(_, c)| **c)
+        .map(|(s, _)| *s)
+        .collect();
+    let newest = committed.last().copied();
+    let (kept_steps, deleted_steps) = retention.select(&committed);
+    let mut report = GcReport {
+        kept_steps,
+        ..Default::default()
+    };
+    for s in deleted_steps {
+        delete_step(tier, run, s).await?;
+        report.deleted_steps.push(s);
+    }
+    if let Some(newest) = newest {
+        for (&s, &c) in &by_step {
+            if !c && s < newest {
+                delete_step(tier, run, s).await?;
+                report.removed_leftovers.push(s);
+            }
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,101 @@
+//! Listing a tier's checkpoints and loading their manifests, following the
+//! layout of [`crate::format::layout`] and the commit rule: a step exists
+//! iff its `MANIFEST.json` exists and verifies.
+
+use std::collections::BTreeSet;
+
+use crate::error::{Error, Result};
+use crate::format::layout::{self, MANIFEST};
+use crate::format::manifest::{HeaderSum, Manifest};
+use crate::tier::Tier;
+
+/// Committed steps of `run` on `tier`, ascending. A MANIFEST that is present
+/// but does not parse is not filtered here (listing does not read it);
+/// loading it fails and restore falls back.
+pub async fn committed_steps(tier: &dyn Tier, run: &str) -> Result<Vec<u64>> {
+    let objects = tier.list(&format!("{run}/")).await?;
+    let mut steps: Vec<u64> = objects
+        .iter()
+        .filter_map(|o| layout::parse_path(&o.path))
+        .filter(|(r, _, rest)| *r == run && *rest == MANIFEST)
+        .map(|(_, s, _)| s)
+        .collect();
+    steps.sort_unstable();
+    steps.dedup();
+    Ok(steps)
+}
+
+/// Runs that have at least one committed step, sorted.
+pub async fn runs(tier: &dyn Tier) -> Result<Vec<String>> {
+    let objects = tier.list("").await?;
+    let set: BTreeSet<String> = objects
+        .iter()
+        .filter_map(|o| layout::parse_path(&o.path))
+        .filter(|(_, _, rest)| *rest == MANIFEST)
+        .map(|(r, _, _)| r.to_string())
+        .collect();
+    Ok(set.into_iter().collect())
+}
+
+/// Loads and validates the manifest of `step`, and checks that it describes
+/// this run and step.
+pub async fn load_manifest(tier: &dyn Tier, run: &str, step: u64) -> Result<Manifest> {
+    let path = layout::manifest_path(run, step);
+    let bytes = tier.get(&path).await?;
+    let m = Manifest::parse(&path, &bytes)?;
+    if m.run != run || m.step != step {
+        return Err(Error::manifest(
+            &path,
+            format!("describes run {} step {}", m.run, m.step),
+        ));
+    }
+    Ok(m)
+}
+
+/// Checks that every shard file the manifest names exists with the length
+/// the manifest recorded, and that its header matches its recorded crc32c.
+pub async fn check_files(tier: &dyn Tier, m: &Manifest) -> Result<()> {
+    check_rank_files(tier, m, |_| true).await
+}
+
+/// Like [`check_files`], for the ranks `wanted` selects only (a restore
+/// checks the files it will read, so one rank can restore its shard while
+/// another rank's replica is gone). Reading the header costs one small
+/// read per file.
+pub async fn check_rank_files(
+    tier: &dyn Tier,
+    m: &Manifest,
+    wanted: impl Fn(u32) -> bool,
+) -> Result<()> {
+    let dir = layout::step_dir(&m.run, m.step);
+    for r in m.ranks.iter().filter(|r| wanted(r.rank)) {
+        let path = format!("{dir}/{}", r.file);
+        let size = tier.size(&path).await?;
+        if size != r.file_len {
+            return Err(Error::Incomplete {
+                path,
+                reason: format!("file is {size} bytes, the manifest says {}", r.file_len),
+            });
+        }
+        if let Some(h) = r.header {
+            check_header(tier, &path, h).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a shard file's header and checks its crc32c.
+pub async fn check_header(tier: &dyn Tier, path: &str, h: HeaderSum) -> Result<()> {
+    let len = usize::try_from(h.len).map_err(|_| Error::manifest(path, "header too large"))?;
+    let mut buf = vec![0u8; len];
+    tier.read_into(path, 0, &mut buf).await?;
+    let found = crc32c::crc32c(&buf);
+    if found != h.crc32c {
+        return Err(Error::CorruptHeader {
+            path: path.to_string(),
+            expected: h.crc32c,
+            found,
+        });
+    }
+    Ok(())
+}

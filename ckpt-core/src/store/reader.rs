@@ -1,0 +1,160 @@
+//! [`CheckpointStore`]: the read side of one tier as a synchronous API, for
+//! tools and tests that work on checkpoints without a checkpointer.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::manifest::Manifest;
+use crate::model::TensorViewMut;
+use crate::restore::{self, RestoreOptions, Restored};
+use crate::store::retention::Retention;
+use crate::store::{GcReport, VerifyReport};
+use crate::tier::Tier;
+
+/// The checkpoints on one tier: list them, load and verify them, restore
+/// them into buffers, garbage-collect. What the `ckpt` CLI is built on.
+///
+/// ```
+/// use std::sync::Arc;
+/// use ckpt_core::{Checkpointer, CheckpointStore, MemoryTier, RestoreOptions, TensorMut,
+///     TensorRef, TierPolicy, TrainingState};
+///
+/// let tier = Arc::new(MemoryTier::new());
+/// let ckpt = Checkpointer::builder("demo").tier(tier.clone(), TierPolicy::keep_last(2)).build()?;
+/// let w = vec![3.0f32; 16];
+/// let t = TensorRef::from_slice("w", &[16], &w);
+/// let state = TrainingState::builder(5)
+///     .model([&t]).without_optimizer().without_rng().without_data_loader().without_lr_schedule()
+///     .build()?;
+/// ckpt.save(&state)?.wait()?;
+///
+/// let store = CheckpointStore::new(tier)?;
+/// assert_eq!(store.runs()?, ["demo"]);
+/// assert_eq!(store.steps("demo")?, [5]);
+/// let m = store.manifest("demo", 5)?;
+/// assert!(store.verify(&m).is_ok());
+/// let mut back = vec![0f32; 16];
+/// let r = store
+///     .restore("demo", &mut [&mut TensorMut::from_slice("w", &[16], &mut back)], &RestoreOptions::default())?
+///     .expect("a checkpoint");
+/// assert_eq!((r.step, back), (5, w));
+/// # Ok::<(), ckpt_core::Error>(())
+/// ```
+pub struct CheckpointStore {
+    tier: Arc<dyn Tier>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointStore")
+            .field("tier", &self.tier.location())
+            .finish()
+    }
+}
+
+impl CheckpointStore {
+    /// The store on `tier`, with a small runtime of its own for the tier's
+    /// requests.
+    pub fn new(tier: Arc<dyn Tier>) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ckpt-store")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("<tokio runtime>", e))?;
+        Ok(Self { tier, rt: Some(rt) })
+    }
+
+    /// The tier.
+    pub fn tier(&self) -> &Arc<dyn Tier> {
+        &self.tier
+    }
+
+    fn rt(&self) -> Result<&tokio::runtime::Runtime> {
+        self.rt
+            .as_ref()
+            .ok_or_else(|| Error::Internal("checkpoint store without a runtime".into()))
+    }
+
+    /// Runs a future on the store's runtime from a thread of its own, so
+    /// this works from synchronous and asynchronous callers alike.
+    fn block_on<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> Result<T> {
+        let rt = self.rt()?;
+        std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(f))
+                .join()
+                .map_err(|_| Error::Internal("a store thread panicked".into()))
+        })
+    }
+
+    /// Runs with at least one committed step, sorted.
+    pub fn runs(&self) -> Result<Vec<String>> {
+        self.block_on(crate::store::runs(self.tier.as_ref()))?
+    }
+
+    /// Committed steps of `run`, ascending.
+    pub fn steps(&self, run: &str) -> Result<Vec<u64>> {
+        self.block_on(crate::store::committed_steps(self.tier.as_ref(), run))?
+    }
+
+    /// The verified manifest of `run`'s step `step`.
+    pub fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
+        self.block_on(crate::store::load_manifest(self.tier.as_ref(), run, step))?
+    }
+
+    /// Reads back and checks every byte of the checkpoint `m` describes
+    /// (file lengths, shard headers, every chunk).
+    pub fn verify(&self, m: &Manifest) -> VerifyReport {
+        self.block_on(crate::store::verify_step(self.tier.as_ref(), m))
+            .unwrap_or_else(|e| VerifyReport::failed(m.step, e.to_string()))
+    }
+
+    /// Applies `retention` to `run` and removes crash leftovers.
+    pub fn gc(&self, run: &str, retention: &Retention) -> Result<GcReport> {
+        retention.validate()?;
+        self.block_on(crate::store::gc(self.tier.as_ref(), run, retention))?
+    }
+
+    /// Restores the newest verified checkpoint of `run` (or
+    /// [`RestoreOptions::step`]) into `targets`, falling back to older
+    /// steps as [`Checkpointer::restore`](crate::Checkpointer::restore)
+    /// does. `Ok(None)`: the tier holds no checkpoint of `run`.
+    pub fn restore(
+        &self,
+        run: &str,
+        targets: &mut [&mut dyn TensorViewMut],
+        opts: &RestoreOptions,
+    ) -> Result<Option<Restored>> {
+        let rt = self.rt()?;
+        let mut opts = opts.clone();
+        if opts.threads == 0 {
+            opts.threads = 4;
+        }
+        restore::restore(
+            rt.handle(),
+            std::slice::from_ref(&self.tier),
+            run,
+            opts.rank,
+            targets,
+            &opts,
+        )
+    }
+
+    /// Reads `targets` from the checkpoint `m` describes (no fallback),
+    /// verifying every chunk it reads; returns the bytes read. What an
+    /// exporter calls tensor by tensor.
+    pub fn read(&self, m: &Manifest, targets: &mut [&mut dyn TensorViewMut]) -> Result<u64> {
+        let rt = self.rt()?;
+        restore::read_targets(rt.handle(), self.tier.as_ref(), m, targets, 4)
+    }
+}
+
+impl Drop for CheckpointStore {
+    fn drop(&mut self) {
+        // Never blocks, also when dropped inside an async context.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
