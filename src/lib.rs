@@ -48,6 +48,21 @@ pub use ckpt_io::{LocalTier, MemoryTier};
 #[cfg(feature = "s3")]
 pub use ckpt_io::{ObjectTier, ObjectTierConfig};
 
+/// Logs to stderr, filtered by `CKPT_LOG` (an `EnvFilter` directive such
+/// as `info` or `warn,ckpt::phase=debug`; default `warn`), coloured only on a
+/// terminal: what the `ckpt` CLI and the examples use (feature `cli`).
+#[cfg(feature = "cli")]
+pub fn log_to_stderr() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Opens a storage location to save into: a directory path (created if
 /// absent), or `s3://bucket/prefix` (with the `s3` feature).
 ///

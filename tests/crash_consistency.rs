@@ -31,16 +31,8 @@ fn sigkill_at_random_moments_never_yields_a_partial_checkpoint() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let seed: u64 = std::env::var("CKPT_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("crash test: {kills} kills, CKPT_CRASH_SEED={seed}");
+    let seed = common::seed_from_env("CKPT_CRASH_SEED");
+    eprintln!("crash test: {kills} kills");
     let mut rng = Rng::seed_from_u64(seed);
     let qs = example("quickstart");
     let dir = tempfile::tempdir().expect("tempdir");

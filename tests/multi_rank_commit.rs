@@ -339,16 +339,7 @@ fn rank_dying_mid_commit_leaves_the_step_uncommitted() {
 #[test]
 fn kills_at_random_steps_resume_from_the_newest_commit() {
     let want = reference();
-    let seed: u64 = std::env::var("CKPT_MULTI_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("CKPT_MULTI_SEED={seed}");
+    let seed = common::seed_from_env("CKPT_MULTI_SEED");
     let mut rng = ckpt::rng::Rng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

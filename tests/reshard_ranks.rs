@@ -220,9 +220,7 @@ fn save_pieces(
     let state = TrainingState::builder(step)
         .model(views.iter().map(|v| v as &dyn TensorView))
         .without_optimizer()
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
+        .without_loop_state()
         .extra(&ckpt.rank_id())
         .build()?;
     ckpt.save(&state)?.wait()

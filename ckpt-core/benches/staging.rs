@@ -68,9 +68,7 @@ fn staging(c: &mut Criterion) {
                             let state = TrainingState::builder(step)
                                 .model(views.iter().map(|v| v as &dyn TensorView))
                                 .without_optimizer()
-                                .without_rng()
-                                .without_data_loader()
-                                .without_lr_schedule()
+                                .without_loop_state()
                                 .build()
                                 .expect("state");
                             let t = Instant::now();

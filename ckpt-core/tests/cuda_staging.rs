@@ -34,9 +34,7 @@ fn state<'a>(step: u64, views: &[&'a dyn TensorView]) -> TrainingState<'a> {
     TrainingState::builder(step)
         .model(views.iter().copied())
         .without_optimizer()
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
+        .without_loop_state()
         .build()
         .expect("state")
 }

@@ -18,25 +18,15 @@ fn bare_state<'a>(step: u64, w: &'a TensorRef<'a>, m: &'a TensorRef<'a>) -> Trai
     TrainingState::builder(step)
         .model([w])
         .optimizer([m])
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
+        .without_loop_state()
         .build()
         .expect("state")
 }
 
+mod support;
+
 fn save_step(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) -> ckpt_core::SaveReport {
-    let tw = TensorRef::from_slice("w", &[w.len() as u64], w);
-    let tm = TensorRef::from_slice("opt.m", &[m.len() as u64], m);
-    let state = TrainingState::builder(step)
-        .model([&tw])
-        .optimizer([&tm])
-        .rng(&[step, 7])
-        .data_loader(&(step * 32))
-        .lr_schedule(&0.01)
-        .build()
-        .expect("state");
-    ckpt.save(&state).expect("save").wait().expect("durable")
+    support::save_w_m(ckpt, step, w, m).wait().expect("durable")
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -209,9 +199,7 @@ fn zero_copy_shared_bytes_and_reshard_one_to_three() {
     let state = TrainingState::builder(3)
         .model([&t])
         .without_optimizer()
-        .without_rng()
-        .without_data_loader()
-        .without_lr_schedule()
+        .without_loop_state()
         .build()
         .expect("state");
     let report = ckpt.save(&state).expect("save").wait().expect("durable");

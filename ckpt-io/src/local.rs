@@ -69,6 +69,40 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
+/// Makes the written temporary file `temp` the object at `path`: its data
+/// synced, then renamed over `path` (`Overwrite`) or linked to it, which
+/// never replaces an existing name (`Create`: the atomic "create if absent"
+/// of a commit), and the directory synced. On failure `temp` is removed.
+fn publish(file: File, temp: &Path, path: &Path, mode: PutMode) -> Result<()> {
+    let r = (|| {
+        file.sync_data().map_err(|e| Error::io(temp, e))?;
+        drop(file);
+        match mode {
+            PutMode::Overwrite => fs::rename(temp, path).map_err(|e| Error::io(path, e))?,
+            PutMode::Create => {
+                match fs::hard_link(temp, path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        return Err(Error::AlreadyExists {
+                            path: path.display().to_string(),
+                        });
+                    }
+                    Err(e) => return Err(Error::io(path, e)),
+                }
+                let _ = fs::remove_file(temp);
+            }
+        }
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(temp);
+    }
+    r
+}
+
 fn create_parent(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -261,22 +295,7 @@ impl TierWriter for LocalWriter {
             let file = file.ok_or_else(|| {
                 Error::InvalidState(format!("finish after failure on {}", temp.display()))
             })?;
-            blocking(move || {
-                let r = (|| {
-                    file.sync_data().map_err(|e| Error::io(&temp, e))?;
-                    drop(file);
-                    fs::rename(&temp, &path).map_err(|e| Error::io(&path, e))?;
-                    if let Some(dir) = path.parent() {
-                        sync_dir(dir)?;
-                    }
-                    Ok(())
-                })();
-                if r.is_err() {
-                    let _ = fs::remove_file(&temp);
-                }
-                r
-            })
-            .await
+            blocking(move || publish(file, &temp, &path, PutMode::Overwrite)).await
         })
     }
 
@@ -333,41 +352,21 @@ impl Tier for LocalTier {
             blocking(move || {
                 create_parent(&path)?;
                 let temp = temp_name(&path);
-                let r = (|| {
-                    let mut f = OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&temp)
-                        .map_err(|e| Error::io(&temp, e))?;
-                    f.write_all(&data).map_err(|e| Error::io(&temp, e))?;
-                    f.sync_data().map_err(|e| Error::io(&temp, e))?;
-                    drop(f);
-                    match mode {
-                        PutMode::Overwrite => {
-                            fs::rename(&temp, &path).map_err(|e| Error::io(&path, e))?
-                        }
-                        PutMode::Create => {
-                            // link(2) never replaces an existing name: this is
-                            // the atomic "create if absent" of the commit.
-                            match fs::hard_link(&temp, &path) {
-                                Ok(()) => {}
-                                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                                    return Err(Error::AlreadyExists { path: rel.clone() });
-                                }
-                                Err(e) => return Err(Error::io(&path, e)),
-                            }
-                            let _ = fs::remove_file(&temp);
-                        }
+                let written = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&temp)
+                    .and_then(|mut f| f.write_all(&data).map(|()| f));
+                match written {
+                    Ok(f) => publish(f, &temp, &path, mode).map_err(|e| match e {
+                        Error::AlreadyExists { .. } => Error::AlreadyExists { path: rel },
+                        e => e,
+                    }),
+                    Err(e) => {
+                        let _ = fs::remove_file(&temp);
+                        Err(Error::io(&temp, e))
                     }
-                    if let Some(dir) = path.parent() {
-                        sync_dir(dir)?;
-                    }
-                    Ok(())
-                })();
-                if r.is_err() {
-                    let _ = fs::remove_file(&temp);
                 }
-                r
             })
             .await
         })

@@ -1046,9 +1046,7 @@ fn a_save_streams_through_a_small_staging_pool() {
             let state = TrainingState::builder(1)
                 .model([&t])
                 .without_optimizer()
-                .without_rng()
-                .without_data_loader()
-                .without_lr_schedule()
+                .without_loop_state()
                 .build()?;
             ckpt.save(&state)?.wait()?;
             let mut out = vec![0f32; 100_000];

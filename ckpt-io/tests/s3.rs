@@ -18,8 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ckpt_core::{
-    Checkpointer, Error, PutMode, SaveReport, TensorMut, TensorRef, Tier, TierPolicy,
-    TrainingState, format::layout,
+    Checkpointer, Error, PutMode, SaveReport, TensorMut, Tier, TierPolicy, format::layout,
 };
 use ckpt_io::object::object_store::{ObjectStoreExt, PutPayload, RetryConfig};
 use ckpt_io::{ObjectTier, ObjectTierConfig};
@@ -333,19 +332,9 @@ fn multipart_upload_reads_back_and_abort_leaves_nothing() {
     });
 }
 
-fn save_step(ckpt: &Checkpointer, step: u64, w: &[f32], m: &[f32]) -> ckpt_core::SaveHandle {
-    let tw = TensorRef::from_slice("w", &[w.len() as u64], w);
-    let tm = TensorRef::from_slice("opt.m", &[m.len() as u64], m);
-    let state = TrainingState::builder(step)
-        .model([&tw])
-        .optimizer([&tm])
-        .rng(&[step, 7])
-        .data_loader(&(step * 32))
-        .lr_schedule(&0.01)
-        .build()
-        .expect("state");
-    ckpt.save(&state).expect("save")
-}
+#[path = "../../ckpt-core/tests/support/mod.rs"]
+mod support;
+use support::save_w_m as save_step;
 
 fn floats(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (i as u32 ^ seed) as f32 * 0.25).collect()

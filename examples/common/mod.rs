@@ -8,17 +8,9 @@
 pub mod data;
 pub mod model;
 
-/// Logs to stderr, filtered by `CKPT_LOG` (default `warn`), in colour only
-/// on a terminal.
+/// Logs to stderr, filtered by `CKPT_LOG` (default `warn`).
 pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    ckpt::log_to_stderr();
 }
 
 /// Milliseconds, for reports.

@@ -22,26 +22,57 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where the checkpoints are, and which run.
+#[derive(clap::Args)]
+struct Target {
+    /// Directory or s3://bucket/prefix.
+    location: String,
+    /// Run (needed when the location holds several).
+    #[arg(long)]
+    run: Option<String>,
+}
+
+impl Target {
+    /// The store at the location, which must exist: read-only commands
+    /// never create anything.
+    fn open(&self) -> Result<CheckpointStore> {
+        CheckpointStore::new(open_existing_location(&self.location)?)
+    }
+
+    /// The run asked for, or the only one the location holds.
+    fn run(&self, store: &CheckpointStore) -> Result<String> {
+        if let Some(r) = &self.run {
+            return Ok(r.clone());
+        }
+        let runs = store.runs()?;
+        match runs.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(Error::NotFound {
+                path: format!("{}: no committed checkpoint", store.tier().location()),
+            }),
+            many => Err(Error::Config(format!(
+                "{} holds several runs ({}): pick one with --run",
+                store.tier().location(),
+                many.join(", ")
+            ))),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// List committed checkpoints.
     Ls {
-        /// Directory or s3://bucket/prefix.
-        location: String,
-        /// Only this run.
-        #[arg(long)]
-        run: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// One JSON object per checkpoint.
         #[arg(long)]
         json: bool,
     },
     /// Show a checkpoint's tensors, shards and loop state.
     Inspect {
-        /// Directory or s3://bucket/prefix.
-        location: String,
-        /// Run (needed when the location holds several).
-        #[arg(long)]
-        run: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// Step (default: newest).
         #[arg(long)]
         step: Option<u64>,
@@ -51,11 +82,8 @@ enum Cmd {
     },
     /// Read back every chunk and check its crc32c; exit 0 only if all verify.
     Verify {
-        /// Directory or s3://bucket/prefix.
-        location: String,
-        /// Run (needed when the location holds several).
-        #[arg(long)]
-        run: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// Step (default: newest).
         #[arg(long, conflicts_with = "all")]
         step: Option<u64>,
@@ -68,11 +96,8 @@ enum Cmd {
     },
     /// Apply retention and remove crash leftovers.
     Gc {
-        /// Directory or s3://bucket/prefix.
-        location: String,
-        /// Run (needed when the location holds several).
-        #[arg(long)]
-        run: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// Keep the newest N committed checkpoints.
         #[arg(long)]
         keep_last: usize,
@@ -85,11 +110,8 @@ enum Cmd {
     },
     /// Assemble a checkpoint's global tensors into one safetensors file.
     Export {
-        /// Directory or s3://bucket/prefix.
-        location: String,
-        /// Run (needed when the location holds several).
-        #[arg(long)]
-        run: Option<String>,
+        #[command(flatten)]
+        target: Target,
         /// Step (default: newest).
         #[arg(long)]
         step: Option<u64>,
@@ -100,44 +122,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    ckpt::log_to_stderr();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ckpt: {e}");
             ExitCode::from(2)
         }
-    }
-}
-
-/// The store at `location`, which must exist: read-only commands never
-/// create anything.
-fn open(location: &str) -> Result<CheckpointStore> {
-    CheckpointStore::new(open_existing_location(location)?)
-}
-
-fn pick_run(store: &CheckpointStore, run: Option<String>) -> Result<String> {
-    if let Some(r) = run {
-        return Ok(r);
-    }
-    let runs = store.runs()?;
-    match runs.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(Error::NotFound {
-            path: format!("{}: no committed checkpoint", store.tier().location()),
-        }),
-        many => Err(Error::Config(format!(
-            "{} holds several runs ({}): pick one with --run",
-            store.tier().location(),
-            many.join(", ")
-        ))),
     }
 }
 
@@ -180,19 +171,10 @@ fn time_str(unix_ms: u64) -> String {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Ls {
-            location,
-            run,
-            json,
-        } => ls(&open(&location)?, run, json),
-        Cmd::Inspect {
-            location,
-            run,
-            step,
-            json,
-        } => {
-            let store = open(&location)?;
-            let run = pick_run(&store, run)?;
+        Cmd::Ls { target, json } => ls(&target, json),
+        Cmd::Inspect { target, step, json } => {
+            let store = target.open()?;
+            let run = target.run(&store)?;
             let step = pick_step(&store, &run, step)?;
             let m = store.manifest(&run, step)?;
             if json {
@@ -203,26 +185,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Verify {
-            location,
-            run,
+            target,
             step,
             all,
             json,
-        } => verify(&open(&location)?, run, step, all, json),
+        } => verify(&target, step, all, json),
         Cmd::Gc {
-            location,
-            run,
+            target,
             keep_last,
             keep_every,
             dry_run,
         } => {
-            let store = open(&location)?;
+            let store = target.open()?;
             let mut retention = Retention::keep_last(keep_last);
             if let Some(k) = keep_every {
                 retention = retention.with_keep_every(k);
             }
             retention.validate()?;
-            let run = pick_run(&store, run)?;
+            let run = target.run(&store)?;
             if dry_run {
                 let (keep, delete) = retention.select(&store.steps(&run)?);
                 println!("would keep {keep:?}, delete {delete:?}");
@@ -235,21 +215,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Export {
-            location,
-            run,
-            step,
-            out,
-        } => {
-            export(&open(&location)?, run, step, &out)?;
+        Cmd::Export { target, step, out } => {
+            export(&target, step, &out)?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn ls(store: &CheckpointStore, run: Option<String>, json: bool) -> Result<ExitCode> {
-    let runs = match run {
-        Some(r) => vec![r],
+fn ls(target: &Target, json: bool) -> Result<ExitCode> {
+    let store = target.open()?;
+    let runs = match &target.run {
+        Some(r) => vec![r.clone()],
         None => store.runs()?,
     };
     if !json {
@@ -288,18 +264,13 @@ fn ls(store: &CheckpointStore, run: Option<String>, json: bool) -> Result<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(
-    store: &CheckpointStore,
-    run: Option<String>,
-    step: Option<u64>,
-    all: bool,
-    json: bool,
-) -> Result<ExitCode> {
-    let run = pick_run(store, run)?;
+fn verify(target: &Target, step: Option<u64>, all: bool, json: bool) -> Result<ExitCode> {
+    let store = target.open()?;
+    let run = target.run(&store)?;
     let steps = if all {
         store.steps(&run)?
     } else {
-        vec![pick_step(store, &run, step)?]
+        vec![pick_step(&store, &run, step)?]
     };
     let mut bad = 0;
     for s in steps {
@@ -384,14 +355,10 @@ fn print_manifest(m: &Manifest) {
 /// safetensors file, tensor by tensor (memory: the largest tensor), every
 /// chunk verified as read; the file appears under its name only when
 /// complete and synced.
-fn export(
-    store: &CheckpointStore,
-    run: Option<String>,
-    step: Option<u64>,
-    out: &std::path::Path,
-) -> Result<()> {
-    let run = pick_run(store, run)?;
-    let step = pick_step(store, &run, step)?;
+fn export(target: &Target, step: Option<u64>, out: &std::path::Path) -> Result<()> {
+    let store = target.open()?;
+    let run = target.run(&store)?;
+    let step = pick_step(&store, &run, step)?;
     let m = store.manifest(&run, step)?;
     let specs: Vec<(&str, DType, &[u64])> = m
         .tensors

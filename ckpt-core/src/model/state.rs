@@ -323,6 +323,15 @@ impl<'a> TrainingStateBuilder<'a> {
         self
     }
 
+    /// Declares that the run has no loop state to keep: no RNG, no
+    /// data-loader position, no LR schedule (benchmarks, tests, inference
+    /// caches). A training loop almost always has all three.
+    pub fn without_loop_state(self) -> Self {
+        self.without_rng()
+            .without_data_loader()
+            .without_lr_schedule()
+    }
+
     /// Records anything else as JSON.
     pub fn extra<T: Serialize + ?Sized>(mut self, extra: &T) -> Self {
         self.extra = encode("extra", extra);

@@ -130,9 +130,7 @@ mod tests {
         TrainingState::builder(9)
             .model(views.iter().copied())
             .without_optimizer()
-            .without_rng()
-            .without_data_loader()
-            .without_lr_schedule()
+            .without_loop_state()
             .build()
             .expect("state")
     }

@@ -296,33 +296,23 @@ impl StagingPool {
         })
     }
 
-    /// Takes a free block, waiting up to `timeout` for one to be returned.
-    /// Returns the block and how long it waited.
-    pub fn acquire(&self, timeout: Duration) -> Result<(Block, Duration)> {
+    /// Waits (at most `timeout`) until `ready` holds for the free list,
+    /// then runs `take` on it; says whether it had to wait. `None` on
+    /// timeout.
+    fn when_free<T>(
+        &self,
+        timeout: Duration,
+        ready: impl Fn(&Vec<usize>) -> bool,
+        take: impl FnOnce(&mut Vec<usize>) -> T,
+    ) -> Option<(T, bool)> {
         let start = Instant::now();
         let mut free = lock(&self.inner.free);
         let mut waited = false;
-        loop {
-            if let Some(index) = free.pop() {
-                let block = Block {
-                    pool: self.inner.clone(),
-                    index,
-                };
-                return Ok((
-                    block,
-                    if waited {
-                        start.elapsed()
-                    } else {
-                        Duration::ZERO
-                    },
-                ));
-            }
+        while !ready(&free) {
             waited = true;
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                return Err(Error::InvalidState(format!(
-                    "no staging block came back within {timeout:?}: a flush is stuck"
-                )));
+                return None;
             }
             free = self
                 .inner
@@ -331,26 +321,39 @@ impl StagingPool {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        Some((take(&mut free), waited))
+    }
+
+    /// Takes a free block, waiting up to `timeout` for one to be returned.
+    /// Returns the block and how long it waited.
+    pub fn acquire(&self, timeout: Duration) -> Result<(Block, Duration)> {
+        let start = Instant::now();
+        let stuck = || {
+            Error::InvalidState(format!(
+                "no staging block came back within {timeout:?}: a flush is stuck"
+            ))
+        };
+        let (index, waited) = self
+            .when_free(timeout, |f| !f.is_empty(), Vec::pop)
+            .ok_or_else(stuck)?;
+        let block = Block {
+            pool: self.inner.clone(),
+            index: index.ok_or_else(stuck)?,
+        };
+        let waited = if waited {
+            start.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        Ok((block, waited))
     }
 
     /// Waits until every block is free (no flush holds staged data).
     #[cfg(test)]
     pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let start = Instant::now();
-        let mut free = lock(&self.inner.free);
-        while free.len() < self.inner.blocks {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return false;
-            }
-            free = self
-                .inner
-                .returned
-                .wait_timeout(free, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
+        let blocks = self.inner.blocks;
+        self.when_free(timeout, |f| f.len() >= blocks, |_| ())
+            .is_some()
     }
 }
 

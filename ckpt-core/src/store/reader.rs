@@ -24,7 +24,7 @@ use crate::tier::Tier;
 /// let w = vec![3.0f32; 16];
 /// let t = TensorRef::from_slice("w", &[16], &w);
 /// let state = TrainingState::builder(5)
-///     .model([&t]).without_optimizer().without_rng().without_data_loader().without_lr_schedule()
+///     .model([&t]).without_optimizer().without_loop_state()
 ///     .build()?;
 /// ckpt.save(&state)?.wait()?;
 ///

@@ -83,17 +83,29 @@ async fn trivial_range(inner: &Inner, path: &str, range: &Range<u64>) -> Result<
     Ok(true)
 }
 
-/// `Tier::get_range`: one ranged `GET`.
-pub(super) async fn get_range(inner: &Inner, path: &str, range: Range<u64>) -> Result<Bytes> {
-    if trivial_range(inner, path, &range).await? {
-        return Ok(Bytes::new());
+/// One ranged `GET`; `None` for an empty range (nothing to read).
+async fn ranged_get(
+    inner: &Inner,
+    path: &str,
+    range: &Range<u64>,
+) -> Result<Option<object_store::GetResult>> {
+    if trivial_range(inner, path, range).await? {
+        return Ok(None);
     }
     let key = inner.key(path)?;
-    let result = inner
+    inner
         .store
         .get_opts(&key, GetOptions::new().with_range(Some(range.clone())))
         .await
-        .map_err(|e| range_error(inner, path, &range, e))?;
+        .map(Some)
+        .map_err(|e| range_error(inner, path, range, e))
+}
+
+/// `Tier::get_range`: one ranged `GET`.
+pub(super) async fn get_range(inner: &Inner, path: &str, range: Range<u64>) -> Result<Bytes> {
+    let Some(result) = ranged_get(inner, path, &range).await? else {
+        return Ok(Bytes::new());
+    };
     let bytes = result
         .bytes()
         .await
@@ -113,15 +125,9 @@ pub(super) async fn read_into(
     buf: &mut [u8],
 ) -> Result<()> {
     let range = offset..offset + buf.len() as u64;
-    if trivial_range(inner, path, &range).await? {
+    let Some(result) = ranged_get(inner, path, &range).await? else {
         return Ok(());
-    }
-    let key = inner.key(path)?;
-    let result = inner
-        .store
-        .get_opts(&key, GetOptions::new().with_range(Some(range.clone())))
-        .await
-        .map_err(|e| range_error(inner, path, &range, e))?;
+    };
     let mut stream = result.into_stream();
     let mut filled = 0usize;
     while let Some(chunk) = stream.next().await {
