@@ -2,8 +2,8 @@
 //! stream, tensors that live in device memory, and a small owned device
 //! allocation for tests and benchmarks.
 //!
-//! A save copies every [`DeviceTensor`] (any [`TensorView`] whose
-//! [`TensorView::device`] is `Some`) straight from the GPU into the staging
+//! A save copies every [`DeviceTensor`] (any [`TensorView`] whose bytes
+//! are [`TensorBytes::Device`]) straight from the GPU into the staging
 //! pool with `cuMemcpyDtoHAsync` on the device's copy stream, and hands a
 //! block to the flush once its copies have completed. The checkpointer
 //! registers its staging pool with the driver

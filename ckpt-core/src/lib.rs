@@ -43,13 +43,45 @@
 //! # Ok::<(), ckpt_core::Error>(())
 //! ```
 //!
+//! ## A guide to the types
+//! - **What you save**: your tensors, through [`TensorView`] (a
+//!   [`TensorSpec`] and the bytes: [`TensorBytes::Host`], zero-copy
+//!   [`TensorBytes::Shared`], or GPU memory), or the plain [`TensorRef`] /
+//!   [`SharedTensor`]; a [`ShardSpec`] for a piece of a larger tensor. A
+//!   [`TrainingState`] bundles them with the loop state (step, RNG, data
+//!   loader, LR schedule); its builder refuses a state that forgot any of
+//!   them.
+//! - **Saving**: [`Checkpointer`] ([`CheckpointerBuilder`] with one or more
+//!   [`Tier`]s and a [`TierPolicy`] each). [`Checkpointer::save`] is the
+//!   math-stop; its [`SaveHandle`] reports the durable outcome
+//!   ([`SaveReport`], one [`TierReport`] per tier).
+//!   [`Checkpointer::should_save`] asks the interval scheduler
+//!   ([`schedule`]).
+//! - **Restoring**: [`Checkpointer::restore`] into [`TensorViewMut`]s
+//!   ([`TensorMut`]), with [`RestoreOptions`]; [`Restored`] says what was
+//!   loaded and what was skipped. Tools use [`CheckpointStore`] (list,
+//!   verify, gc, restore) without a checkpointer.
+//! - **Storage**: the [`Tier`] trait (a flat namespace of immutable
+//!   objects); [`MemoryTier`] is its reference implementation, `ckpt-io`
+//!   has the real ones. The on-storage format is in [`format`](mod@format).
+//! - **Errors**: one [`Error`] enum, `Clone`, every variant naming what
+//!   went wrong; [`Error::is_data_fault`] is what restore falls back on.
+//!
+//! Inside, the code follows the path of a checkpoint: `model/` (what is
+//! saved), `save/` (plan, pool, copy, stream, commit, handle, health),
+//! `restore/`, `store/` (listing, gc, retention, failure events),
+//! `checkpointer/` (the facade), `format/`, `tier/`, `schedule/`.
+//!
 //! ## Guarantees
 //! - **Atomic commit**: a checkpoint exists on a tier iff its
-//!   `MANIFEST.json` exists and parses; it is written last, with a
+//!   `MANIFEST.json` exists and verifies; it is written last, with a
 //!   conditional create, after every rank's data is durable.
-//! - **Verified restore**: every chunk's crc32c is checked as it is read;
-//!   a corrupt or partial checkpoint is never loaded: restore falls back to
-//!   the next tier, then the previous step, and says so in [`Restored`].
+//! - **Every byte verified**: each chunk's crc32c is checked as it is read,
+//!   each shard header and each manifest against its own crc32c; a corrupt
+//!   or partial checkpoint is never loaded: restore falls back to the next
+//!   tier, then the previous step, and says so in [`Restored`].
+//! - **A failing tier never stops training**: it is left out of saves and
+//!   probed until it answers ([`Checkpointer::tier_status`]).
 //! - **Bounded memory**: the staging pool is allocated once; saves never
 //!   allocate an unbounded copy.
 //! - **Retention never loses the newest checkpoint**, and uncommits before

@@ -532,7 +532,7 @@ impl std::fmt::Debug for PinnedBuffer {
 #[cfg(feature = "cuda")]
 impl PinnedBuffer {
     /// Allocates `len` bytes and registers them with `device` in chunks of
-    /// [`DEFAULT_CUDA_REGISTER_CHUNK`]. Fails if the driver refuses.
+    /// 256 MiB. Fails if the driver refuses.
     pub fn new(device: &Arc<CudaDevice>, len: usize) -> Result<Self> {
         let mut map = MmapMut::map_anon(len.max(1)).map_err(|e| Error::io("<pinned buffer>", e))?;
         for page in map.chunks_mut(4096) {
