@@ -1,0 +1,368 @@
+//! The read pool of a restore: every target of one checkpoint on one tier
+//! is checked against the verified manifest, cut into read units (whole
+//! saved pieces straight into the caller's buffer, in 8 MiB units in file
+//! order; resharded targets through the planner), and read by reader
+//! threads while verifier threads check every chunk.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, Result};
+use crate::format::checksum::verify_chunks;
+use crate::format::layout;
+use crate::format::manifest::{Manifest, Piece};
+use crate::model::{ShardSpec, TensorViewMut, checked_nbytes};
+use crate::restore::block_on;
+use crate::restore::reshard::plan_runs;
+use crate::store;
+use crate::sync::lock;
+use crate::tier::Tier;
+
+/// Bytes per parallel read of a large tensor (rounded up to a multiple of
+/// the chunk size). Small enough that the reads in flight at any moment are
+/// neighbours in the file: together they form one forward sequential stream,
+/// which storage (and a virtual disk's host-side readahead) serves far better
+/// than several streams far apart.
+const READ_UNIT: u64 = 8 << 20;
+
+enum Unit<'a> {
+    Direct {
+        path: String,
+        offset: u64,
+        buf: &'a mut [u8],
+        first_chunk: usize,
+        crcs: &'a [u32],
+    },
+    Scatter {
+        name: String,
+        buf: &'a mut [u8],
+        region: ShardSpec,
+        global_shape: Vec<u64>,
+        pieces: Vec<&'a Piece>,
+        elem: u64,
+    },
+}
+
+/// Reads every target from the checkpoint `m` on `tier`, verifying every
+/// chunk it reads. Returns the bytes read.
+pub(crate) fn read_targets(
+    handle: &tokio::runtime::Handle,
+    tier: &dyn Tier,
+    m: &Manifest,
+    targets: &mut [&mut dyn TensorViewMut],
+    threads: usize,
+) -> Result<u64> {
+    // Every target is checked before storage or the caller's memory is
+    // touched.
+    let regions = regions(m, targets)?;
+    // Only the files holding pieces these targets need: a rank restores its
+    // shard even when another rank's file is gone from this tier.
+    let mut needed = std::collections::BTreeSet::new();
+    for (t, region) in targets.iter().zip(&regions) {
+        for p in &m.tensors[t.name()].pieces {
+            if p.shard(&region.global_shape).intersect(region).is_some() {
+                needed.insert(p.rank);
+            }
+        }
+    }
+    block_on(
+        handle,
+        store::check_rank_files(tier, m, |r| needed.contains(&r)),
+    )?;
+    let units = units(m, targets, regions)?;
+    read_pool(handle, tier, m, units, threads)
+}
+
+/// The part of its global tensor each target asks for, after checking it
+/// against the (verified) manifest: a mismatch is the caller's error.
+fn regions(m: &Manifest, targets: &[&mut dyn TensorViewMut]) -> Result<Vec<ShardSpec>> {
+    targets
+        .iter()
+        .map(|t| {
+            let name = t.name();
+            let entry = m.tensors.get(name).ok_or_else(|| {
+                Error::tensor(
+                    name,
+                    format!("not in checkpoint step {} of run {}", m.step, m.run),
+                )
+            })?;
+            if entry.dtype != t.dtype() {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "checkpoint holds {}, the buffer is {}",
+                        entry.dtype,
+                        t.dtype()
+                    ),
+                ));
+            }
+            let Some(s) = t.shard() else {
+                if t.shape() != entry.shape.as_slice() {
+                    return Err(Error::tensor(
+                        name,
+                        format!(
+                            "checkpoint shape {:?}, buffer shape {:?}",
+                            entry.shape,
+                            t.shape()
+                        ),
+                    ));
+                }
+                return Ok(ShardSpec::full(entry.shape.clone()));
+            };
+            s.validate()
+                .map_err(|e| Error::tensor(name, e.to_string()))?;
+            if s.global_shape != entry.shape {
+                return Err(Error::tensor(
+                    name,
+                    format!(
+                        "shard of global shape {:?}, checkpoint has {:?}",
+                        s.global_shape, entry.shape
+                    ),
+                ));
+            }
+            if s.shape != t.shape() {
+                return Err(Error::tensor(
+                    name,
+                    format!("shard shape {:?} but buffer shape {:?}", s.shape, t.shape()),
+                ));
+            }
+            Ok(s.clone())
+        })
+        .collect()
+}
+
+/// Cuts the targets into read units: a target equal to a saved piece is
+/// read straight into its buffer in `READ_UNIT`s, others go through the
+/// resharding planner. Sorted for the pool: direct reads in file order (so
+/// the reads in flight move forward through the file together), scattered
+/// ones after them, reversed because workers pop from the end.
+fn units<'a>(
+    m: &'a Manifest,
+    targets: &'a mut [&mut dyn TensorViewMut],
+    regions: Vec<ShardSpec>,
+) -> Result<Vec<Unit<'a>>> {
+    let dir = layout::step_dir(&m.run, m.step);
+    let mut units: Vec<Unit<'a>> = Vec::new();
+    for (t, region) in targets.iter_mut().zip(regions) {
+        let name = t.name().to_string();
+        let entry = &m.tensors[&name];
+        let want = checked_nbytes(&region.shape, entry.dtype)
+            .ok_or_else(|| Error::tensor(&name, "size overflows"))?;
+        let buf = t.bytes_mut();
+        if buf.len() as u64 != want {
+            return Err(Error::tensor(
+                &name,
+                format!("buffer holds {} bytes, {want} needed", buf.len()),
+            ));
+        }
+        let exact = entry
+            .pieces
+            .iter()
+            .find(|p| p.global_offsets == region.offsets && p.shape == region.shape);
+        if let Some(p) = exact {
+            let path = format!("{dir}/{}", p.file);
+            let unit = READ_UNIT.max(m.chunk_size) / m.chunk_size * m.chunk_size;
+            for (i, part) in buf.chunks_mut(unit as usize).enumerate() {
+                let rel = i as u64 * unit;
+                units.push(Unit::Direct {
+                    path: path.clone(),
+                    offset: p.offset + rel,
+                    buf: part,
+                    first_chunk: (rel / m.chunk_size) as usize,
+                    crcs: &p.crc32c,
+                });
+            }
+            continue;
+        }
+        let pieces: Vec<&Piece> = entry
+            .pieces
+            .iter()
+            .filter(|p| p.shard(&entry.shape).intersect(&region).is_some())
+            .collect();
+        units.push(Unit::Scatter {
+            name,
+            buf,
+            region,
+            global_shape: entry.shape.clone(),
+            pieces,
+            elem: entry.dtype.size() as u64,
+        });
+    }
+    units.sort_by(|a, b| match (a, b) {
+        (
+            Unit::Direct {
+                path: pa,
+                offset: oa,
+                ..
+            },
+            Unit::Direct {
+                path: pb,
+                offset: ob,
+                ..
+            },
+        ) => (pa, oa).cmp(&(pb, ob)),
+        (Unit::Direct { .. }, Unit::Scatter { .. }) => std::cmp::Ordering::Less,
+        (Unit::Scatter { .. }, Unit::Direct { .. }) => std::cmp::Ordering::Greater,
+        (Unit::Scatter { buf: x, .. }, Unit::Scatter { buf: y, .. }) => y.len().cmp(&x.len()),
+    });
+    units.reverse();
+    Ok(units)
+}
+
+/// Reads `units` with `threads` readers, which only read, so that many
+/// reads stay in flight at all times; verification runs on verifier
+/// threads, overlapping the next reads instead of stalling them (a reader
+/// that verified its own buffer would leave the device idle for the length
+/// of every crc pass). Stops at the first error. Returns the bytes read.
+fn read_pool<'a>(
+    handle: &tokio::runtime::Handle,
+    tier: &dyn Tier,
+    m: &Manifest,
+    units: Vec<Unit<'a>>,
+    threads: usize,
+) -> Result<u64> {
+    let dir = layout::step_dir(&m.run, m.step);
+    let queue = Mutex::new(units);
+    let total = Mutex::new(0u64);
+    let threads = threads.clamp(1, 64);
+    let chunk_size = m.chunk_size;
+    let verifiers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 16);
+    let (verify_tx, verify_rx) = std::sync::mpsc::channel::<Verify<'a>>();
+    let verify_rx = Mutex::new(verify_rx);
+    let failed = AtomicBool::new(false);
+    let fail = |e: Error| {
+        failed.store(true, Ordering::Relaxed);
+        Err(e)
+    };
+    let verifier = || -> Result<()> {
+        loop {
+            let Ok(v) = lock(&verify_rx).recv() else {
+                return Ok(());
+            };
+            if let Err(e) = verify_chunks(&v.path, v.buf, chunk_size, v.first_chunk, v.crcs) {
+                return fail(e);
+            }
+        }
+    };
+    let reader = |verify_tx: std::sync::mpsc::Sender<Verify<'a>>| -> Result<()> {
+        while !failed.load(Ordering::Relaxed) {
+            let Some(unit) = lock(&queue).pop() else {
+                return Ok(());
+            };
+            let (n, verify) = match handle.block_on(run_unit(tier, &dir, unit, chunk_size)) {
+                Ok(x) => x,
+                Err(e) => return fail(e),
+            };
+            *lock(&total) += n;
+            // The verifiers outlive every reader, so the send only fails if
+            // one of them failed already.
+            if let Some(v) = verify
+                && verify_tx.send(v).is_err()
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    };
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let mut workers: Vec<_> = (0..verifiers).map(|_| s.spawn(verifier)).collect();
+        for _ in 0..threads {
+            let tx = verify_tx.clone();
+            workers.push(s.spawn(|| reader(tx)));
+        }
+        drop(verify_tx);
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("a restore thread panicked".into())))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    Ok(*lock(&total))
+}
+
+/// A buffer read but not yet verified.
+struct Verify<'a> {
+    path: String,
+    buf: &'a mut [u8],
+    first_chunk: usize,
+    crcs: &'a [u32],
+}
+
+/// Reads one unit. A direct read is returned for verification by the
+/// caller's verifier threads; a scattered one is verified here, before its
+/// pieces are copied out of the scratch buffer.
+async fn run_unit<'a>(
+    tier: &dyn Tier,
+    dir: &str,
+    unit: Unit<'a>,
+    chunk_size: u64,
+) -> Result<(u64, Option<Verify<'a>>)> {
+    match unit {
+        Unit::Direct {
+            path,
+            offset,
+            buf,
+            first_chunk,
+            crcs,
+        } => {
+            tier.read_into(&path, offset, buf).await?;
+            let n = buf.len() as u64;
+            Ok((
+                n,
+                Some(Verify {
+                    path,
+                    buf,
+                    first_chunk,
+                    crcs,
+                }),
+            ))
+        }
+        Unit::Scatter {
+            name,
+            buf,
+            region,
+            global_shape,
+            pieces,
+            elem,
+        } => {
+            let mut read = 0u64;
+            for p in pieces {
+                let runs = plan_runs(&p.shard(&global_shape), &region);
+                let (Some(lo), Some(hi)) = (
+                    runs.iter().map(|r| r.src * elem).min(),
+                    runs.iter().map(|r| (r.src + r.len) * elem).max(),
+                ) else {
+                    continue;
+                };
+                let c0 = lo / chunk_size;
+                let start = c0 * chunk_size;
+                let end = (hi.div_ceil(chunk_size) * chunk_size).min(p.length);
+                let mut scratch = vec![0u8; (end - start) as usize];
+                let path = format!("{dir}/{}", p.file);
+                tier.read_into(&path, p.offset + start, &mut scratch)
+                    .await?;
+                verify_chunks(&path, &scratch, chunk_size, c0 as usize, &p.crc32c)?;
+                read += scratch.len() as u64;
+                for r in runs {
+                    let s = (r.src * elem - start) as usize;
+                    let d = (r.dst * elem) as usize;
+                    let n = (r.len * elem) as usize;
+                    let (Some(src), Some(dst)) = (scratch.get(s..s + n), buf.get_mut(d..d + n))
+                    else {
+                        return Err(Error::tensor(&name, "resharding plan out of bounds"));
+                    };
+                    dst.copy_from_slice(src);
+                }
+            }
+            Ok((read, None))
+        }
+    }
+}
