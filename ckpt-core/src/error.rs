@@ -101,6 +101,22 @@ pub enum Error {
         reason: String,
     },
 
+    /// Replicas of a shard that must be bit-identical differ (silent data
+    /// corruption in one of them): the step is not committed on any tier.
+    /// With three or more replicas, `ranks` are the odd ones out against
+    /// the majority; with two, both.
+    #[error("step {step}: replicas of tensor `{tensor}` differ in chunk {chunk}: ranks {ranks:?}")]
+    ReplicaMismatch {
+        /// The step whose save was refused (or that was checked).
+        step: u64,
+        /// The tensor.
+        tensor: String,
+        /// The first chunk that differs.
+        chunk: usize,
+        /// The ranks whose copy differs.
+        ranks: Vec<u32>,
+    },
+
     /// A checkpoint restore must not use: it was created after the trust
     /// limit of a detected error
     /// ([`RestoreOptions::after_detected_error`](crate::RestoreOptions::after_detected_error)),
@@ -188,6 +204,28 @@ pub enum Error {
         run: String,
         /// The tiers that could not be listed, and why.
         failures: Vec<TierFailure>,
+    },
+
+    /// The ranks of a job found no step that every one of them can
+    /// restore; each rank's reason is given. Never a silent fresh start:
+    /// only a job in which no rank has any checkpoint starts fresh.
+    #[error("no step of run {run} that every rank can restore: {}", ranks.iter().map(|(r, why)| format!("rank {r}: {why}")).collect::<Vec<_>>().join("; "))]
+    NoCommonStep {
+        /// The run.
+        run: String,
+        /// The ranks with nothing to restore, and why.
+        ranks: Vec<(u32, String)>,
+    },
+
+    /// Some ranks never answered a round of the agreement in time.
+    #[error("agreement round `{round}`: ranks {missing:?} did not answer within {after:?}")]
+    AgreementTimeout {
+        /// The round.
+        round: String,
+        /// The ranks that did not answer.
+        missing: Vec<u32>,
+        /// The bound.
+        after: Duration,
     },
 
     /// A storage location (directory, `s3://` URL) cannot be opened.
@@ -320,12 +358,15 @@ impl Error {
             Error::Incomplete { .. } => "Incomplete",
             Error::InvalidManifest { .. } => "InvalidManifest",
             Error::AfterTrustLimit { .. } => "AfterTrustLimit",
+            Error::ReplicaMismatch { .. } => "ReplicaMismatch",
             Error::TensorMismatch { .. } => "TensorMismatch",
             Error::Io { .. } => "Io",
             Error::Backend { .. } => "Backend",
             Error::Unavailable { .. } => "Unavailable",
             Error::NotCommitted { .. } => "NotCommitted",
             Error::Unlisted { .. } => "Unlisted",
+            Error::NoCommonStep { .. } => "NoCommonStep",
+            Error::AgreementTimeout { .. } => "AgreementTimeout",
             Error::Location { .. } => "Location",
             Error::InvalidPath { .. } => "InvalidPath",
             Error::Decode { .. } => "Decode",

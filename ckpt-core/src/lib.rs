@@ -116,11 +116,13 @@ pub(crate) fn phase(name: &'static str, step: u64) {
     tracing::debug!(target: "ckpt::phase", phase = name, step);
 }
 
-pub use checkpointer::{Checkpointer, CheckpointerBuilder};
+pub use checkpointer::{
+    Checkpointer, CheckpointerBuilder, Fingerprints, ReplicaCheck, fingerprint,
+};
 pub use error::{Error, Result, Source as ErrorSource, TierFailure};
 pub use format::manifest::{Manifest, RankManifest};
 pub use model::*;
-pub use restore::{RestoreOptions, Restored, Skipped};
+pub use restore::{Agreement, RestoreOptions, Restored, Skipped};
 pub use save::handle::{SaveHandle, SaveReport, TierReport};
 pub use save::health::{ProbeBackoff, TierStatus};
 pub use save::policy::{BusyPolicy, TierPolicy};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::checkpointer::{Checkpointer, CudaStaging, Runtime, TierSlot, new_pool};
 use crate::error::{Error, Result};
 use crate::format::{checksum, layout};
+use crate::restore::Agreement;
 use crate::save::health::{Health, ProbeBackoff};
 use crate::save::policy::{BusyPolicy, TierPolicy};
 use crate::save::pool::DEFAULT_BLOCK_SIZE;
@@ -34,6 +35,9 @@ pub(crate) struct Settings {
     pub commit_timeout: Duration,
     pub block_timeout: Duration,
     pub probe: ProbeBackoff,
+    /// The ranks holding this rank's state bit-identically (data-parallel
+    /// replicas), sorted, this rank included; empty when not replicated.
+    pub replicas: Vec<u32>,
 }
 
 impl Settings {
@@ -56,6 +60,7 @@ impl Settings {
             commit_timeout: Duration::from_secs(600),
             block_timeout: Duration::from_secs(3600),
             probe: ProbeBackoff::default(),
+            replicas: Vec::new(),
         }
     }
 
@@ -91,6 +96,21 @@ impl Settings {
         }
         if self.commit_timeout.is_zero() {
             return bad("the commit timeout must be longer than 0".into());
+        }
+        if !self.replicas.is_empty() {
+            let mut sorted = self.replicas.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if sorted.len() != self.replicas.len()
+                || !sorted.contains(&self.rank)
+                || sorted.iter().any(|r| *r >= self.world_size)
+                || sorted.len() < 2
+            {
+                return bad(format!(
+                    "replica group {:?} of rank {} must hold it, at least one other rank, no rank twice, all below world size {}",
+                    self.replicas, self.rank, self.world_size
+                ));
+            }
         }
         if self.probe.initial.is_zero() || self.probe.max < self.probe.initial {
             return bad(format!(
@@ -130,6 +150,7 @@ pub struct CheckpointerBuilder {
     schedule: Option<SchedulerConfig>,
     /// The first environment variable `from_env` could not parse.
     env_error: Option<Error>,
+    agreement: Option<Arc<dyn Agreement>>,
     #[cfg(feature = "cuda")]
     cuda: Option<Arc<crate::cuda::CudaDevice>>,
     #[cfg(feature = "cuda")]
@@ -171,6 +192,7 @@ impl CheckpointerBuilder {
             runtime: None,
             schedule: None,
             env_error: None,
+            agreement: None,
             #[cfg(feature = "cuda")]
             cuda: None,
             #[cfg(feature = "cuda")]
@@ -313,6 +335,30 @@ impl CheckpointerBuilder {
         self
     }
 
+    /// Declares that the ranks of `group` (this one included) hold
+    /// bit-identical copies of this rank's tensors: data-parallel replicas
+    /// of one shard (every replica of a shard lists the same group). Each
+    /// tensor is then written by one replica only, the bytes balanced
+    /// across them; every replica still stages and checksums its copy, and
+    /// the commit compares the copies' chunk checksums: replicas that
+    /// differ (silent data corruption) fail the save on every tier with
+    /// [`Error::ReplicaMismatch`] naming the tensor, the chunk and the odd
+    /// ranks out. Loop states (RNG, data loader) stay per rank.
+    pub fn replicas(mut self, group: impl IntoIterator<Item = u32>) -> Self {
+        self.settings.replicas = group.into_iter().collect();
+        self.settings.replicas.sort_unstable();
+        self
+    }
+
+    /// How the ranks agree on the step to restore (with more than one
+    /// rank): an all-gather over the job's own collective. Default: through
+    /// the coordination tier (the first tier that survives a node loss,
+    /// else the last), each round bounded by the commit timeout.
+    pub fn agreement(mut self, a: Arc<dyn Agreement>) -> Self {
+        self.agreement = Some(a);
+        self
+    }
+
     /// Runs the background flush on an existing runtime instead of a
     /// private one.
     pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
@@ -422,6 +468,8 @@ impl CheckpointerBuilder {
             scheduler: Arc::new(Mutex::new(scheduler)),
             started: Mutex::new(false),
             start_log: Mutex::new(None),
+            custom_agreement: self.agreement,
+            replica_checks: Mutex::new(0),
             runtime: Some(runtime),
         })
     }

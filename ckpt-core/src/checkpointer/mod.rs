@@ -17,8 +17,9 @@ pub use builder::CheckpointerBuilder;
 pub(crate) use builder::Settings;
 
 use crate::error::{Error, Result};
-use crate::model::TensorViewMut;
-use crate::restore::{self, RestoreOptions, Restored};
+use crate::model::{TensorViewMut, TrainingState};
+use crate::restore::agree::StorageAgreement;
+use crate::restore::{self, Agreement, RestoreOptions, Restored};
 use crate::save::copy::DeviceCopy;
 use crate::save::handle::{SaveHandle, SaveReport};
 use crate::save::health::{Health, TierStatus};
@@ -95,6 +96,10 @@ pub struct Checkpointer {
     started: Mutex<bool>,
     /// The background write of the start event, awaited by `close`.
     start_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The builder's agreement, if it was given one.
+    custom_agreement: Option<Arc<dyn Agreement>>,
+    /// Replica checks done (names their agreement rounds).
+    replica_checks: Mutex<u64>,
     runtime: Option<Runtime>,
 }
 
@@ -195,6 +200,7 @@ impl Checkpointer {
         if opts.threads == 0 {
             opts.threads = self.settings.restore_threads;
         }
+        let agreement = self.agreement(&handle);
         let restored = restore::restore(
             &handle,
             &tiers,
@@ -202,7 +208,11 @@ impl Checkpointer {
             self.settings.rank,
             targets,
             &opts,
+            agreement.as_deref(),
         )?;
+        if let Some(r) = &restored {
+            self.abandon_newer(r, agreement.as_deref(), &handle)?;
+        }
         let step = restored.as_ref().map(|r| r.step).unwrap_or(0);
         self.log_start(step);
         let mut s = lock(&self.scheduler);
@@ -213,16 +223,80 @@ impl Checkpointer {
         Ok(restored)
     }
 
-    /// The tier that keeps the failure log: the most durable one.
+    /// The tier that keeps the failure log and carries the restore
+    /// agreement: the first that survives the loss of a node, else the last
+    /// (the slowest, by the builder's convention, so the most durable).
     fn log_tier(&self) -> Arc<dyn Tier> {
-        let caps = |t: &TierSlot| t.tier.capabilities();
         self.tiers
             .iter()
-            .find(|t| caps(t).survives_node)
-            .or_else(|| self.tiers.iter().find(|t| caps(t).survives_process))
-            .unwrap_or(&self.tiers[0])
-            .tier
-            .clone()
+            .find(|t| t.tier.capabilities().survives_node)
+            .or(self.tiers.last())
+            .map(|t| t.tier.clone())
+            .unwrap_or_else(|| Arc::new(crate::MemoryTier::new()))
+    }
+
+    /// How the ranks agree on the step to restore: the builder's
+    /// [`Agreement`], else through the coordination tier; none for one rank.
+    fn agreement(&self, handle: &tokio::runtime::Handle) -> Option<Arc<dyn Agreement>> {
+        if self.settings.world_size < 2 {
+            return None;
+        }
+        if let Some(a) = &self.custom_agreement {
+            return Some(a.clone());
+        }
+        let s = &self.settings;
+        Some(Arc::new(StorageAgreement::new(
+            self.log_tier(),
+            &s.run,
+            &s.incarnation,
+            s.rank,
+            s.world_size,
+            s.commit_timeout,
+            handle.clone(),
+        )))
+    }
+
+    /// The run continues from the restored step: the coordinator uncommits
+    /// every newer committed step on every tier (keeping an auditable
+    /// `MANIFEST.abandoned-<incarnation>.json`), so no later restore,
+    /// retention or save mistakes them for the current lineage; the other
+    /// ranks wait for it before they save.
+    fn abandon_newer(
+        &self,
+        r: &Restored,
+        agreement: Option<&dyn Agreement>,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<()> {
+        let s = &self.settings;
+        let mut abandoned = Vec::new();
+        if s.rank == 0 && !r.newer_committed.is_empty() {
+            for t in &self.tiers {
+                let newer: Vec<u64> = r.newer_committed.clone();
+                let done = restore::block_on(
+                    handle,
+                    crate::store::abandon_steps(t.tier.as_ref(), &s.run, &newer, &s.incarnation),
+                );
+                match done {
+                    Ok(steps) => abandoned.extend(steps),
+                    Err(e) => {
+                        tracing::warn!(tier = %t.tier.location(), error = %e, "cannot uncommit the abandoned steps on this tier")
+                    }
+                }
+            }
+            abandoned.sort_unstable();
+            abandoned.dedup();
+            if !abandoned.is_empty() {
+                tracing::warn!(
+                    restored = r.step,
+                    ?abandoned,
+                    "resuming from an older step: the newer ones are uncommitted"
+                );
+            }
+        }
+        if let Some(a) = agreement {
+            a.all_gather("abandoned", format!("{{\"rank\":{}}}", s.rank).into_bytes())?;
+        }
+        Ok(())
     }
 
     /// Rank 0 logs this process's start once (at the first restore or
@@ -343,4 +417,171 @@ impl Drop for Checkpointer {
         let _ = self.wait_all();
         self.shutdown();
     }
+}
+
+/// What a replica check found (all replicas matched).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplicaCheck {
+    /// Bytes fingerprinted on this rank.
+    pub bytes: u64,
+    /// Time spent fingerprinting them.
+    pub fingerprint: Duration,
+    /// Time spent exchanging fingerprints with the other ranks.
+    pub exchange: Duration,
+}
+
+impl Checkpointer {
+    /// Checks, without writing a checkpoint, that this rank's replicas hold
+    /// the same tensors as it does: every rank of the job calls it with its
+    /// state (a collective, like the restore agreement); each fingerprints
+    /// its tensors (crc32c per chunk, from memory, in parallel, far cheaper
+    /// than a copy), the fingerprints are exchanged, and replicas that
+    /// differ are [`Error::ReplicaMismatch`] naming the tensor, the chunk
+    /// and the odd ranks out. Tensors in GPU memory are not covered.
+    pub fn verify_replicas(&self, state: &TrainingState<'_>) -> Result<ReplicaCheck> {
+        let t0 = Instant::now();
+        let prints = fingerprint(state, self.settings.chunk_size);
+        let bytes = state.nbytes();
+        let fingerprint = t0.elapsed();
+        let handle = self.handle()?.clone();
+        let Some(agreement) = self.agreement(&handle) else {
+            return Ok(ReplicaCheck {
+                bytes,
+                fingerprint,
+                exchange: Duration::ZERO,
+            });
+        };
+        let round = {
+            let mut n = lock(&self.replica_checks);
+            *n += 1;
+            format!("replicas-{n}")
+        };
+        let mine = serde_json::to_vec(&Prints {
+            rank: self.settings.rank,
+            tensors: prints,
+        })
+        .map_err(|e| Error::Internal(format!("cannot encode fingerprints: {e}")))?;
+        let t1 = Instant::now();
+        let all = agreement.all_gather(&round, mine)?;
+        let exchange = t1.elapsed();
+        let group = &self.settings.replicas;
+        let mut theirs = Vec::with_capacity(group.len());
+        for &r in group {
+            let bytes = all.get(r as usize).ok_or_else(|| {
+                Error::Internal(format!("no fingerprints from rank {r} in {round}"))
+            })?;
+            let p: Prints = serde_json::from_slice(bytes).map_err(|e| Error::Decode {
+                what: format!("rank {r}'s fingerprints in {round}"),
+                reason: e.to_string(),
+            })?;
+            theirs.push((r, p.tensors));
+        }
+        compare_fingerprints(state.step(), &theirs)?;
+        Ok(ReplicaCheck {
+            bytes,
+            fingerprint,
+            exchange,
+        })
+    }
+}
+
+/// Per tensor name, crc32c of each chunk.
+pub type Fingerprints = Vec<(String, Vec<u32>)>;
+
+/// One rank's fingerprints, as exchanged.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Prints {
+    rank: u32,
+    tensors: Fingerprints,
+}
+
+/// crc32c per `chunk` bytes of every host tensor of `state`, by name: what
+/// replicas compare. Chunks are spread over the cores.
+pub fn fingerprint(state: &TrainingState<'_>, chunk: u64) -> Fingerprints {
+    let chunk = usize::try_from(chunk.max(1)).unwrap_or(usize::MAX);
+    let jobs: Vec<(usize, &[u8])> = state
+        .tensors()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            let bytes = match t.view.bytes() {
+                crate::TensorBytes::Host(h) => h,
+                _ => &[],
+            };
+            bytes.chunks(chunk).map(move |c| (i, c))
+        })
+        .collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 16)
+        .min(jobs.len().max(1));
+    let per = jobs.len().div_ceil(threads).max(1);
+    let crcs: Vec<u32> = std::thread::scope(|s| {
+        let parts: Vec<_> = jobs
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|(_, c)| crc32c::crc32c(c))
+                        .collect::<Vec<u32>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let mut out: Fingerprints = state
+        .tensors()
+        .iter()
+        .map(|t| (t.view.name().to_string(), Vec::new()))
+        .collect();
+    for ((i, _), crc) in jobs.iter().zip(crcs) {
+        out[*i].1.push(crc);
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Compares the replicas' fingerprints: the first tensor and chunk where
+/// they differ is a [`Error::ReplicaMismatch`].
+fn compare_fingerprints(step: u64, replicas: &[(u32, Fingerprints)]) -> Result<()> {
+    let Some((_, first)) = replicas.first() else {
+        return Ok(());
+    };
+    for (k, (name, _)) in first.iter().enumerate() {
+        let tables: Vec<Option<&Vec<u32>>> = replicas
+            .iter()
+            .map(|(_, p)| p.get(k).filter(|(n, _)| n == name).map(|(_, c)| c))
+            .collect();
+        let chunks = tables.iter().flatten().map(|t| t.len()).max().unwrap_or(0);
+        for chunk in 0..chunks.max(1) {
+            let at: Vec<Option<u32>> = tables
+                .iter()
+                .map(|t| t.and_then(|t| t.get(chunk).copied()))
+                .collect();
+            if at.iter().all(|c| *c == at[0]) {
+                continue;
+            }
+            let majority = at
+                .iter()
+                .find(|c| at.iter().filter(|d| d == c).count() * 2 > at.len());
+            let ranks = replicas
+                .iter()
+                .zip(&at)
+                .filter(|(_, c)| majority.is_none_or(|m| *c != m))
+                .map(|((r, _), _)| *r)
+                .collect();
+            return Err(Error::ReplicaMismatch {
+                step,
+                tensor: name.clone(),
+                chunk,
+                ranks,
+            });
+        }
+    }
+    Ok(())
 }

@@ -20,7 +20,8 @@ use crate::save::plan::SavePlan;
 use crate::save::policy::BusyPolicy;
 use crate::save::pool::StagingPool;
 use crate::save::stream::{self, SaveCtx, StageMsg};
-use crate::schedule::{self, Policy};
+use crate::schedule::{self, FailureEvent, Policy};
+use crate::store::events;
 use crate::sync::lock;
 
 /// One tier's part of a save: a flush task, or a report made up front for
@@ -64,6 +65,7 @@ impl Checkpointer {
             self.settings.rank,
             state,
             self.gpu().is_some(),
+            &self.settings.replicas,
         )?;
         let pool = self.pool_for(plan.staged_bytes)?;
         self.check_streaming(step, &plan, &pool)?;
@@ -281,9 +283,13 @@ impl Checkpointer {
         rt: &tokio::runtime::Handle,
     ) -> SaveHandle {
         let math_stop = report.math_stop;
+        let step = report.step;
         let handle = SaveHandle::pending(report);
         let finisher = handle.clone();
         let scheduler = self.scheduler.clone();
+        // The coordinator logs a detected error (replicas that differ) in
+        // the failure log, once per save.
+        let log = (self.settings.rank == 0).then(|| (self.log_tier(), self.settings.run.clone()));
         rt.spawn(async move {
             let mut reports = Vec::with_capacity(runs.len());
             for run in runs {
@@ -299,6 +305,15 @@ impl Checkpointer {
                         health.record(r.error.as_ref());
                         reports.push(r);
                     }
+                }
+            }
+            let mismatch = reports
+                .iter()
+                .any(|r| matches!(r.error, Some(Error::ReplicaMismatch { .. })));
+            if let (true, Some((tier, run))) = (mismatch, &log) {
+                let event = FailureEvent::detected_error(events::now_unix_s(), step);
+                if let Err(e) = events::append(tier.as_ref(), run, &event).await {
+                    tracing::warn!(error = %e, "cannot record the detected error in the failure log");
                 }
             }
             if reports.iter().any(|r| r.committed) {

@@ -8,6 +8,11 @@ use crate::error::{Error, Result};
 /// exists in its step directory and parses.
 pub const MANIFEST: &str = "MANIFEST.json";
 
+/// Name of the marker the coordinator leaves in a step directory when it
+/// gives up on committing the step (replicas that differ, ranks missing):
+/// the other ranks stop waiting, and `ckpt ls` shows the refused step.
+pub const ABORTED: &str = "ABORTED.json";
+
 /// Checks that a run name is safe as a path component.
 pub fn validate_run(run: &str) -> Result<()> {
     let ok = !run.is_empty()
@@ -47,6 +52,23 @@ pub fn rank_data_file(rank: u32) -> String {
 /// File name of a rank's own manifest (relative to the step directory).
 pub fn rank_manifest_file(rank: u32) -> String {
     format!("rank-{rank:05}.json")
+}
+
+/// File name (relative to the step directory) of the audit copy of a
+/// MANIFEST that a resumed run uncommitted: the run went on from an older
+/// step, this one is not part of its lineage.
+pub fn abandoned_manifest_file(incarnation: &str) -> String {
+    let inc: String = incarnation
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("MANIFEST.abandoned-{inc}.json")
 }
 
 /// Parses `<run>/step-<digits>/<rest>` into `(run, step, rest)`.

@@ -65,6 +65,11 @@ pub struct Piece {
     /// blake3 of the piece's bytes, when identity checks were asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blake3: Option<String>,
+    /// In a merged manifest, for a replicated piece: every rank that held
+    /// a copy whose checksums matched (the writer included). Empty for a
+    /// piece one rank holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<u32>,
 }
 
 impl Piece {
@@ -78,6 +83,16 @@ impl Piece {
     }
 }
 
+/// How a rank holds a replicated piece: the ranks with bit-identical
+/// copies, and the one of them that writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    /// Every rank holding a copy, sorted (this one included).
+    pub group: Vec<u32>,
+    /// The rank that writes it into its shard file.
+    pub writer: u32,
+}
+
 /// A tensor of a rank manifest: the rank's single piece of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RankTensor {
@@ -89,8 +104,13 @@ pub struct RankTensor {
     pub global_shape: Vec<u64>,
     /// Model, optimizer or other.
     pub role: TensorRole,
-    /// This rank's piece.
+    /// This rank's piece. For a replicated piece another rank writes,
+    /// `rank` and `file` name the writer and `offset` is 0; the checksums
+    /// are this rank's own copy's, for the commit to compare.
     pub piece: Piece,
+    /// Set when the piece is replicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
 }
 
 /// What one rank wrote for one step (`rank-<r>.json`).
@@ -459,6 +479,33 @@ impl RankManifest {
         }
         check_header_sum(path, self.format, &self.file, self.header, self.file_len)?;
         for t in &self.tensors {
+            if let Some(rep) = &t.replication {
+                if !rep.group.contains(&self.rank) || !rep.group.contains(&rep.writer) {
+                    return Err(Error::manifest(
+                        path,
+                        format!(
+                            "tensor `{}`: replica group {:?} must hold rank {} and writer {}",
+                            t.name, rep.group, self.rank, rep.writer
+                        ),
+                    ));
+                }
+                if rep.writer != self.rank {
+                    // Held, not written here: its place is in the writer's
+                    // file.
+                    let mut held = t.piece.clone();
+                    held.offset = 0;
+                    check_piece(
+                        path,
+                        &t.name,
+                        t.dtype,
+                        &t.global_shape,
+                        &held,
+                        self.chunk_size,
+                        held.length,
+                    )?;
+                    continue;
+                }
+            }
             if t.piece.rank != self.rank || t.piece.file != self.file {
                 return Err(Error::manifest(
                     path,
@@ -481,6 +528,163 @@ impl RankManifest {
     /// Serializes to pretty JSON, sealed with its own checksum.
     pub fn to_json(&self) -> Result<Vec<u8>> {
         to_sealed_json("rank manifest", self)
+    }
+}
+
+/// The commit's check of a replicated tensor: every replica declared the
+/// same pieces, each piece's writer wrote it, and every replica's chunk
+/// checksums match the others'. Returns one piece per replicated region
+/// (the writer's), listing the replicas that matched.
+fn merge_replicas(
+    step: u64,
+    name: &str,
+    copies: Vec<(u32, Replication, Piece)>,
+) -> Result<Vec<Piece>> {
+    // One region per (offsets, shape); every rank of its group must hold it.
+    type Region = (Vec<u64>, Vec<u64>);
+    let mut regions: BTreeMap<Region, Vec<(u32, Replication, Piece)>> = BTreeMap::new();
+    for c in copies {
+        regions
+            .entry((c.2.global_offsets.clone(), c.2.shape.clone()))
+            .or_default()
+            .push(c);
+    }
+    let mut out = Vec::with_capacity(regions.len());
+    for ((offsets, shape), held) in regions {
+        let group = held[0].1.group.clone();
+        let holders: Vec<u32> = held.iter().map(|(r, _, _)| *r).collect();
+        if held.iter().any(|(_, rep, _)| rep.group != group) || holders != group {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "replicas disagree on the piece at {offsets:?} of shape {shape:?}: held by ranks {holders:?}, declared groups {:?}",
+                    held.iter()
+                        .map(|(_, rep, _)| rep.group.clone())
+                        .collect::<Vec<_>>()
+                ),
+            ));
+        }
+        let writer = held[0].1.writer;
+        let Some(written) = held
+            .iter()
+            .find(|(r, rep, p)| *r == writer && rep.writer == writer && p.rank == writer)
+            .map(|(_, _, p)| p.clone())
+        else {
+            return Err(Error::tensor(
+                name,
+                format!("no replica in {group:?} wrote the piece at {offsets:?} (writer {writer})"),
+            ));
+        };
+        let chunks = held
+            .iter()
+            .map(|(_, _, p)| p.crc32c.len())
+            .max()
+            .unwrap_or(0);
+        for chunk in 0..chunks {
+            let crcs: Vec<Option<u32>> = held
+                .iter()
+                .map(|(_, _, p)| p.crc32c.get(chunk).copied())
+                .collect();
+            if crcs.iter().all(|c| *c == crcs[0]) {
+                continue;
+            }
+            // The odd ones out against a strict majority, else all of them.
+            let majority = crcs
+                .iter()
+                .find(|c| crcs.iter().filter(|d| d == c).count() * 2 > crcs.len());
+            let ranks = match majority {
+                Some(m) => holders
+                    .iter()
+                    .zip(&crcs)
+                    .filter(|(_, c)| *c != m)
+                    .map(|(r, _)| *r)
+                    .collect(),
+                None => holders.clone(),
+            };
+            return Err(Error::ReplicaMismatch {
+                step,
+                tensor: name.to_string(),
+                chunk,
+                ranks,
+            });
+        }
+        let mut piece = written;
+        piece.replicas = holders;
+        out.push(piece);
+    }
+    Ok(out)
+}
+
+/// Why the coordinator gave up on committing a step (`ABORTED.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepAborted {
+    /// Format version.
+    pub format: u32,
+    /// The incarnation whose save was refused (a later incarnation's save of
+    /// the same step number is not concerned).
+    pub incarnation: String,
+    /// The error's kind ([`Error::kind`]).
+    pub kind: String,
+    /// For a replica mismatch: the tensor, the chunk and the odd ranks out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensor: Option<String>,
+    /// See `tensor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<usize>,
+    /// See `tensor`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<u32>,
+    /// The error, as the coordinator reported it.
+    pub message: String,
+}
+
+impl StepAborted {
+    /// The marker for `e`.
+    pub fn of(incarnation: &str, e: &Error) -> Self {
+        let (tensor, chunk, ranks) = match e {
+            Error::ReplicaMismatch {
+                tensor,
+                chunk,
+                ranks,
+                ..
+            } => (Some(tensor.clone()), Some(*chunk), ranks.clone()),
+            _ => (None, None, Vec::new()),
+        };
+        Self {
+            format: FORMAT_VERSION,
+            incarnation: incarnation.to_string(),
+            kind: e.kind().to_string(),
+            tensor,
+            chunk,
+            ranks,
+            message: e.to_string(),
+        }
+    }
+
+    /// Parses a marker read from `path` (sealed like the manifests).
+    pub fn parse(path: &str, bytes: &[u8]) -> Result<Self> {
+        parse_json(path, bytes)
+    }
+
+    /// Serializes to sealed JSON.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        to_sealed_json("aborted-step marker", self)
+    }
+
+    /// The error the coordinator met, for the other ranks of step `step`.
+    pub fn into_error(self, step: u64) -> Error {
+        match (self.kind.as_str(), self.tensor, self.chunk) {
+            ("ReplicaMismatch", Some(tensor), Some(chunk)) => Error::ReplicaMismatch {
+                step,
+                tensor,
+                chunk,
+                ranks: self.ranks,
+            },
+            _ => Error::Incomplete {
+                path: format!("step {step}"),
+                reason: format!("the coordinator gave up: {}", self.message),
+            },
+        }
     }
 }
 
@@ -568,6 +772,7 @@ impl Manifest {
             });
         }
         let mut tensors: BTreeMap<String, TensorEntry> = BTreeMap::new();
+        let mut replicated: BTreeMap<String, Vec<(u32, Replication, Piece)>> = BTreeMap::new();
         let mut entries = Vec::with_capacity(ranks.len());
         let created_unix_ms = ranks.iter().map(|r| r.created_unix_ms).min().unwrap_or(0);
         for (i, r) in ranks.into_iter().enumerate() {
@@ -604,7 +809,13 @@ impl Manifest {
                         ),
                     ));
                 }
-                entry.pieces.push(t.piece);
+                match t.replication {
+                    Some(rep) => replicated
+                        .entry(t.name.clone())
+                        .or_default()
+                        .push((r.rank, rep, t.piece)),
+                    None => entry.pieces.push(t.piece),
+                }
             }
             entries.push(RankEntry {
                 rank: r.rank,
@@ -613,6 +824,12 @@ impl Manifest {
                 header: r.header,
                 loop_state: r.loop_state,
             });
+        }
+        for (name, copies) in replicated {
+            let pieces = merge_replicas(step, &name, copies)?;
+            if let Some(entry) = tensors.get_mut(&name) {
+                entry.pieces.extend(pieces);
+            }
         }
         let m = Manifest {
             format: FORMAT_VERSION,

@@ -9,10 +9,12 @@
 //! tensor the checkpoint lacks) stops restore at once: falling back to an
 //! older checkpoint would not fix it.
 
+pub(crate) mod agree;
 mod read;
 pub mod reshard;
 pub(crate) mod verify;
 
+pub use agree::Agreement;
 pub(crate) use read::read_targets;
 
 use std::sync::Arc;
@@ -104,6 +106,11 @@ pub struct Restored {
     /// Newer checkpoints (or copies on faster tiers) that failed
     /// verification or were excluded, newest first.
     pub skipped: Vec<Skipped>,
+    /// Committed steps newer than the one restored (left behind: corrupt,
+    /// not restorable by every rank, or excluded by the options). A
+    /// checkpointer uncommits them before it saves again, so the run's
+    /// lineage continues from the restored step.
+    pub newer_committed: Vec<u64>,
     /// Tensors in the checkpoint that the caller did not ask for.
     pub unrequested: Vec<String>,
     /// World size of the checkpoint.
@@ -123,7 +130,9 @@ impl Restored {
 
 /// Restores `targets` for `rank` from `tiers` (priority order). Returns
 /// `Ok(None)` if no tier holds any committed checkpoint of `run` (a fresh
-/// start); fails if checkpoints exist but none verifies.
+/// start); fails if checkpoints exist but none verifies. With `agreement`
+/// (a job of several ranks), every rank ends on the same step: the newest
+/// one every rank can verify its pieces of.
 pub(crate) fn restore(
     handle: &tokio::runtime::Handle,
     tiers: &[Arc<dyn Tier>],
@@ -131,107 +140,230 @@ pub(crate) fn restore(
     rank: u32,
     targets: &mut [&mut dyn TensorViewMut],
     opts: &RestoreOptions,
+    agreement: Option<&dyn Agreement>,
 ) -> Result<Option<Restored>> {
     let start = Instant::now();
     crate::phase("restore", opts.step.unwrap_or(0));
-    let mut skipped = Vec::new();
-    let mut unlisted = Vec::new();
-    let mut steps_per_tier = Vec::with_capacity(tiers.len());
-    for tier in tiers {
-        let tier_ref = tier.as_ref();
-        match block_on(handle, store::committed_steps(tier_ref, run)) {
-            Ok(s) => steps_per_tier.push(s),
-            Err(e) => {
-                skipped.push(Skipped {
-                    step: None,
-                    tier: tier.location(),
-                    error: e.clone(),
-                });
-                unlisted.push(TierFailure {
-                    tier: tier.location(),
-                    error: e,
-                });
-                steps_per_tier.push(Vec::new());
-            }
-        }
+    let mut r = Restorer::list(handle, tiers, run, rank, opts)?;
+    let found = match agreement {
+        None => r.newest_at_most(opts.step, targets)?,
+        Some(a) => agree::restore_agreed(&mut r, a, opts.step, targets)?,
+    };
+    let Some(found) = found else {
+        return r.nothing();
+    };
+    let restored = r.restored(found, targets, start);
+    if restored.fell_back() {
+        tracing::warn!(step = restored.step, tier = %restored.tier, skipped = %describe(&restored.skipped), "restored an older or slower copy");
     }
-    let mut steps: Vec<u64> = steps_per_tier.iter().flatten().copied().collect();
-    steps.sort_unstable_by(|a, b| b.cmp(a));
-    steps.dedup();
-    if let Some(want) = opts.step {
-        if !steps.contains(&want) {
-            return Err(Error::NotFound {
-                path: format!(
-                    "{} (committed steps: {steps:?})",
-                    layout::manifest_path(run, want)
-                ),
-            });
-        }
-        steps.retain(|s| *s == want);
-    }
-    if steps.is_empty() {
-        // A tier that cannot be listed may hold the run's checkpoints:
-        // starting fresh would silently throw its progress away.
-        return if unlisted.is_empty() {
-            Ok(None)
-        } else {
-            Err(Error::Unlisted {
-                run: run.to_string(),
-                failures: unlisted,
-            })
+    Ok(Some(restored))
+}
+
+/// A checkpoint one rank read and verified.
+pub(crate) struct Found {
+    step: u64,
+    tier_index: usize,
+    manifest: Manifest,
+    bytes_read: u64,
+}
+
+/// One rank's restore: the committed steps each tier lists, and the tries
+/// that failed.
+pub(crate) struct Restorer<'a> {
+    handle: &'a tokio::runtime::Handle,
+    tiers: &'a [Arc<dyn Tier>],
+    run: &'a str,
+    rank: u32,
+    opts: &'a RestoreOptions,
+    /// Per tier, its committed steps.
+    listed: Vec<Vec<u64>>,
+    unlisted: Vec<TierFailure>,
+    skipped: Vec<Skipped>,
+}
+
+impl<'a> Restorer<'a> {
+    fn list(
+        handle: &'a tokio::runtime::Handle,
+        tiers: &'a [Arc<dyn Tier>],
+        run: &'a str,
+        rank: u32,
+        opts: &'a RestoreOptions,
+    ) -> Result<Self> {
+        let mut r = Self {
+            handle,
+            tiers,
+            run,
+            rank,
+            opts,
+            listed: Vec::with_capacity(tiers.len()),
+            unlisted: Vec::new(),
+            skipped: Vec::new(),
         };
-    }
-    for step in steps {
-        for (i, tier) in tiers.iter().enumerate() {
-            if !steps_per_tier[i].contains(&step) {
-                continue;
-            }
-            match attempt(handle, tier.as_ref(), run, step, rank, targets, opts) {
-                Ok((m, bytes_read)) => {
-                    let requested: Vec<&str> = targets.iter().map(|t| t.name()).collect();
-                    let loop_state = m
-                        .ranks
-                        .get(rank as usize)
-                        .or(m.ranks.first())
-                        .map(|r| r.loop_state.clone())
-                        .unwrap_or_default();
-                    let restored = Restored {
-                        step,
+        for tier in tiers {
+            match block_on(handle, store::committed_steps(tier.as_ref(), run)) {
+                Ok(s) => r.listed.push(s),
+                Err(e) => {
+                    r.skipped.push(Skipped {
+                        step: None,
                         tier: tier.location(),
-                        tier_index: i,
-                        loop_state,
-                        unrequested: m
-                            .tensors
-                            .keys()
-                            .filter(|k| !requested.contains(&k.as_str()))
-                            .cloned()
-                            .collect(),
-                        skipped,
-                        world_size: m.world_size,
-                        bytes_read,
-                        elapsed: start.elapsed(),
-                    };
-                    if restored.fell_back() {
-                        tracing::warn!(step, tier = %restored.tier, skipped = %describe(&restored.skipped), "restored an older or slower copy");
-                    }
-                    return Ok(Some(restored));
-                }
-                Err(e) if e.is_data_fault() => {
-                    tracing::warn!(step, tier = %tier.location(), error = %e, "checkpoint failed verification; falling back");
-                    skipped.push(Skipped {
-                        step: Some(step),
+                        error: e.clone(),
+                    });
+                    r.unlisted.push(TierFailure {
                         tier: tier.location(),
                         error: e,
                     });
+                    r.listed.push(Vec::new());
                 }
-                Err(e) => return Err(e),
             }
         }
+        if let Some(want) = opts.step
+            && !r.candidates().contains(&want)
+        {
+            return Err(Error::NotFound {
+                path: format!(
+                    "{} (committed steps: {:?})",
+                    layout::manifest_path(run, want),
+                    r.candidates()
+                ),
+            });
+        }
+        Ok(r)
     }
-    Err(Error::Incomplete {
-        path: run.to_string(),
-        reason: format!("no committed checkpoint verified: {}", describe(&skipped)),
-    })
+
+    /// Every committed step on any tier, newest first.
+    fn candidates(&self) -> Vec<u64> {
+        let mut steps: Vec<u64> = self.listed.iter().flatten().copied().collect();
+        steps.sort_unstable_by(|a, b| b.cmp(a));
+        steps.dedup();
+        steps
+    }
+
+    /// The newest committed step, if any tier lists one.
+    fn newest_committed(&self) -> Option<u64> {
+        self.candidates().first().copied()
+    }
+
+    /// Restores the newest step not above `ceiling` that verifies, trying
+    /// tiers in priority order and older steps after data faults (each
+    /// recorded in `skipped`). A caller error stops at once.
+    fn newest_at_most(
+        &mut self,
+        ceiling: Option<u64>,
+        targets: &mut [&mut dyn TensorViewMut],
+    ) -> Result<Option<Found>> {
+        let floor = self.opts.step;
+        for step in self.candidates() {
+            if ceiling.is_some_and(|c| step > c) || floor.is_some_and(|f| step != f) {
+                continue;
+            }
+            for (i, tier) in self.tiers.iter().enumerate() {
+                if !self.listed[i].contains(&step) {
+                    continue;
+                }
+                match self.attempt(tier.as_ref(), step, targets) {
+                    Ok((manifest, bytes_read)) => {
+                        return Ok(Some(Found {
+                            step,
+                            tier_index: i,
+                            manifest,
+                            bytes_read,
+                        }));
+                    }
+                    Err(e) if e.is_data_fault() => {
+                        tracing::warn!(step, tier = %tier.location(), error = %e, "checkpoint failed verification; falling back");
+                        self.skipped.push(Skipped {
+                            step: Some(step),
+                            tier: tier.location(),
+                            error: e,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn attempt(
+        &self,
+        tier: &dyn Tier,
+        step: u64,
+        targets: &mut [&mut dyn TensorViewMut],
+    ) -> Result<(Manifest, u64)> {
+        let m = block_on(self.handle, store::load_manifest(tier, self.run, step))?;
+        if let Some(limit) = self.opts.not_after_unix_ms
+            && m.created_unix_ms > limit
+        {
+            return Err(Error::AfterTrustLimit {
+                step,
+                created_unix_ms: m.created_unix_ms,
+                limit_unix_ms: limit,
+            });
+        }
+        let bytes = read_targets(self.handle, tier, &m, targets, self.opts.threads.max(1))?;
+        Ok((m, bytes))
+    }
+
+    /// Nothing restorable: a fresh start only if no tier lists a checkpoint
+    /// and every tier could be listed.
+    fn nothing(self) -> Result<Option<Restored>> {
+        if !self.candidates().is_empty() {
+            return Err(Error::Incomplete {
+                path: self.run.to_string(),
+                reason: format!(
+                    "no committed checkpoint verified: {}",
+                    describe(&self.skipped)
+                ),
+            });
+        }
+        if self.unlisted.is_empty() {
+            return Ok(None);
+        }
+        // A tier that cannot be listed may hold the run's checkpoints:
+        // starting fresh would silently throw its progress away.
+        Err(Error::Unlisted {
+            run: self.run.to_string(),
+            failures: self.unlisted,
+        })
+    }
+
+    fn restored(
+        self,
+        found: Found,
+        targets: &[&mut dyn TensorViewMut],
+        start: Instant,
+    ) -> Restored {
+        let m = &found.manifest;
+        let requested: Vec<&str> = targets.iter().map(|t| t.name()).collect();
+        let loop_state = m
+            .ranks
+            .get(self.rank as usize)
+            .or(m.ranks.first())
+            .map(|r| r.loop_state.clone())
+            .unwrap_or_default();
+        let newer = self
+            .candidates()
+            .into_iter()
+            .filter(|s| *s > found.step)
+            .collect();
+        Restored {
+            step: found.step,
+            tier: self.tiers[found.tier_index].location(),
+            tier_index: found.tier_index,
+            loop_state,
+            unrequested: m
+                .tensors
+                .keys()
+                .filter(|k| !requested.contains(&k.as_str()))
+                .cloned()
+                .collect(),
+            skipped: self.skipped,
+            newer_committed: newer,
+            world_size: m.world_size,
+            bytes_read: found.bytes_read,
+            elapsed: start.elapsed(),
+        }
+    }
 }
 
 fn describe(skipped: &[Skipped]) -> String {
@@ -247,7 +379,10 @@ fn describe(skipped: &[Skipped]) -> String {
 
 /// Runs a future to completion from synchronous code. Never called on a
 /// runtime worker thread: restore's reads run on their own scoped threads.
-fn block_on<F: std::future::Future + Send>(handle: &tokio::runtime::Handle, f: F) -> F::Output
+pub(crate) fn block_on<F: std::future::Future + Send>(
+    handle: &tokio::runtime::Handle,
+    f: F,
+) -> F::Output
 where
     F::Output: Send,
 {
@@ -256,28 +391,4 @@ where
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
-}
-
-fn attempt(
-    handle: &tokio::runtime::Handle,
-    tier: &dyn Tier,
-    run: &str,
-    step: u64,
-    rank: u32,
-    targets: &mut [&mut dyn TensorViewMut],
-    opts: &RestoreOptions,
-) -> Result<(Manifest, u64)> {
-    let m = block_on(handle, store::load_manifest(tier, run, step))?;
-    if let Some(limit) = opts.not_after_unix_ms
-        && m.created_unix_ms > limit
-    {
-        return Err(Error::AfterTrustLimit {
-            step,
-            created_unix_ms: m.created_unix_ms,
-            limit_unix_ms: limit,
-        });
-    }
-    let _ = rank;
-    let bytes = read_targets(handle, tier, &m, targets, opts.threads.max(1))?;
-    Ok((m, bytes))
 }

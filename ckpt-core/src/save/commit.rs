@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::format::layout;
-use crate::format::manifest::{Manifest, RankManifest};
+use crate::format::manifest::{Manifest, RankManifest, StepAborted};
 use crate::save::handle::TierReport;
 use crate::save::policy::TierPolicy;
 use crate::save::stream::{ManifestCell, SaveCtx};
@@ -148,7 +148,15 @@ async fn run_tier(
     )
     .await?;
     if ctx.rank == 0 {
-        let manifest = gather(tier, ctx, &rank_manifest).await?;
+        let manifest = match gather(tier, ctx, &rank_manifest).await {
+            Ok(m) => m,
+            Err(e) => {
+                // The other ranks wait for this step's MANIFEST: tell them
+                // at once that it will not come, and why.
+                abort_step(tier, ctx, &e).await;
+                return Err(e);
+            }
+        };
         tier.put(
             &manifest_path,
             Bytes::from(manifest.to_json()?),
@@ -167,15 +175,49 @@ async fn run_tier(
             }
         }
     } else {
+        let aborted_path = format!(
+            "{}/{}",
+            layout::step_dir(&ctx.run, ctx.step),
+            layout::ABORTED
+        );
         wait_for(
             ctx,
-            || async { Ok(tier.size(&manifest_path).await.is_ok()) },
+            || async {
+                if tier.size(&manifest_path).await.is_ok() {
+                    return Ok(true);
+                }
+                match tier.get(&aborted_path).await {
+                    Ok(b) => match StepAborted::parse(&aborted_path, &b) {
+                        Ok(a) if a.incarnation == ctx.incarnation => Err(a.into_error(ctx.step)),
+                        _ => Ok(false),
+                    },
+                    Err(_) => Ok(false),
+                }
+            },
             "the coordinator's MANIFEST",
         )
         .await?;
         *committed_at = Some(start.elapsed());
     }
     Ok(())
+}
+
+/// Records why the coordinator gives up on this step (`ABORTED.json`), so
+/// the other ranks stop waiting for its MANIFEST; best effort.
+async fn abort_step(tier: &dyn Tier, ctx: &SaveCtx, e: &Error) {
+    let marker = StepAborted::of(&ctx.incarnation, e);
+    let path = format!(
+        "{}/{}",
+        layout::step_dir(&ctx.run, ctx.step),
+        layout::ABORTED
+    );
+    let put = match marker.to_json() {
+        Ok(json) => tier.put(&path, Bytes::from(json), PutMode::Overwrite).await,
+        Err(e) => Err(e),
+    };
+    if let Err(put) = put {
+        tracing::warn!(tier = %tier.location(), step = ctx.step, error = %put, "cannot record the aborted step; the other ranks wait for their timeout");
+    }
 }
 
 /// Polls `ready` with backoff until it is true or the commit timeout passes.

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::format::checksum;
 use crate::format::layout;
 use crate::format::manifest::{
-    FORMAT_VERSION, HeaderSum, Piece, RankManifest, RankTensor, library_version,
+    FORMAT_VERSION, HeaderSum, Piece, RankManifest, RankTensor, Replication, library_version,
 };
 use crate::model::dtype;
 use crate::model::state::{LoopState, TensorRole};
@@ -60,6 +60,17 @@ pub(crate) struct TensorCtx {
     pub shared: Option<Bytes>,
     /// Index among staged tensors.
     pub staged_index: Option<usize>,
+    /// Its replica group and writer, when replicated.
+    pub replication: Option<Replication>,
+}
+
+impl TensorCtx {
+    /// Whether this rank writes the tensor into its shard file (else a
+    /// replica does; it is only checksummed here, for the commit to
+    /// compare).
+    pub(crate) fn written_by(&self, rank: u32) -> bool {
+        self.replication.as_ref().is_none_or(|r| r.writer == rank)
+    }
 }
 
 impl SaveCtx {
@@ -177,12 +188,16 @@ fn dispatch_inner(
     let mut hashes: Vec<Option<String>> = Vec::with_capacity(ctx.tensors.len());
     for t in &ctx.tensors {
         let mut hasher = ctx.blake3.then(blake3::Hasher::new);
+        // A replica another rank writes is checksummed, not sent.
+        let write = t.written_by(ctx.rank);
         if let Some(bytes) = &t.shared {
             shared_crcs.push(Some(checksum::chunk_crcs(bytes, ctx.chunk_size)));
             if let Some(h) = hasher.as_mut() {
                 h.update(bytes);
             }
-            emit(bytes.clone());
+            if write {
+                emit(bytes.clone());
+            }
         } else {
             let len = usize::try_from(t.len).map_err(|_| Error::tensor(&t.name, "too large"))?;
             // Checksum the staged copy here unless staging already did: it is
@@ -196,7 +211,9 @@ fn dispatch_inner(
                 if let Some(h) = hasher.as_mut() {
                     h.update(&b);
                 }
-                emit(b);
+                if write {
+                    emit(b);
+                }
             })?;
             shared_crcs.push(crc.map(checksum::ChunkedCrc::finish));
         }
@@ -222,21 +239,27 @@ fn dispatch_inner(
                 )));
             }
         };
+        let (rank, file) = match &t.replication {
+            Some(r) if r.writer != ctx.rank => (r.writer, layout::rank_data_file(r.writer)),
+            _ => (ctx.rank, file.clone()),
+        };
         tensors.push(RankTensor {
             name: t.name.clone(),
             dtype: t.dtype,
             global_shape: t.global_shape.clone(),
             role: t.role,
             piece: Piece {
-                rank: ctx.rank,
-                file: file.clone(),
+                rank,
+                file,
                 offset: t.offset,
                 length: t.len,
                 global_offsets: t.global_offsets.clone(),
                 shape: t.shape.clone(),
                 crc32c,
                 blake3,
+                replicas: Vec::new(),
             },
+            replication: t.replication.clone(),
         });
     }
     Ok(RankManifest {

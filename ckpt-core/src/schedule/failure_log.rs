@@ -19,6 +19,10 @@ pub enum FailureEventKind {
     CleanStop,
     /// A process of the job started (first launch or restart).
     Start,
+    /// An error was detected in the running job (e.g. replicas of a shard
+    /// that disagree: silent data corruption) and it rolled back; it counts
+    /// as a failure, but the job did not stop.
+    DetectedError,
 }
 
 /// One entry of the failure log.
@@ -66,6 +70,15 @@ impl FailureEvent {
             wall_time_unix_s,
             step,
             kind: FailureEventKind::CleanStop,
+        }
+    }
+
+    /// A detected error (e.g. a replica mismatch) at `step`.
+    pub fn detected_error(wall_time_unix_s: f64, step: u64) -> Self {
+        Self {
+            wall_time_unix_s,
+            step,
+            kind: FailureEventKind::DetectedError,
         }
     }
 }
@@ -135,6 +148,12 @@ pub fn failure_stats(events: &[FailureEvent], now_unix_s: Option<f64>) -> Failur
             FailureEventKind::Crash => {
                 if ended.is_some() {
                     stats.failures += 1;
+                }
+            }
+            FailureEventKind::DetectedError => {
+                stats.failures += 1;
+                if ended.is_some() {
+                    running_since = Some(t);
                 }
             }
             FailureEventKind::CleanStop => {}

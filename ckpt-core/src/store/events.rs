@@ -57,6 +57,7 @@ pub async fn append(tier: &dyn Tier, run: &str, event: &FailureEvent) -> Result<
         FailureEventKind::Start => "start",
         FailureEventKind::Crash => "crash",
         FailureEventKind::CleanStop => "clean-stop",
+        FailureEventKind::DetectedError => "detected-error",
     };
     let path = format!(
         "{}{:020}-{kind}.json",

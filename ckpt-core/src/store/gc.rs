@@ -70,3 +70,33 @@ pub async fn gc(tier: &dyn Tier, run: &str, retention: &Retention) -> Result<GcR
     }
     Ok(report)
 }
+
+/// Uncommits `steps` of `run` on `tier`: each committed one's MANIFEST is
+/// first copied to `MANIFEST.abandoned-<incarnation>.json` (an audit
+/// trail `ckpt inspect` can read), then deleted. Steps that are not
+/// committed there are skipped. Returns the steps uncommitted.
+pub async fn abandon_steps(
+    tier: &dyn Tier,
+    run: &str,
+    steps: &[u64],
+    incarnation: &str,
+) -> Result<Vec<u64>> {
+    let mut done = Vec::new();
+    for &step in steps {
+        let manifest = layout::manifest_path(run, step);
+        let bytes = match tier.get(&manifest).await {
+            Ok(b) => b,
+            Err(crate::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let audit = format!(
+            "{}/{}",
+            layout::step_dir(run, step),
+            layout::abandoned_manifest_file(incarnation)
+        );
+        tier.put(&audit, bytes, crate::PutMode::Overwrite).await?;
+        tier.delete(&manifest).await?;
+        done.push(step);
+    }
+    Ok(done)
+}

@@ -12,7 +12,7 @@ mod reader;
 pub(crate) mod retention;
 
 pub use crate::restore::verify::{VerifyReport, verify_step};
-pub use gc::{GcReport, delete_step, gc};
+pub use gc::{GcReport, abandon_steps, delete_step, gc};
 pub use listing::{
     check_files, check_header, check_rank_files, committed_steps, load_manifest, runs,
 };

@@ -138,6 +138,7 @@ impl CheckpointStore {
             opts.rank,
             targets,
             &opts,
+            None,
         )
     }
 
