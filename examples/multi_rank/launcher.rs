@@ -113,6 +113,9 @@ enum Lockstep {
     /// With peers: rank `.0` was killed; every other rank reached the
     /// barrier and waits for the launcher's word.
     Rollback(u32),
+    /// A save was refused because replicas differ (`.0` says where): every
+    /// rank reached the barrier; roll them all back.
+    Sdc(String),
 }
 
 struct Launcher<'a> {
@@ -151,6 +154,7 @@ impl Launcher<'_> {
             .args(["--run", &args.run])
             .args(["--keep", &args.keep.to_string()])
             .args(["--timeout-s", &args.timeout_s.to_string()])
+            .args(["--replicas", &args.replicas.to_string()])
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", args.ranks.to_string())
             .env("LOCAL_RANK", rank.to_string())
@@ -170,6 +174,11 @@ impl Launcher<'_> {
         {
             cmd.args(["--abort-rank", &r.to_string()])
                 .args(["--abort-during-save", &s.to_string()]);
+        }
+        if self.inc == 0
+            && let Some(sdc) = &args.inject_sdc
+        {
+            cmd.args(["--inject-sdc", sdc]);
         }
         let mut child = cmd
             .spawn()
@@ -298,6 +307,7 @@ impl Launcher<'_> {
             let want = step + 1;
             let mut ready = vec![false; n as usize];
             let mut killed = None;
+            let mut sdc: Option<String> = None;
             let deadline = Instant::now() + self.timeout();
             while ready.iter().any(|r| !r) {
                 let what = format!("step {want} on every rank");
@@ -342,12 +352,21 @@ impl Launcher<'_> {
                     }
                 } else if line.starts_with("info ") {
                     print_info(r, &line);
+                } else if let Some(what) = line.strip_prefix("sdc ") {
+                    let mut w = what.split(' ');
+                    let (Some(s), Some(t), Some(rs)) = (w.next(), w.next(), w.next()) else {
+                        return Err(format!("rank {r}: bad line {line:?}").into());
+                    };
+                    sdc.get_or_insert_with(|| format!("step={s} tensor={t} rank={rs}"));
                 } else {
                     return Err(format!("rank {r}: unexpected line {line:?}").into());
                 }
             }
             if let Some(r) = killed {
                 return Ok(Lockstep::Rollback(r));
+            }
+            if let Some(what) = sdc {
+                return Ok(Lockstep::Sdc(what));
             }
             step = want;
         }
@@ -399,6 +418,24 @@ impl Launcher<'_> {
                 Lockstep::Rollback(r) => {
                     if let Some(o) = self.rollback(&mut ranks, r)? {
                         return Ok(o);
+                    }
+                }
+                Lockstep::Sdc(what) => {
+                    println!("sdc-detected {what}");
+                    if self.inc >= self.args.max_restarts {
+                        return Err(format!(
+                            "replicas differ ({what}), and no restarts are left (--max-restarts {})",
+                            self.args.max_restarts
+                        )
+                        .into());
+                    }
+                    self.inc += 1;
+                    let inc = self.incarnation();
+                    println!(
+                        "rolling every rank back to the newest committed step as incarnation {inc}"
+                    );
+                    if let Err(lost) = ranks.tell(&format!("rollback {inc}"), None) {
+                        return Ok(Self::lost(&mut ranks, lost, "before the rollback"));
                     }
                 }
             }
@@ -487,8 +524,20 @@ fn random_secret() -> String {
 }
 
 pub fn launcher(args: &Args) -> Result<(), Error> {
-    if args.ranks == 0 || args.every == 0 {
-        return Err("--ranks and --every must be at least 1".into());
+    if args.ranks == 0 || args.every == 0 || args.replicas == 0 {
+        return Err("--ranks, --every and --replicas must be at least 1".into());
+    }
+    if !args.ranks.is_multiple_of(args.replicas) {
+        return Err(format!(
+            "--ranks {} is not a multiple of --replicas {}",
+            args.ranks, args.replicas
+        )
+        .into());
+    }
+    if let Some((r, _)) = args.sdc()?
+        && r >= args.ranks
+    {
+        return Err(format!("--inject-sdc rank {r} is outside --ranks {}", args.ranks).into());
     }
     if let Some(r) = args.kill_rank.or(args.abort_rank)
         && r >= args.ranks

@@ -109,9 +109,32 @@ pub struct Args {
     /// restarts the whole job.
     #[arg(long)]
     pub no_peer: bool,
+    /// Data-parallel replicas of each shard: `--ranks` must be a multiple;
+    /// `--ranks 4 --replicas 2` is 2 shards x 2 replicas. Each piece is
+    /// written by one replica; the commit compares the replicas' checksums.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// `RANK:STEP`: flip one bit of that rank's parameters right after that
+    /// step (first incarnation only), as silent data corruption would. The
+    /// next save is refused and the job rolls back to the newest clean step.
+    #[arg(long)]
+    pub inject_sdc: Option<String>,
     /// Internal: run as one rank (started by the launcher).
     #[arg(long, hide = true)]
     pub rank_worker: bool,
+}
+
+impl Args {
+    /// `--inject-sdc` as (rank, step).
+    pub fn sdc(&self) -> Result<Option<(u32, u64)>, Error> {
+        let Some(spec) = &self.inject_sdc else {
+            return Ok(None);
+        };
+        let (r, s) = spec
+            .split_once(':')
+            .ok_or_else(|| format!("--inject-sdc {spec}: want RANK:STEP"))?;
+        Ok(Some((r.trim().parse()?, s.trim().parse()?)))
+    }
 }
 
 fn main() -> ExitCode {

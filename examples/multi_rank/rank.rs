@@ -218,6 +218,7 @@ fn train(
     incarnation: Option<String>,
 ) -> Result<Ended, Error> {
     let timeout = Duration::from_secs(args.timeout_s);
+    let first_life = incarnation.is_none();
     let say = |s: String| println!("{s}");
     let info = |s: String| {
         if rank == 0 {
@@ -251,7 +252,13 @@ fn train(
     }
     tiers.push((shared, TierPolicy::keep_last(args.keep)));
 
-    let mut shard = Shard::new(rank, world, args.state_mb)?;
+    // Data-parallel replicas: ranks r*R .. r*R+R hold shard r, identically
+    // (each replica computes the same update from the same data, as
+    // replicas do after their gradient all-reduce).
+    let replicas = args.replicas.max(1);
+    let (shards, shard_index) = (world / replicas, rank / replicas);
+    let group: Vec<u32> = (shard_index * replicas..(shard_index + 1) * replicas).collect();
+    let mut shard = Shard::new(shard_index, shards, args.state_mb)?;
     let mut builder = Checkpointer::builder(args.run.clone())
         // The pool is allocated up front, not inside the first save.
         .staging_capacity(shard.nbytes())
@@ -259,6 +266,9 @@ fn train(
         .copy_threads(1)
         .restore_threads(2)
         .commit_timeout(timeout);
+    if replicas > 1 {
+        builder = builder.replicas(group);
+    }
     if let Some(inc) = incarnation {
         builder = builder.incarnation(inc);
     }
@@ -267,7 +277,7 @@ fn train(
     }
     let ckpt = builder.build()?;
 
-    let mut rng = Rng::seed_from_u64(1000 + u64::from(rank));
+    let mut rng = Rng::seed_from_u64(1000 + u64::from(shard_index));
     let mut loader = Loader::new(5_000);
     let sched = LrSchedule {
         base: 3e-3,
@@ -276,8 +286,8 @@ fn train(
     };
     let mut step = 0u64;
 
-    // Every rank restores its own block; all of them find the same newest
-    // committed step (the launcher checks).
+    // Every rank restores its own block; the checkpointers agree on the
+    // step (the launcher checks that they did).
     {
         let mut targets = shard.targets();
         let mut refs = as_targets(&mut targets);
@@ -311,12 +321,19 @@ fn train(
         Cmd::Exit => return Err("told to exit before the last step".into()),
     }
 
+    let sdc = args.sdc()?.filter(|(r, _)| *r == rank && first_life);
     let mut pending: Option<SaveHandle> = None;
     while step < args.steps {
-        let batch = loader.next_batch(rank, world, BATCH);
+        let batch = loader.next_batch(shard_index, shards, BATCH);
         let lr = sched.at(step);
         let loss = shard.train_step(&batch, lr, step + 1, &mut rng);
         step += 1;
+        if sdc.is_some_and(|(_, s)| s == step) {
+            // Silent data corruption: one bit of this replica's weights.
+            let w = &mut shard.params[0][0];
+            *w = f32::from_bits(w.to_bits() ^ (1 << 20));
+            info(format!("step {step:>4}  injected a bit flip into rank {rank}'s mlp.w1"));
+        }
         if step.is_multiple_of(args.every) || step == args.steps {
             if let Some(h) = pending.take() {
                 if h.is_done() {
@@ -337,10 +354,16 @@ fn train(
                 // Deterministic demos and tests: each save is committed on
                 // every tier before the next step (the math-stop then
                 // includes the flush).
+                report_sdc(&h, &say);
                 report_durable(&h, &info);
             } else if let Some(prev) = pending.replace(h) {
                 report_durable(&prev, &info);
             }
+        }
+        // A save refused because the replicas differ: the launcher rolls
+        // every rank back to the newest committed (clean) step.
+        if let Some(h) = pending.as_ref().filter(|h| h.is_done()) {
+            report_sdc(h, &say);
         }
         say(format!("ready {step}"));
         match gate.wait()? {
@@ -363,11 +386,25 @@ fn train(
             ));
         }
     }
-    for r in ckpt.close() {
-        r?;
-    }
+    // Earlier failures were reported as they came (and refused saves
+    // rolled the job back): what remains to wait for is the last save.
+    drop(ckpt.close());
     say(format!("digest {}", shard.digest(&(&rng, &loader))));
     Ok(Ended::Done)
+}
+
+/// Tells the launcher when a finished save was refused for a replica
+/// mismatch: `sdc <step> <tensor> <ranks>`.
+fn report_sdc(h: &SaveHandle, say: &impl Fn(String)) {
+    if let Err(ckpt::Error::NotCommitted { step, failures }) = h.wait() {
+        for f in &failures {
+            if let ckpt::Error::ReplicaMismatch { tensor, ranks, .. } = &f.error {
+                let ranks: Vec<String> = ranks.iter().map(ToString::to_string).collect();
+                say(format!("sdc {step} {tensor} {}", ranks.join(",")));
+                return;
+            }
+        }
+    }
 }
 
 fn report_durable(h: &SaveHandle, info: &impl Fn(String)) {
