@@ -481,3 +481,218 @@ fn killed_rank_restarts_alone_and_restores_from_its_buddy() {
         "the rolled-back job diverged from the uninterrupted one\n{stdout}"
     );
 }
+
+/// The digest of an uninterrupted run (no peers) with these extra
+/// arguments, computed once per argument list for the whole file.
+fn reference_with(extra: &[&str]) -> String {
+    static RUNS: std::sync::Mutex<Vec<(Vec<String>, String)>> = std::sync::Mutex::new(Vec::new());
+    let key: Vec<String> = extra.iter().map(ToString::to_string).collect();
+    let mut runs = RUNS.lock().expect("reference runs");
+    if let Some((_, d)) = runs.iter().find(|(k, _)| *k == key) {
+        return d.clone();
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = launch(dir.path(), extra, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "uninterrupted run {extra:?} failed\n{}",
+        text(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restarts: 0"));
+    let d = digest(&out);
+    runs.push((key, d.clone()));
+    d
+}
+
+/// The `sdc-detected step=S tensor=T rank=R` line, as (S, T, R).
+fn sdc_line(stdout: &str) -> (u64, String, String) {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sdc-detected "))
+        .unwrap_or_else(|| panic!("no sdc-detected line:\n{stdout}"));
+    let field = |k: &str| {
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+            .to_string()
+    };
+    (
+        field("step=").parse().expect("step"),
+        field("tensor="),
+        field("rank="),
+    )
+}
+
+#[test]
+fn bit_flip_in_one_replica_is_refused_and_the_job_ends_bit_exact() {
+    // 2 shards x 2 replicas: ranks 0 and 1 hold shard 0, ranks 2 and 3
+    // shard 1. Rank 1's weights get one flipped bit after step 12. Each
+    // shard's embedding table and moments are 16 MiB, large enough to be
+    // cut into blocks (4 MiB checksum chunks).
+    let job = ["--replicas", "2", "--state-mb", "32"];
+    let want = reference_with(&job);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = launch(
+        dir.path(),
+        &[&job[..], &["--inject-sdc", "1:12"]].concat(),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The first save after the flip is refused on every tier; with two
+    // replicas both are named (neither is known to be the good one).
+    let (step, tensor, ranks) = sdc_line(&stdout);
+    assert_eq!(step, 15, "{stdout}");
+    assert!(!tensor.is_empty());
+    assert_eq!(ranks, "0,1", "{stdout}");
+    // Every rank rolls back to step 10, the newest clean step, and the run
+    // ends where the uninterrupted one did.
+    assert_eq!(
+        restored_step(&stdout, dir.path(), "rolling every rank back"),
+        10
+    );
+    assert_eq!(digest(&out), want, "{stdout}");
+
+    // Write volume: each byte is written once, by one of its replicas, so
+    // the replicated job writes what an unreplicated one of the same model
+    // would, spread evenly over the four ranks (within one 4 MiB chunk).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let tier = LocalTier::new(dir.path()).expect("tier");
+    let m = rt
+        .block_on(store::load_manifest(&tier, RUN, 40))
+        .expect("manifest of step 40");
+    let logical: u64 = m
+        .tensors
+        .values()
+        .map(|t| t.shape.iter().product::<u64>() * t.dtype.size() as u64)
+        .sum();
+    let written: Vec<u64> =
+        m.tensors
+            .values()
+            .flat_map(|t| &t.pieces)
+            .fold(vec![0u64; 4], |mut w, p| {
+                w[p.rank as usize] += p.length;
+                w
+            });
+    let total: u64 = written.iter().sum();
+    eprintln!(
+        "2-replica save of step 40: {logical} bytes of state (x2 replicas staged), \
+         written per rank {written:?} = {total} bytes"
+    );
+    assert_eq!(total, logical, "each piece written exactly once");
+    let share = logical / 4;
+    for (r, w) in written.iter().enumerate() {
+        assert!(
+            *w <= share + (4 << 20),
+            "rank {r} wrote {w} bytes, more than its share {share}: {written:?}"
+        );
+    }
+    let emb = &m.tensors["emb.table"];
+    assert_eq!(emb.pieces.len(), 4, "2 shards x 2 blocks: {:?}", emb.pieces);
+    for p in m.tensors.values().flat_map(|t| &t.pieces) {
+        assert_eq!(p.replicas.len(), 2, "every piece lists its two replicas");
+        assert!(p.replicas.contains(&p.rank), "the writer is a replica");
+    }
+}
+
+#[test]
+fn with_three_replicas_the_odd_one_out_is_named() {
+    let job = ["--ranks", "3", "--replicas", "3"];
+    let want = reference_with(&job);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = launch(
+        dir.path(),
+        &["--ranks", "3", "--replicas", "3", "--inject-sdc", "2:15"],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The flip lands right before the save of step 15: only mlp.w1 differs,
+    // and ranks 0 and 1 outvote rank 2.
+    assert_eq!(
+        sdc_line(&stdout),
+        (15, "mlp.w1".to_string(), "2".to_string()),
+        "{stdout}"
+    );
+    assert_eq!(digest(&out), want, "{stdout}");
+}
+
+#[test]
+fn relaunch_resumes_every_rank_from_the_newest_step_all_can_verify() {
+    let want = reference();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for damage in ["corrupt", "missing"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The job dies at step 27 with no restarts left; every save
+        // committed before the next step, so 25 is the newest.
+        let out = launch_env(
+            dir.path(),
+            "--no-peer",
+            &[
+                "--kill-rank",
+                "1",
+                "--kill-at-step",
+                "27",
+                "--max-restarts",
+                "0",
+            ],
+            Duration::from_secs(60),
+            &[("CKPT_MULTI_WAIT_DURABLE", "1")],
+        );
+        assert!(!out.status.success(), "{}", text(&out));
+        let tier = LocalTier::new(dir.path()).expect("tier");
+        let committed = rt
+            .block_on(store::committed_steps(&tier, RUN))
+            .expect("list");
+        assert_eq!(committed.last(), Some(&25), "{committed:?}");
+
+        // Rank 2's shard of step 25 is damaged on the only tier it has.
+        let file = dir
+            .path()
+            .join(layout::step_dir(RUN, 25))
+            .join(layout::rank_data_file(2));
+        match damage {
+            "corrupt" => {
+                let mut bytes = std::fs::read(&file).expect("read shard");
+                let at = bytes.len() - 100;
+                bytes[at] ^= 0x10;
+                std::fs::write(&file, bytes).expect("write shard");
+            }
+            _ => std::fs::remove_file(&file).expect("remove shard"),
+        }
+
+        // Launching again resumes the job: all four ranks from step 20 (the
+        // newest step every rank can verify), never a mix of 20 and 25.
+        let out = launch(dir.path(), &[], Duration::from_secs(60));
+        assert!(out.status.success(), "{damage}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            restored_step(&stdout, dir.path(), "started 4 ranks"),
+            20,
+            "{damage}"
+        );
+        assert!(
+            stdout.contains("newer committed steps [25] could not be restored by every rank"),
+            "{damage}: {stdout}"
+        );
+        assert_eq!(digest(&out), want, "{damage}: {stdout}");
+        // Step 25 was uncommitted (audited) and saved again; what is
+        // committed in the end verifies.
+        for s in rt
+            .block_on(store::committed_steps(&tier, RUN))
+            .expect("list")
+        {
+            let m = rt
+                .block_on(store::load_manifest(&tier, RUN, s))
+                .expect("manifest");
+            let report = rt.block_on(store::verify_step(&tier, &m));
+            assert!(report.is_ok(), "{damage}: step {s}: {:?}", report.failures);
+        }
+    }
+}

@@ -52,7 +52,10 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// The example's command line (the launcher's; ranks get the same).
 #[derive(Parser, Debug, Clone)]
-#[command(about = "A multi-rank training job with async checkpoints, rank failure and restart")]
+#[command(
+    about = "A multi-rank training job with async checkpoints, rank failure and restart",
+    args_override_self = true
+)]
 pub struct Args {
     /// Rank processes to run.
     #[arg(long, default_value_t = 4)]

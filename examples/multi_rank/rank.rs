@@ -279,7 +279,7 @@ fn train(
 
     let mut rng = Rng::seed_from_u64(1000 + u64::from(shard_index));
     let mut loader = Loader::new(5_000);
-    let sched = LrSchedule {
+    let mut sched = LrSchedule {
         base: 3e-3,
         warmup: 10,
         total: args.steps,
@@ -297,7 +297,14 @@ fn train(
                 step = r.step;
                 rng = r.loop_state.rng()?;
                 loader = r.loop_state.data_loader()?;
-                let _: LrSchedule = r.loop_state.lr_schedule()?;
+                sched = r.loop_state.lr_schedule()?;
+                if !r.newer_committed.is_empty() {
+                    info(format!(
+                        "newer committed steps {:?} could not be restored by every rank; \
+                         the job resumes from step {} (rank 0 uncommits them)",
+                        r.newer_committed, r.step
+                    ));
+                }
                 say(format!(
                     "restored {} {} {} {:.1} {}",
                     r.step,
@@ -332,15 +339,14 @@ fn train(
             // Silent data corruption: one bit of this replica's weights.
             let w = &mut shard.params[0][0];
             *w = f32::from_bits(w.to_bits() ^ (1 << 20));
-            info(format!("step {step:>4}  injected a bit flip into rank {rank}'s mlp.w1"));
+            info(format!(
+                "step {step:>4}  injected a bit flip into rank {rank}'s mlp.w1"
+            ));
         }
-        if step.is_multiple_of(args.every) || step == args.steps {
-            if let Some(h) = pending.take() {
-                if h.is_done() {
-                    report_durable(&h, &info);
-                } else {
-                    pending = Some(h);
-                }
+        let last = step == args.steps;
+        if step.is_multiple_of(args.every) || last {
+            if let Some(prev) = pending.take_if(|_| last) {
+                settle(&prev, &say, &info);
             }
             let views = shard.views();
             let state = Shard::state(&views, step, &rng, &loader, &sched)?;
@@ -350,20 +356,19 @@ fn train(
                 h.math_stop().as_secs_f64() * 1e3,
                 state.nbytes() as f64 / (1 << 20) as f64,
             ));
-            if std::env::var_os("CKPT_MULTI_WAIT_DURABLE").is_some() {
-                // Deterministic demos and tests: each save is committed on
-                // every tier before the next step (the math-stop then
-                // includes the flush).
-                report_sdc(&h, &say);
-                report_durable(&h, &info);
+            // Deterministic demos and tests (CKPT_MULTI_WAIT_DURABLE) wait
+            // for each save to commit on every tier before the next step
+            // (the math-stop then includes the flush); the last save must
+            // be durable before the rank reports its result. Otherwise a
+            // save settles while the next steps run.
+            if last || std::env::var_os("CKPT_MULTI_WAIT_DURABLE").is_some() {
+                settle(&h, &say, &info);
             } else if let Some(prev) = pending.replace(h) {
-                report_durable(&prev, &info);
+                settle(&prev, &say, &info);
             }
         }
-        // A save refused because the replicas differ: the launcher rolls
-        // every rank back to the newest committed (clean) step.
-        if let Some(h) = pending.as_ref().filter(|h| h.is_done()) {
-            report_sdc(h, &say);
+        if let Some(h) = pending.take_if(|h| h.is_done()) {
+            settle(&h, &say, &info);
         }
         say(format!("ready {step}"));
         match gate.wait()? {
@@ -374,40 +379,17 @@ fn train(
             Cmd::Exit => return Err("told to exit before the last step".into()),
         }
     }
-    // The last save must be durable before the rank reports its result.
-    if let Some(h) = pending.take() {
-        let r = h.wait()?;
-        if let Some(t) = r.tiers.first() {
-            info(format!(
-                "step {:>4}  durable: flush {:.1} ms, commit {:.1} ms",
-                r.step,
-                t.flush.as_secs_f64() * 1e3,
-                t.commit.as_secs_f64() * 1e3
-            ));
-        }
-    }
-    // Earlier failures were reported as they came (and refused saves
-    // rolled the job back): what remains to wait for is the last save.
+    // Every save has settled (refused ones rolled the job back).
     drop(ckpt.close());
     say(format!("digest {}", shard.digest(&(&rng, &loader))));
     Ok(Ended::Done)
 }
 
-/// Tells the launcher when a finished save was refused for a replica
-/// mismatch: `sdc <step> <tensor> <ranks>`.
-fn report_sdc(h: &SaveHandle, say: &impl Fn(String)) {
-    if let Err(ckpt::Error::NotCommitted { step, failures }) = h.wait() {
-        for f in &failures {
-            if let ckpt::Error::ReplicaMismatch { tensor, ranks, .. } = &f.error {
-                let ranks: Vec<String> = ranks.iter().map(ToString::to_string).collect();
-                say(format!("sdc {step} {tensor} {}", ranks.join(",")));
-                return;
-            }
-        }
-    }
-}
-
-fn report_durable(h: &SaveHandle, info: &impl Fn(String)) {
+/// Reports how a finished save ended: durable (an info line), refused
+/// because the replicas differ (`sdc <step> <tensor> <ranks>` to the
+/// launcher, which rolls every rank back to the newest clean step), or
+/// failed otherwise (an info line; training goes on).
+fn settle(h: &SaveHandle, say: &impl Fn(String), info: &impl Fn(String)) {
     match h.wait() {
         Ok(r) => {
             let t = r.tiers.first();
@@ -418,6 +400,17 @@ fn report_durable(h: &SaveHandle, info: &impl Fn(String)) {
                 t.map(|t| t.commit.as_secs_f64() * 1e3).unwrap_or(0.0)
             ))
         }
-        Err(e) => info(format!("save of step {} failed: {e}", h.step())),
+        Err(e) => {
+            if let ckpt::Error::NotCommitted { step, failures } = &e {
+                for f in failures {
+                    if let ckpt::Error::ReplicaMismatch { tensor, ranks, .. } = &f.error {
+                        let ranks: Vec<String> = ranks.iter().map(ToString::to_string).collect();
+                        say(format!("sdc {step} {tensor} {}", ranks.join(",")));
+                        return;
+                    }
+                }
+            }
+            info(format!("save of step {} failed: {e}", h.step()))
+        }
     }
 }

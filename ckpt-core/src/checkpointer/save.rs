@@ -66,6 +66,7 @@ impl Checkpointer {
             state,
             self.gpu().is_some(),
             &self.settings.replicas,
+            self.settings.chunk_size,
         )?;
         let pool = self.pool_for(plan.staged_bytes)?;
         self.check_streaming(step, &plan, &pool)?;

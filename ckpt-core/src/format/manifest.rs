@@ -91,6 +91,15 @@ pub struct Replication {
     pub group: Vec<u32>,
     /// The rank that writes it into its shard file.
     pub writer: u32,
+    /// Where the piece's checksums start among those of the rank's whole
+    /// tensor, when a large tensor is split into blocks written by
+    /// different replicas (0 for a whole tensor).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_chunk: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A tensor of a rank manifest: the rank's single piece of it.
@@ -604,7 +613,7 @@ fn merge_replicas(
             return Err(Error::ReplicaMismatch {
                 step,
                 tensor: name.to_string(),
-                chunk,
+                chunk: held[0].1.first_chunk as usize + chunk,
                 ranks,
             });
         }

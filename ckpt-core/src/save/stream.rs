@@ -55,6 +55,9 @@ pub(crate) struct TensorCtx {
     pub global_offsets: Vec<u64>,
     pub shape: Vec<u64>,
     pub offset: u64,
+    /// Where the bytes start in the tensor's source (a block of a
+    /// replicated tensor; 0 otherwise), a multiple of the chunk size.
+    pub src_start: u64,
     pub len: u64,
     /// Zero-copy bytes, or `None` if the tensor was staged.
     pub shared: Option<Bytes>,
@@ -228,10 +231,18 @@ fn dispatch_inner(
     for ((t, shared), blake3) in ctx.tensors.iter().zip(shared_crcs).zip(hashes) {
         let crc32c = match (shared, t.staged_index) {
             (Some(c), _) => c,
-            (None, Some(i)) => staged_crcs
-                .get(i)
-                .cloned()
-                .ok_or_else(|| Error::Internal(format!("no checksums for tensor `{}`", t.name)))?,
+            (None, Some(i)) => {
+                // A block's checksums are its share of its tensor's.
+                let first = (t.src_start / ctx.chunk_size) as usize;
+                let end = first + t.len.div_ceil(ctx.chunk_size) as usize;
+                staged_crcs
+                    .get(i)
+                    .and_then(|c| c.get(first..end))
+                    .map(<[u32]>::to_vec)
+                    .ok_or_else(|| {
+                        Error::Internal(format!("no checksums for tensor `{}`", t.name))
+                    })?
+            }
             (None, None) => {
                 return Err(Error::Internal(format!(
                     "tensor `{}` has no data source",
