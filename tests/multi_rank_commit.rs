@@ -534,7 +534,7 @@ fn bit_flip_in_one_replica_is_refused_and_the_job_ends_bit_exact() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = launch(
         dir.path(),
-        &[&job[..], &["--inject-sdc", "1:12"]].concat(),
+        &[&job[..], &["--inject-sdc", "1:12", "--keep", "10"]].concat(),
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -596,6 +596,50 @@ fn bit_flip_in_one_replica_is_refused_and_the_job_ends_bit_exact() {
         assert_eq!(p.replicas.len(), 2, "every piece lists its two replicas");
         assert!(p.replicas.contains(&p.rank), "the writer is a replica");
     }
+
+    // The CLI shows the refused save, the failure log's detected error and
+    // who wrote each replicated piece.
+    let cli = |args: &[&str]| {
+        let out = common::run(Command::new(example("../ckpt")).args(args).arg(dir.path()));
+        assert!(out.status.success(), "ckpt {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ls = cli(&["ls"]);
+    let refused = ls
+        .lines()
+        .find(|l| l.contains("REFUSED"))
+        .unwrap_or_else(|| panic!("no refused step in ckpt ls:\n{ls}"));
+    assert!(
+        refused.contains(" 15 REFUSED")
+            && refused.contains("committed again later")
+            && refused.contains(&format!("replicas of tensor `{tensor}` differ"))
+            && refused.contains("ranks [0, 1]"),
+        "{refused}"
+    );
+    assert!(
+        ls.contains("1 detected error(s) (replicas that differed), at steps [15]"),
+        "{ls}"
+    );
+    let json = cli(&["ls", "--json"]);
+    let line = json
+        .lines()
+        .find(|l| l.contains("\"refused\""))
+        .unwrap_or_else(|| panic!("{json}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+    assert_eq!(v["step"], 15);
+    assert_eq!(v["refused"]["kind"], "ReplicaMismatch");
+    assert_eq!(v["refused"]["ranks"], serde_json::json!([0, 1]));
+    let inspect = cli(&["inspect"]);
+    let emb = inspect
+        .lines()
+        .find(|l| l.starts_with("emb.table "))
+        .unwrap_or_else(|| panic!("{inspect}"));
+    assert!(
+        inspect.contains("WRITTEN BY (OF REPLICAS)")
+            && emb.matches(" (0,1)").count() == 2
+            && emb.matches(" (2,3)").count() == 2,
+        "{emb}"
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use ckpt::{
     CheckpointStore, DType, Error, Manifest, Result, Retention, TensorMut, VerifyReport,
-    format::layout, open_existing_location,
+    format::layout, open_existing_location, schedule::FailureEventKind, store::StepEvent,
 };
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -122,6 +122,14 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // `ckpt ls | head` ends quietly, as other command-line tools do, when
+    // the reader goes away (Rust ignores SIGPIPE, and printing would panic).
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE at the start of
+    // main, before any other thread exists; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     ckpt::log_to_stderr();
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -260,8 +268,60 @@ fn ls(target: &Target, json: bool) -> Result<ExitCode> {
                 Err(e) => println!("{:<24} {:>12} unreadable manifest: {e}", r, step),
             }
         }
+        print_step_notes(&store, &r, json)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The saves of `run` the coordinator refused (replicas that differed, a
+/// rank that never reported) and the commits a resumed run took back, as
+/// long as their step directories are kept; and the detected errors of the
+/// failure log.
+fn print_step_notes(store: &CheckpointStore, run: &str, json: bool) -> Result<()> {
+    for n in store.step_notes(run)? {
+        let again = if n.committed {
+            "committed again later"
+        } else {
+            "not committed"
+        };
+        match &n.what {
+            StepEvent::Refused(a) if json => println!(
+                "{}",
+                json!({"run": run, "step": n.step, "refused": {"incarnation": a.incarnation,
+                    "kind": a.kind, "tensor": a.tensor, "chunk": a.chunk, "ranks": a.ranks,
+                    "message": a.message}, "committed": n.committed})
+            ),
+            StepEvent::Refused(a) => println!(
+                "{run:<24} {:>12} REFUSED by incarnation {} ({again}): {}",
+                n.step, a.incarnation, a.message
+            ),
+            StepEvent::Uncommitted { file } if json => println!(
+                "{}",
+                json!({"run": run, "step": n.step, "uncommitted": file, "committed": n.committed})
+            ),
+            StepEvent::Uncommitted { file } => println!(
+                "{run:<24} {:>12} UNCOMMITTED when the job resumed from an older step ({again}; audit copy {file})",
+                n.step
+            ),
+        }
+    }
+    let detected: Vec<u64> = store
+        .failure_log(run)?
+        .iter()
+        .filter(|e| e.kind == FailureEventKind::DetectedError)
+        .map(|e| e.step)
+        .collect();
+    if !detected.is_empty() {
+        if json {
+            println!("{}", json!({"run": run, "detected_errors": detected}));
+        } else {
+            println!(
+                "{run:<24} failure log: {} detected error(s) (replicas that differed), at steps {detected:?}",
+                detected.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn verify(target: &Target, step: Option<u64>, all: bool, json: bool) -> Result<ExitCode> {
@@ -326,18 +386,32 @@ fn print_manifest(m: &Manifest) {
         m.chunk_size
     );
     println!();
+    let replicated = m
+        .tensors
+        .values()
+        .any(|t| t.pieces.iter().any(|p| p.replicas.len() > 1));
     println!(
-        "{:<40} {:<6} {:<10} {:<20} PIECES",
-        "TENSOR", "DTYPE", "ROLE", "SHAPE"
+        "{:<40} {:<6} {:<10} {:<20} {:>6}  {}",
+        "TENSOR",
+        "DTYPE",
+        "ROLE",
+        "SHAPE",
+        "PIECES",
+        if replicated {
+            "WRITTEN BY (OF REPLICAS)"
+        } else {
+            "WRITTEN BY"
+        }
     );
     for (name, t) in &m.tensors {
         println!(
-            "{:<40} {:<6} {:<10} {:<20} {}",
+            "{:<40} {:<6} {:<10} {:<20} {:>6}  {}",
             name,
             t.dtype.name(),
             format!("{:?}", t.role).to_lowercase(),
             format!("{:?}", t.shape),
-            t.pieces.len()
+            t.pieces.len(),
+            writers(&t.pieces)
         );
     }
     println!();
@@ -349,6 +423,27 @@ fn print_manifest(m: &Manifest) {
             s.step, s.rng, s.data_loader, s.lr_schedule, s.extra
         );
     }
+}
+
+/// Which rank wrote each piece, with its replica group when replicated
+/// (`0 (0,1)`: rank 0 wrote it, ranks 0 and 1 hold identical copies); the
+/// first eight pieces.
+fn writers(pieces: &[ckpt::format::manifest::Piece]) -> String {
+    let mut out: Vec<String> = pieces
+        .iter()
+        .take(8)
+        .map(|p| match p.replicas.len() {
+            0 | 1 => p.rank.to_string(),
+            _ => {
+                let group: Vec<String> = p.replicas.iter().map(ToString::to_string).collect();
+                format!("{} ({})", p.rank, group.join(","))
+            }
+        })
+        .collect();
+    if pieces.len() > 8 {
+        out.push(format!("... {} more", pieces.len() - 8));
+    }
+    out.join("  ")
 }
 
 /// Writes the global tensors of one checkpoint into one standard

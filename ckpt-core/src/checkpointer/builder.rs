@@ -466,6 +466,7 @@ impl CheckpointerBuilder {
             saves: Mutex::new(0),
             inflight: Mutex::new(Vec::new()),
             scheduler: Arc::new(Mutex::new(scheduler)),
+            detected_logged: Arc::default(),
             started: Mutex::new(false),
             start_log: Mutex::new(None),
             custom_agreement: self.agreement,

@@ -100,6 +100,10 @@ pub struct Checkpointer {
     custom_agreement: Option<Arc<dyn Agreement>>,
     /// Replica checks done (names their agreement rounds).
     replica_checks: Mutex<u64>,
+    /// Whether a detected error was logged: once per incarnation, since a
+    /// corrupted replica makes every later save differ until the job rolls
+    /// back (one failure, not one per save).
+    detected_logged: Arc<std::sync::atomic::AtomicBool>,
     runtime: Option<Runtime>,
 }
 

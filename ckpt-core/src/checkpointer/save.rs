@@ -289,8 +289,9 @@ impl Checkpointer {
         let finisher = handle.clone();
         let scheduler = self.scheduler.clone();
         // The coordinator logs a detected error (replicas that differ) in
-        // the failure log, once per save.
+        // the failure log, once per incarnation.
         let log = (self.settings.rank == 0).then(|| (self.log_tier(), self.settings.run.clone()));
+        let logged = self.detected_logged.clone();
         rt.spawn(async move {
             let mut reports = Vec::with_capacity(runs.len());
             for run in runs {
@@ -311,7 +312,9 @@ impl Checkpointer {
             let mismatch = reports
                 .iter()
                 .any(|r| matches!(r.error, Some(Error::ReplicaMismatch { .. })));
-            if let (true, Some((tier, run))) = (mismatch, &log) {
+            if let (true, Some((tier, run))) = (mismatch, &log)
+                && !logged.swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
                 let event = FailureEvent::detected_error(events::now_unix_s(), step);
                 if let Err(e) = events::append(tier.as_ref(), run, &event).await {
                     tracing::warn!(error = %e, "cannot record the detected error in the failure log");

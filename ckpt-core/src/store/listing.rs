@@ -99,3 +99,72 @@ pub async fn check_header(tier: &dyn Tier, path: &str, h: HeaderSum) -> Result<(
     }
     Ok(())
 }
+
+/// A step whose history a listing should show: a save the coordinator
+/// refused (`ABORTED.json`: replicas that differed, a rank that never
+/// reported), or a commit that a resumed run took back (the audit copy
+/// `MANIFEST.abandoned-<incarnation>.json`). The step may have been
+/// committed again later, by another incarnation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepNote {
+    /// The step.
+    pub step: u64,
+    /// Whether the step is committed now.
+    pub committed: bool,
+    /// What happened to it.
+    pub what: StepEvent,
+}
+
+/// What a [`StepNote`] records.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepEvent {
+    /// The coordinator refused the save of this step (never committed on
+    /// any tier).
+    Refused(crate::format::manifest::StepAborted),
+    /// The step was committed, then uncommitted when the job resumed from
+    /// an older step (the ranks could not all restore it); the name of the
+    /// audit copy holds the incarnation that did so.
+    Uncommitted {
+        /// The audit copy, relative to the step directory.
+        file: String,
+    },
+}
+
+/// The refused and uncommitted steps of `run` still on `tier` (retention
+/// removes them with their step directories), by step. A refusal marker
+/// that does not parse is reported as an error naming its path.
+pub async fn step_notes(tier: &dyn Tier, run: &str) -> Result<Vec<StepNote>> {
+    let objects = tier.list(&format!("{run}/")).await?;
+    let parsed: Vec<(u64, &str, &str)> = objects
+        .iter()
+        .filter_map(|o| {
+            let (r, s, rest) = layout::parse_path(&o.path)?;
+            (r == run).then_some((s, rest, o.path.as_str()))
+        })
+        .collect();
+    let committed: BTreeSet<u64> = parsed
+        .iter()
+        .filter(|(_, rest, _)| *rest == MANIFEST)
+        .map(|(s, _, _)| *s)
+        .collect();
+    let mut notes = Vec::new();
+    for &(step, rest, path) in &parsed {
+        let what = if rest == layout::ABORTED {
+            let bytes = tier.get(path).await?;
+            StepEvent::Refused(crate::format::manifest::StepAborted::parse(path, &bytes)?)
+        } else if rest.starts_with("MANIFEST.abandoned-") {
+            StepEvent::Uncommitted {
+                file: rest.to_string(),
+            }
+        } else {
+            continue;
+        };
+        notes.push(StepNote {
+            step,
+            committed: committed.contains(&step),
+            what,
+        });
+    }
+    notes.sort_by_key(|n| n.step);
+    Ok(notes)
+}

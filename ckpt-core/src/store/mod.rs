@@ -14,6 +14,7 @@ pub(crate) mod retention;
 pub use crate::restore::verify::{VerifyReport, verify_step};
 pub use gc::{GcReport, abandon_steps, delete_step, gc};
 pub use listing::{
-    check_files, check_header, check_rank_files, committed_steps, load_manifest, runs,
+    StepEvent, StepNote, check_files, check_header, check_rank_files, committed_steps,
+    load_manifest, runs, step_notes,
 };
 pub use reader::CheckpointStore;

@@ -98,6 +98,18 @@ impl CheckpointStore {
         self.block_on(crate::store::committed_steps(self.tier.as_ref(), run))?
     }
 
+    /// Refused and uncommitted steps of `run` still stored
+    /// ([`crate::store::step_notes`]).
+    pub fn step_notes(&self, run: &str) -> Result<Vec<crate::store::StepNote>> {
+        self.block_on(crate::store::step_notes(self.tier.as_ref(), run))?
+    }
+
+    /// The run's failure log (starts, crashes, clean stops, detected
+    /// errors), oldest first; empty when nothing was logged.
+    pub fn failure_log(&self, run: &str) -> Result<Vec<crate::schedule::FailureEvent>> {
+        self.block_on(crate::store::events::read(self.tier.as_ref(), run))?
+    }
+
     /// The verified manifest of `run`'s step `step`.
     pub fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
         self.block_on(crate::store::load_manifest(self.tier.as_ref(), run, step))?
