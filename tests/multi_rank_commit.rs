@@ -726,6 +726,14 @@ fn relaunch_resumes_every_rank_from_the_newest_step_all_can_verify() {
             "{damage}: {stdout}"
         );
         assert_eq!(digest(&out), want, "{damage}: {stdout}");
+        // The first launch's agreement files are gone (the coordinator
+        // removes earlier incarnations' after a commit); the last one's stay.
+        let agree: Vec<_> = std::fs::read_dir(dir.path().join(RUN).join("agree"))
+            .expect("agreement dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(agree.len(), 1, "{damage}: {agree:?}");
         // Step 25 was uncommitted (audited) and saved again; what is
         // committed in the end verifies.
         for s in rt

@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module with an `Args` struct and a
 //! `run` function; this file only dispatches.
 
+mod fingerprint;
 mod floors;
 mod flush;
 mod plan;
@@ -46,6 +47,9 @@ enum Command {
     /// Math-stop of an async save vs the memcpy floor and a blocking save
     /// (with `--device cuda`: of GPU tensors vs the device-to-host floor).
     Stage(stage::StageArgs),
+    /// Cost of comparing replicas between saves (fingerprint + exchange) vs
+    /// the memcpy floor of the same bytes.
+    Fingerprint(fingerprint::FingerprintArgs),
     /// Time from save to durable vs the raw write bandwidth of the directory.
     Flush(flush::FlushArgs),
     /// Cold restore with verification vs a raw cold read.
@@ -64,6 +68,9 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Stage(args) => stage::run(&args).map_err(|e| CliError::io(e.to_string())),
+        Command::Fingerprint(args) => {
+            fingerprint::run(&args).map_err(|e| CliError::io(e.to_string()))
+        }
         Command::Flush(args) => flush::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Restore(args) => restore::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::StagingSize(args) => {

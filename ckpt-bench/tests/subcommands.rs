@@ -64,6 +64,42 @@ fn stage_flush_restore_report_ours_beside_the_floors() {
 }
 
 #[test]
+fn fingerprint_reports_the_replica_check_beside_the_memcpy_floor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bench(
+        &[
+            "fingerprint",
+            "--state-bytes",
+            "16M",
+            "--tensors",
+            "4",
+            "--iters",
+            "2",
+            "--replicas",
+            "3",
+        ],
+        dir.path(),
+    );
+    let f = &out[0];
+    for key in [
+        "fingerprint_s",
+        "memcpy_floor_s",
+        "memcpy_parallel_floor_s",
+        "verify_replicas_s",
+    ] {
+        assert!(num(f, key) > 0.0, "{key} in {f}");
+    }
+    assert!(num(f, "exchange_s") <= num(f, "verify_replicas_s"), "{f}");
+    assert_eq!(f["replicas"], 3);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn staging_size_accounts_for_every_save() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rows = bench(

@@ -339,8 +339,8 @@ fn train(
             // Silent data corruption: one bit of this replica's weights.
             let w = &mut shard.params[0][0];
             *w = f32::from_bits(w.to_bits() ^ (1 << 20));
-            info(format!(
-                "step {step:>4}  injected a bit flip into rank {rank}'s mlp.w1"
+            say(format!(
+                "info step {step:>4}  injected a bit flip into rank {rank}'s mlp.w1"
             ));
         }
         let last = step == args.steps;

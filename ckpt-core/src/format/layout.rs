@@ -58,8 +58,13 @@ pub fn rank_manifest_file(rank: u32) -> String {
 /// MANIFEST that a resumed run uncommitted: the run went on from an older
 /// step, this one is not part of its lineage.
 pub fn abandoned_manifest_file(incarnation: &str) -> String {
-    let inc: String = incarnation
-        .chars()
+    format!("MANIFEST.abandoned-{}.json", path_component(incarnation))
+}
+
+/// An incarnation (or any name) as one path component: ASCII letters,
+/// digits, `-`, `_` and `.` kept, anything else `_`.
+pub fn path_component(s: &str) -> String {
+    s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
                 c
@@ -67,8 +72,13 @@ pub fn abandoned_manifest_file(incarnation: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("MANIFEST.abandoned-{inc}.json")
+        .collect()
+}
+
+/// Directory of the restore agreement's files of one incarnation
+/// (`<run>/agree/<incarnation>`).
+pub fn agreement_dir(run: &str, incarnation: &str) -> String {
+    format!("{run}/agree/{}", path_component(incarnation))
 }
 
 /// Parses `<run>/step-<digits>/<rest>` into `(run, step, rest)`.

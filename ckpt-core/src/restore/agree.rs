@@ -180,7 +180,7 @@ impl StorageAgreement {
     ) -> Self {
         Self {
             tier,
-            prefix: format!("{run}/agree/{}", sanitize(incarnation)),
+            prefix: crate::format::layout::agreement_dir(run, incarnation),
             rank,
             world,
             timeout,
@@ -191,19 +191,6 @@ impl StorageAgreement {
     fn path(&self, round: &str, rank: u32) -> String {
         format!("{}/{round}/rank-{rank:05}.json", self.prefix)
     }
-}
-
-/// An incarnation as one path component.
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 impl Agreement for StorageAgreement {

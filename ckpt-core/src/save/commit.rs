@@ -165,7 +165,14 @@ async fn run_tier(
         .await?;
         *committed_at = Some(start.elapsed());
         crate::phase("gc", ctx.step);
-        match store::gc(tier, &ctx.run, &job.policy.retention).await {
+        match store::gc_running(
+            tier,
+            &ctx.run,
+            &job.policy.retention,
+            Some(&ctx.incarnation),
+        )
+        .await
+        {
             Ok(r) if !r.deleted_steps.is_empty() || !r.removed_leftovers.is_empty() => {
                 tracing::debug!(tier = %tier.location(), deleted = ?r.deleted_steps, leftovers = ?r.removed_leftovers, "retention");
             }

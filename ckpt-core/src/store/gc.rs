@@ -32,13 +32,40 @@ pub struct GcReport {
     pub removed_leftovers: Vec<u64>,
     /// Committed steps kept.
     pub kept_steps: Vec<u64>,
+    /// Files of earlier incarnations' restore agreements removed (only by
+    /// the coordinator's retention after a commit, which knows the
+    /// incarnation that is running).
+    pub removed_agreement_files: usize,
 }
 
 /// Applies `retention` to `run` and removes crash leftovers: uncommitted
 /// step directories older than the newest committed step. Uncommitted
 /// steps newer than it may belong to a save in progress and are left alone.
 pub async fn gc(tier: &dyn Tier, run: &str, retention: &Retention) -> Result<GcReport> {
+    gc_running(tier, run, retention, None).await
+}
+
+/// [`gc`], run by the coordinator of incarnation `running` after a commit:
+/// it also removes the restore-agreement files of every other incarnation
+/// (every rank of `running` has agreed and is saving; earlier incarnations
+/// are gone).
+pub(crate) async fn gc_running(
+    tier: &dyn Tier,
+    run: &str,
+    retention: &Retention,
+    running: Option<&str>,
+) -> Result<GcReport> {
     let objects = tier.list(&format!("{run}/")).await?;
+    let mut stale_agreements = Vec::new();
+    if let Some(inc) = running {
+        let keep = format!("{}/", layout::agreement_dir(run, inc));
+        let all = format!("{run}/agree/");
+        stale_agreements = objects
+            .iter()
+            .filter(|o| o.path.starts_with(&all) && !o.path.starts_with(&keep))
+            .map(|o| o.path.clone())
+            .collect();
+    }
     let mut by_step: BTreeMap<u64, bool> = BTreeMap::new();
     for (r, s, rest) in objects.iter().filter_map(|o| layout::parse_path(&o.path)) {
         if r == run {
@@ -66,6 +93,12 @@ pub async fn gc(tier: &dyn Tier, run: &str, retention: &Retention) -> Result<GcR
                 delete_step(tier, run, s).await?;
                 report.removed_leftovers.push(s);
             }
+        }
+    }
+    for path in stale_agreements {
+        match tier.delete(&path).await {
+            Ok(()) | Err(crate::Error::NotFound { .. }) => report.removed_agreement_files += 1,
+            Err(e) => return Err(e),
         }
     }
     Ok(report)
