@@ -487,7 +487,10 @@ fn overlapping_pieces_are_never_committed() {
     );
     for r in &out[1..] {
         let e = err_text(r);
-        assert!(e.contains("gave up waiting"), "rank error: {e}");
+        assert!(
+            e.contains("the coordinator gave up") && e.contains("overlap"),
+            "rank error (told by the coordinator, not timed out): {e}"
+        );
     }
     assert_not_committed(&rt, &tier, 7);
     let reader = checkpointer(&rt, &tier, 0, 1, "x", Duration::from_secs(5));
@@ -549,7 +552,11 @@ fn a_missing_rank_or_a_rank_of_another_incarnation_is_never_committed() {
         coordinator.contains("ranks [2] did not finish"),
         "coordinator error: {coordinator}"
     );
-    assert!(err_text(&out[1]).contains("gave up waiting"));
+    let e = err_text(&out[1]);
+    assert!(
+        e.contains("the coordinator gave up") && e.contains("ranks [2] did not finish"),
+        "rank error: {e}"
+    );
     assert_not_committed(&rt, &tier, 3);
 
     // Rank 2 saved, but as part of an earlier incarnation of the job: its

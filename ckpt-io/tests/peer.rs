@@ -854,13 +854,42 @@ fn shard_of(full: &[f32], r: u64) -> (ShardSpec, Vec<f32>) {
 }
 
 fn checkpointer(addrs: &[SocketAddr], rank: u32) -> Checkpointer {
+    checkpointer_of(addrs, rank, "0")
+}
+
+/// A rank's checkpointer as part of incarnation `incarnation` of the job.
+fn checkpointer_of(addrs: &[SocketAddr], rank: u32, incarnation: &str) -> Checkpointer {
     Checkpointer::builder(RUN)
         .tier(Arc::new(tier(addrs, rank)), TierPolicy::keep_last(2))
+        .incarnation(incarnation)
         .rank(rank, 2)
         .chunk_size(256 << 10)
         .commit_timeout(Duration::from_secs(10))
         .build()
         .expect("checkpointer")
+}
+
+/// Both ranks restore together (the restore is a collective: the ranks
+/// agree on the step), as a new incarnation of the job.
+fn restore_both(
+    addrs: &[SocketAddr],
+    incarnation: &str,
+) -> [ckpt_core::Result<(u64, Vec<f32>, u64)>; 2] {
+    std::thread::scope(|s| {
+        let hs = [0u32, 1].map(|r| {
+            s.spawn(move || {
+                let ckpt = Checkpointer::builder(RUN)
+                    .tier(Arc::new(tier(addrs, r)), TierPolicy::keep_last(2))
+                    .incarnation(incarnation)
+                    .rank(r, 2)
+                    .commit_timeout(Duration::from_secs(3))
+                    .build()
+                    .expect("checkpointer");
+                restore_shard(&ckpt, u64::from(r))
+            })
+        });
+        hs.map(|h| h.join().expect("restoring rank"))
+    })
 }
 
 fn restore_shard(ckpt: &Checkpointer, r: u64) -> ckpt_core::Result<(u64, Vec<f32>, u64)> {
@@ -926,14 +955,14 @@ fn two_ranks_checkpoint_and_restore_through_peers() {
         );
     }
 
-    // A restarted rank 1 (new tier, new checkpointer) restores its shard.
+    // The job restarted (new tiers, new checkpointers): each rank restores
+    // its shard, both at step 3.
     let (_, want1) = shard_of(&weights(3), 1);
-    let restarted = checkpointer(&addrs, 1);
-    let (step, got, loader) = restore_shard(&restarted, 1).expect("restore");
+    let [r0, r1] = restore_both(&addrs, "1");
+    let (step, got, loader) = r1.expect("rank 1 restores");
     assert_eq!((step, loader), (3, 300));
     assert!(got == want1, "rank 1's shard differs");
-    drop(restarted);
-    let (step, got, _) = restore_shard(&checkpointer(&addrs, 0), 0).expect("restore");
+    let (step, got, _) = r0.expect("rank 0 restores");
     assert_eq!(step, 3);
     assert!(got == shard_of(&weights(3), 0).1, "rank 0's shard differs");
 
@@ -962,18 +991,32 @@ fn two_ranks_checkpoint_and_restore_through_peers() {
         assert_eq!(checksum::chunk_crcs(&bytes, m.chunk_size), piece.crc32c);
         assert!(bytes[..] == *ckpt_core::as_bytes(&want1));
     });
-    // A restarted rank 1 restores its own shard through the Checkpointer
-    // from its buddy: restore checks only the files its targets read, so
-    // rank 0's replica (held only by the lost server) is not needed.
-    let (step, got, _) =
-        restore_shard(&checkpointer(&addrs, 1), 1).expect("rank 1 restores from its buddy");
-    assert_eq!(step, 3);
-    assert!(got == want1, "rank 1's restored shard differs");
     // Rank 0's shard was held only by the lost server (one replica per
-    // shard): its restore fails and names the missing file instead of
-    // loading a partial checkpoint.
-    let e = restore_shard(&checkpointer(&addrs, 0), 0).expect_err("rank 0's replica is lost");
-    assert!(e.to_string().contains(&layout::rank_data_file(0)), "{e}");
+    // shard), which was also rank 0's buddy, where its agreement proposal
+    // must go: rank 0's restore fails naming the unreachable server, and
+    // rank 1, which could restore its own shard from its buddy (restore
+    // checks only the files its targets read), does not resume alone: it
+    // gives up waiting for rank 0 within the bound, naming it.
+    let [r0, r1] = restore_both(&addrs, "2");
+    // (Whether rank 0's proposal, that it has nothing, gets through
+    // depends on which servers its client reaches first: either way both
+    // fail, naming rank 0.)
+    let e0 = r0.expect_err("rank 0's replica and buddy are lost");
+    let t0 = e0.to_string();
+    assert!(
+        t0.contains(&addrs[1].to_string()) || t0.contains(&layout::rank_data_file(0)),
+        "rank 0: {e0}"
+    );
+    let e1 = r1.expect_err("rank 1 must not resume alone");
+    match &e1 {
+        ckpt_core::Error::AgreementTimeout { missing, .. } => assert_eq!(missing, &[0]),
+        ckpt_core::Error::NoCommonStep { ranks, .. } => {
+            assert_eq!(ranks.len(), 1, "{e1}");
+            assert_eq!(ranks[0].0, 0, "{e1}");
+            assert!(ranks[0].1.contains(&layout::rank_data_file(0)), "{e1}");
+        }
+        other => panic!("rank 1: {other:?}"),
+    }
 
     // The lost server comes back, empty, on its old address: the next
     // checkpoint commits and restores in full again.
@@ -986,7 +1029,7 @@ fn two_ranks_checkpoint_and_restore_through_peers() {
         for r in 0..2u32 {
             let addrs = &addrs;
             s.spawn(move || {
-                let ckpt = checkpointer(addrs, r);
+                let ckpt = checkpointer_of(addrs, r, "3");
                 let (spec, local) = shard_of(&weights(4), u64::from(r));
                 let shape = spec.shape.clone();
                 let t = TensorRef::from_slice("w", &shape, &local).with_shard(spec);
@@ -1003,9 +1046,9 @@ fn two_ranks_checkpoint_and_restore_through_peers() {
             });
         }
     });
-    for r in 0..2u32 {
-        let (step, got, loader) =
-            restore_shard(&checkpointer(&addrs, r), u64::from(r)).expect("restore");
+    for (r, restored) in restore_both(&addrs, "4").into_iter().enumerate() {
+        let r = r as u32;
+        let (step, got, loader) = restored.expect("restore");
         assert_eq!((step, loader), (4, 400));
         assert!(got == shard_of(&weights(4), u64::from(r)).1, "rank {r}");
     }

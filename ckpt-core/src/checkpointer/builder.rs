@@ -467,10 +467,13 @@ impl CheckpointerBuilder {
             inflight: Mutex::new(Vec::new()),
             scheduler: Arc::new(Mutex::new(scheduler)),
             detected_logged: Arc::default(),
+            last_step: Mutex::new(None),
+            lineage: Mutex::default(),
+            rollback: Mutex::new(None),
             started: Mutex::new(false),
             start_log: Mutex::new(None),
             custom_agreement: self.agreement,
-            replica_checks: Mutex::new(0),
+            collectives: Mutex::new(0),
             runtime: Some(runtime),
         })
     }

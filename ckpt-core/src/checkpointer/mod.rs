@@ -98,12 +98,19 @@ pub struct Checkpointer {
     start_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The builder's agreement, if it was given one.
     custom_agreement: Option<Arc<dyn Agreement>>,
-    /// Replica checks done (names their agreement rounds).
-    replica_checks: Mutex<u64>,
+    /// Collective calls made (restores, replica checks): names their
+    /// agreement rounds, the same on every rank.
+    collectives: Mutex<u64>,
     /// Whether a detected error was logged: once per incarnation, since a
     /// corrupted replica makes every later save differ until the job rolls
     /// back (one failure, not one per save).
     detected_logged: Arc<std::sync::atomic::AtomicBool>,
+    /// The step restored or last saved: the parent of the next save.
+    last_step: Mutex<Option<u64>>,
+    /// The run's rollbacks, as known at the last restore.
+    lineage: Mutex<Arc<crate::format::manifest::Lineage>>,
+    /// A rollback to record before the next save.
+    rollback: Mutex<Option<crate::format::manifest::Rollback>>,
     runtime: Option<Runtime>,
 }
 
@@ -204,7 +211,16 @@ impl Checkpointer {
         if opts.threads == 0 {
             opts.threads = self.settings.restore_threads;
         }
-        let agreement = self.agreement(&handle);
+        // Every restore of a checkpointer is a collective: its rounds are
+        // numbered by the call, the same on every rank.
+        let call = {
+            let mut n = lock(&self.collectives);
+            *n += 1;
+            *n
+        };
+        let agreement = self
+            .agreement(&handle)
+            .map(|a| Arc::new(restore::Numbered::new(a, format!("{call}-"))) as Arc<dyn Agreement>);
         let restored = restore::restore(
             &handle,
             &tiers,
@@ -214,9 +230,25 @@ impl Checkpointer {
             &opts,
             agreement.as_deref(),
         )?;
-        if let Some(r) = &restored {
-            self.abandon_newer(r, agreement.as_deref(), &handle)?;
-        }
+        // The run's rollbacks as the longest record on any tier has them:
+        // every commit carries their count, and repairs a tier that missed
+        // one. A restore below a committed step is a rollback, recorded
+        // before the next save (a restore that is not followed by a save,
+        // to look at an older step, changes nothing).
+        *lock(&self.lineage) = Arc::new(restore::block_on(
+            &handle,
+            crate::store::lineage::longest(&tiers, &self.settings.run),
+        ));
+        *lock(&self.rollback) =
+            restored
+                .as_ref()
+                .filter(|r| r.rolls_back)
+                .map(|r| crate::format::manifest::Rollback {
+                    to_step: r.step,
+                    abandoned: r.newer_committed.clone(),
+                    incarnation: self.settings.incarnation.clone(),
+                    unix_ms: unix_ms(),
+                });
         let step = restored.as_ref().map(|r| r.step).unwrap_or(0);
         self.log_start(step);
         let mut s = lock(&self.scheduler);
@@ -224,6 +256,7 @@ impl Checkpointer {
             s.record_restore(age);
         }
         s.mark_saved(step, Instant::now());
+        *lock(&self.last_step) = restored.as_ref().map(|r| r.step);
         Ok(restored)
     }
 
@@ -260,45 +293,77 @@ impl Checkpointer {
         )))
     }
 
-    /// The run continues from the restored step: the coordinator uncommits
-    /// every newer committed step on every tier (keeping an auditable
-    /// `MANIFEST.abandoned-<incarnation>.json`), so no later restore,
-    /// retention or save mistakes them for the current lineage; the other
-    /// ranks wait for it before they save.
-    fn abandon_newer(
-        &self,
-        r: &Restored,
-        agreement: Option<&dyn Agreement>,
-        handle: &tokio::runtime::Handle,
-    ) -> Result<()> {
+    /// The job continues from the step it restored, below a committed
+    /// one: before this process's first save after the restore, the
+    /// coordinator records the rollback in the run's lineage on every tier
+    /// (from then on the newer steps are abandoned, wherever they are
+    /// still committed) and uncommits those it sees (an auditable
+    /// `MANIFEST.abandoned-<incarnation>.json` is kept); every rank waits
+    /// for it (one agreement round), so no rank's save meets an abandoned
+    /// step still committed under its number.
+    pub(crate) fn apply_rollback(&self, handle: &tokio::runtime::Handle) -> Result<()> {
+        let Some(rollback) = lock(&self.rollback).take() else {
+            return Ok(());
+        };
         let s = &self.settings;
-        let mut abandoned = Vec::new();
-        if s.rank == 0 && !r.newer_committed.is_empty() {
+        if s.rank == 0 {
             for t in &self.tiers {
-                let newer: Vec<u64> = r.newer_committed.clone();
+                let recorded = restore::block_on(
+                    handle,
+                    crate::store::lineage::record(t.tier.as_ref(), &s.run, rollback.clone()),
+                );
+                match recorded {
+                    Ok(l) => {
+                        let mut known = lock(&self.lineage);
+                        if l.rollbacks.len() > known.rollbacks.len() {
+                            *known = Arc::new(l);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(tier = %t.tier.location(), error = %e, "cannot record the rollback on this tier; the next commit there will")
+                    }
+                }
+            }
+            let mut abandoned = Vec::new();
+            for t in &self.tiers {
                 let done = restore::block_on(
                     handle,
-                    crate::store::abandon_steps(t.tier.as_ref(), &s.run, &newer, &s.incarnation),
+                    crate::store::abandon_steps(
+                        t.tier.as_ref(),
+                        &s.run,
+                        &rollback.abandoned,
+                        &s.incarnation,
+                    ),
                 );
                 match done {
                     Ok(steps) => abandoned.extend(steps),
                     Err(e) => {
-                        tracing::warn!(tier = %t.tier.location(), error = %e, "cannot uncommit the abandoned steps on this tier")
+                        tracing::warn!(tier = %t.tier.location(), error = %e, "cannot uncommit the abandoned steps on this tier (the lineage record keeps them out)")
                     }
                 }
             }
             abandoned.sort_unstable();
             abandoned.dedup();
-            if !abandoned.is_empty() {
-                tracing::warn!(
-                    restored = r.step,
-                    ?abandoned,
-                    "resuming from an older step: the newer ones are uncommitted"
-                );
-            }
+            tracing::warn!(
+                restored = rollback.to_step,
+                ?abandoned,
+                "the run continues from an older step: the newer ones are abandoned"
+            );
         }
-        if let Some(a) = agreement {
-            a.all_gather("abandoned", format!("{{\"rank\":{}}}", s.rank).into_bytes())?;
+        if let Some(a) = self.agreement(handle) {
+            let call = {
+                let mut n = lock(&self.collectives);
+                *n += 1;
+                *n
+            };
+            let done = a.all_gather(
+                &format!("{call}-rollback"),
+                format!("{{\"rank\":{}}}", s.rank).into_bytes(),
+            );
+            if let Err(e) = done {
+                *lock(&self.rollback) = Some(rollback);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -457,9 +522,9 @@ impl Checkpointer {
             });
         };
         let round = {
-            let mut n = lock(&self.replica_checks);
+            let mut n = lock(&self.collectives);
             *n += 1;
-            format!("replicas-{n}")
+            format!("{n}-replicas")
         };
         let mine = serde_json::to_vec(&Prints {
             rank: self.settings.rank,

@@ -54,6 +54,7 @@ impl Checkpointer {
         self.log_start(step);
         let t0 = Instant::now();
         let rt = self.handle()?.clone();
+        self.apply_rollback(&rt)?;
         let _span =
             tracing::info_span!("save", run = %self.settings.run, rank = self.settings.rank, step)
                 .entered();
@@ -189,6 +190,8 @@ impl Checkpointer {
             incarnation: s.incarnation.clone(),
             chunk_size: s.chunk_size,
             created_unix_ms: unix_ms(),
+            parent: lock(&self.last_step).replace(state.step()),
+            lineage: lock(&self.lineage).clone(),
             loop_state: state.loop_state().clone(),
             header: plan.header(),
             file_len: plan.layout.file_len,

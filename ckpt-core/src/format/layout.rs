@@ -13,6 +13,11 @@ pub const MANIFEST: &str = "MANIFEST.json";
 /// the other ranks stop waiting, and `ckpt ls` shows the refused step.
 pub const ABORTED: &str = "ABORTED.json";
 
+/// The run's record of rollbacks (`<run>/LINEAGE.json`).
+pub fn lineage_path(run: &str) -> String {
+    format!("{run}/LINEAGE.json")
+}
+
 /// Checks that a run name is safe as a path component.
 pub fn validate_run(run: &str) -> Result<()> {
     let ok = !run.is_empty()

@@ -144,6 +144,9 @@ pub struct RankManifest {
     pub chunk_size: u64,
     /// Wall time the save started, milliseconds since the Unix epoch.
     pub created_unix_ms: u64,
+    /// The step this rank's process restored or saved before this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u64>,
     /// The shard file.
     pub file: String,
     /// Its length in bytes.
@@ -220,6 +223,15 @@ pub struct Manifest {
     pub tensors: BTreeMap<String, TensorEntry>,
     /// Every rank, in rank order.
     pub ranks: Vec<RankEntry>,
+    /// How many rollbacks the run's lineage record (`LINEAGE.json`) held
+    /// when this step was committed: rollback `k` abandons the steps above
+    /// its `to_step` whose `lineage` is at most `k` (see [`Lineage`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lineage: u64,
+    /// The step this one continues from (the step restored, or saved
+    /// before it, by the coordinator's process), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u64>,
 }
 
 fn check_header(path: &str, format: u32, chunk_size: u64, world_size: u32) -> Result<()> {
@@ -784,6 +796,7 @@ impl Manifest {
         let mut replicated: BTreeMap<String, Vec<(u32, Replication, Piece)>> = BTreeMap::new();
         let mut entries = Vec::with_capacity(ranks.len());
         let created_unix_ms = ranks.iter().map(|r| r.created_unix_ms).min().unwrap_or(0);
+        let parent = first.parent;
         for (i, r) in ranks.into_iter().enumerate() {
             if r.rank as usize != i
                 || r.run != run
@@ -851,6 +864,8 @@ impl Manifest {
             created_unix_ms,
             tensors,
             ranks: entries,
+            lineage: 0,
+            parent,
         };
         m.validate(&path)?;
         Ok(m)
@@ -868,5 +883,61 @@ impl Manifest {
             .flat_map(|t| &t.pieces)
             .map(|p| p.length)
             .sum()
+    }
+}
+
+/// A run's rollbacks (`<run>/LINEAGE.json`): each time a job resumed from a
+/// step older than the newest committed one, the steps above it were
+/// abandoned. The record is written on every tier before those steps are
+/// uncommitted, so a step whose uncommit failed (a tier down, the
+/// coordinator killed half-way) is still known to be abandoned: rollback
+/// `k` abandons every step above its `to_step` committed with
+/// [`Manifest::lineage`] at most `k`; steps committed after it carry a
+/// larger `lineage` and are the current lineage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// Format version.
+    pub format: u32,
+    /// Rollbacks, oldest first.
+    pub rollbacks: Vec<Rollback>,
+}
+
+/// One rollback of a [`Lineage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The step the job resumed from.
+    pub to_step: u64,
+    /// The committed steps above it at the time (those the coordinator saw).
+    pub abandoned: Vec<u64>,
+    /// The incarnation that resumed.
+    pub incarnation: String,
+    /// When, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+}
+
+impl Lineage {
+    /// Parses a lineage record read from `path`.
+    pub fn parse(path: &str, bytes: &[u8]) -> Result<Self> {
+        parse_json(path, bytes)
+    }
+
+    /// Serializes to pretty JSON, sealed with its own checksum.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        to_sealed_json("lineage", self)
+    }
+
+    /// Whether `step`, committed with lineage count `lineage`, was
+    /// abandoned by a later rollback.
+    pub fn abandons(&self, step: u64, lineage: u64) -> bool {
+        self.rollbacks
+            .iter()
+            .enumerate()
+            .any(|(k, r)| k as u64 >= lineage && step > r.to_step)
+    }
+
+    /// The lowest step any rollback resumed from: steps at or below it are
+    /// never abandoned.
+    pub fn floor(&self) -> Option<u64> {
+        self.rollbacks.iter().map(|r| r.to_step).min()
     }
 }

@@ -36,6 +36,27 @@ pub trait Agreement: Send + Sync + std::fmt::Debug {
     fn all_gather(&self, round: &str, mine: Vec<u8>) -> Result<Vec<Vec<u8>>>;
 }
 
+/// An agreement whose rounds carry a prefix: one call of a collective
+/// (a restore) among several of the same checkpointer.
+#[derive(Debug)]
+pub(crate) struct Numbered {
+    inner: Arc<dyn Agreement>,
+    prefix: String,
+}
+
+impl Numbered {
+    pub(crate) fn new(inner: Arc<dyn Agreement>, prefix: String) -> Self {
+        Self { inner, prefix }
+    }
+}
+
+impl Agreement for Numbered {
+    fn all_gather(&self, round: &str, mine: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        self.inner
+            .all_gather(&format!("{}{round}", self.prefix), mine)
+    }
+}
+
 /// What one rank says in a round.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Proposal {
@@ -118,7 +139,11 @@ pub(crate) fn restore_agreed(
         let lowest = all.iter().filter_map(|p| p.step).min();
         if all.iter().all(|p| p.step == lowest) {
             tracing::debug!(step = ?lowest, round, "ranks agree on the step to restore");
-            return Ok(current);
+            let newer = all.iter().any(|p| p.newest_committed > lowest);
+            return Ok(current.map(|mut f| {
+                f.job_newer = newer;
+                f
+            }));
         }
         tracing::info!(mine = ?mine.step, agreed = ?lowest, "another rank cannot restore this step; restoring an older one with it");
         ceiling = lowest;

@@ -15,6 +15,7 @@ pub mod reshard;
 pub(crate) mod verify;
 
 pub use agree::Agreement;
+pub(crate) use agree::Numbered;
 pub(crate) use read::read_targets;
 
 use std::sync::Arc;
@@ -113,6 +114,11 @@ pub struct Restored {
     pub newer_committed: Vec<u64>,
     /// Tensors in the checkpoint that the caller did not ask for.
     pub unrequested: Vec<String>,
+    /// Whether the job resumes from a step older than one some rank sees
+    /// committed (the checkpointer records the rollback before its next
+    /// save; the same on every rank).
+    #[serde(skip)]
+    pub(crate) rolls_back: bool,
     /// World size of the checkpoint.
     pub world_size: u32,
     /// Bytes read.
@@ -164,6 +170,9 @@ pub(crate) struct Found {
     step: u64,
     tier_index: usize,
     manifest: Manifest,
+    /// Whether some rank of the job (this one alone without an agreement)
+    /// sees a committed step newer than this one: then the job rolls back.
+    pub(crate) job_newer: bool,
     bytes_read: u64,
 }
 
@@ -199,8 +208,14 @@ impl<'a> Restorer<'a> {
             unlisted: Vec::new(),
             skipped: Vec::new(),
         };
+        // Every tier's steps under the run's longest lineage record, so a
+        // tier that missed a rollback does not offer its abandoned steps.
+        let lineage = block_on(handle, store::lineage::longest(tiers, run));
         for tier in tiers {
-            match block_on(handle, store::committed_steps(tier.as_ref(), run)) {
+            match block_on(
+                handle,
+                store::committed_in(tier.as_ref(), run, Some(&lineage)),
+            ) {
                 Ok(s) => r.listed.push(s),
                 Err(e) => {
                     r.skipped.push(Skipped {
@@ -263,6 +278,7 @@ impl<'a> Restorer<'a> {
                 match self.attempt(tier.as_ref(), step, targets) {
                     Ok((manifest, bytes_read)) => {
                         return Ok(Some(Found {
+                            job_newer: false,
                             step,
                             tier_index: i,
                             manifest,
@@ -341,11 +357,12 @@ impl<'a> Restorer<'a> {
             .or(m.ranks.first())
             .map(|r| r.loop_state.clone())
             .unwrap_or_default();
-        let newer = self
+        let newer: Vec<u64> = self
             .candidates()
             .into_iter()
             .filter(|s| *s > found.step)
             .collect();
+        let rolls_back = found.job_newer || !newer.is_empty();
         Restored {
             step: found.step,
             tier: self.tiers[found.tier_index].location(),
@@ -359,6 +376,7 @@ impl<'a> Restorer<'a> {
                 .collect(),
             skipped: self.skipped,
             newer_committed: newer,
+            rolls_back,
             world_size: m.world_size,
             bytes_read: found.bytes_read,
             elapsed: start.elapsed(),

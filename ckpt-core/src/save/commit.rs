@@ -148,7 +148,12 @@ async fn run_tier(
     )
     .await?;
     if ctx.rank == 0 {
-        let manifest = match gather(tier, ctx, &rank_manifest).await {
+        let gathered = async {
+            let mut m = gather(tier, ctx, &rank_manifest).await?;
+            m.lineage = store::lineage::for_commit(tier, &ctx.run, &ctx.lineage).await?;
+            Ok::<_, Error>(m)
+        };
+        let manifest = match gathered.await {
             Ok(m) => m,
             Err(e) => {
                 // The other ranks wait for this step's MANIFEST: tell them

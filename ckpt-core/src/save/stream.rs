@@ -31,6 +31,10 @@ pub(crate) struct SaveCtx {
     pub incarnation: String,
     pub chunk_size: u64,
     pub created_unix_ms: u64,
+    /// The step this process restored or saved before this one.
+    pub parent: Option<u64>,
+    /// The run's rollbacks as this process knows them.
+    pub lineage: std::sync::Arc<crate::format::manifest::Lineage>,
     pub loop_state: LoopState,
     pub header: Bytes,
     pub file_len: u64,
@@ -283,6 +287,7 @@ fn dispatch_inner(
         incarnation: ctx.incarnation.clone(),
         chunk_size: ctx.chunk_size,
         created_unix_ms: ctx.created_unix_ms,
+        parent: ctx.parent,
         file,
         file_len: ctx.file_len,
         header: Some(HeaderSum {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::format::layout::{self, MANIFEST};
+use crate::format::layout;
 use crate::store::retention::Retention;
 use crate::tier::Tier;
 
@@ -66,17 +66,20 @@ pub(crate) async fn gc_running(
             .map(|o| o.path.clone())
             .collect();
     }
+    // Committed means committed in the current lineage: a step a rollback
+    // abandoned is a leftover like an uncommitted one, even with its
+    // MANIFEST still there.
+    let mut committed = crate::store::listing::manifest_steps(&objects, run);
+    if objects.iter().any(|o| o.path == layout::lineage_path(run)) {
+        let lineage = crate::store::lineage::read(tier, run).await?;
+        committed = crate::store::lineage::current(tier, run, committed, &lineage).await;
+    }
     let mut by_step: BTreeMap<u64, bool> = BTreeMap::new();
-    for (r, s, rest) in objects.iter().filter_map(|o| layout::parse_path(&o.path)) {
+    for (r, s, _) in objects.iter().filter_map(|o| layout::parse_path(&o.path)) {
         if r == run {
-            *by_step.entry(s).or_default() |= rest == MANIFEST;
+            *by_step.entry(s).or_default() |= committed.binary_search(&s).is_ok();
         }
     }
-    let committed: Vec<u64> = by_step
-        .iter()
-        .filter(|(_, c)| **c)
-        .map(|(s, _)| *s)
-        .collect();
     let newest = committed.last().copied();
     let (kept_steps, deleted_steps) = retention.select(&committed);
     let mut report = GcReport {

@@ -6,14 +6,42 @@ use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
 use crate::format::layout::{self, MANIFEST};
-use crate::format::manifest::{HeaderSum, Manifest};
+use crate::format::manifest::{HeaderSum, Lineage, Manifest};
 use crate::tier::Tier;
 
-/// Committed steps of `run` on `tier`, ascending. A MANIFEST that is present
-/// but does not parse is not filtered here (listing does not read it);
-/// loading it fails and restore falls back.
+/// Committed steps of `run` on `tier` in the run's current lineage,
+/// ascending: steps a rollback abandoned ([`crate::format::manifest::Lineage`])
+/// are left out even if their MANIFEST is still there. A MANIFEST that is
+/// present but does not parse is not filtered here; loading it fails and
+/// restore falls back.
 pub async fn committed_steps(tier: &dyn Tier, run: &str) -> Result<Vec<u64>> {
+    committed_in(tier, run, None).await
+}
+
+/// [`committed_steps`] under `lineage` when given (the longest record over
+/// every tier a restore reads, so a tier that missed a rollback still
+/// follows it), else under the tier's own record.
+pub(crate) async fn committed_in(
+    tier: &dyn Tier,
+    run: &str,
+    lineage: Option<&Lineage>,
+) -> Result<Vec<u64>> {
     let objects = tier.list(&format!("{run}/")).await?;
+    let steps = manifest_steps(&objects, run);
+    let own;
+    let lineage = match lineage {
+        Some(l) => l,
+        None if objects.iter().any(|o| o.path == layout::lineage_path(run)) => {
+            own = crate::store::lineage::read(tier, run).await?;
+            &own
+        }
+        None => return Ok(steps),
+    };
+    Ok(crate::store::lineage::current(tier, run, steps, lineage).await)
+}
+
+/// The steps of `run` with a MANIFEST among `objects`, ascending.
+pub(crate) fn manifest_steps(objects: &[crate::tier::ObjectMeta], run: &str) -> Vec<u64> {
     let mut steps: Vec<u64> = objects
         .iter()
         .filter_map(|o| layout::parse_path(&o.path))
@@ -22,7 +50,7 @@ pub async fn committed_steps(tier: &dyn Tier, run: &str) -> Result<Vec<u64>> {
         .collect();
     steps.sort_unstable();
     steps.dedup();
-    Ok(steps)
+    steps
 }
 
 /// Runs that have at least one committed step, sorted.

@@ -7,6 +7,7 @@
 
 pub(crate) mod events;
 mod gc;
+pub mod lineage;
 mod listing;
 mod reader;
 pub(crate) mod retention;
@@ -14,6 +15,7 @@ pub(crate) mod retention;
 pub use crate::restore::verify::{VerifyReport, verify_step};
 pub(crate) use gc::gc_running;
 pub use gc::{GcReport, abandon_steps, delete_step, gc};
+pub(crate) use listing::committed_in;
 pub use listing::{
     StepEvent, StepNote, check_files, check_header, check_rank_files, committed_steps,
     load_manifest, runs, step_notes,
