@@ -84,6 +84,14 @@ pub enum Fault {
         /// Path suffix of the objects concerned.
         suffix: String,
     },
+    /// [`Tier::put`] to a matching path is stored, but its reply is lost:
+    /// the caller gets the error a retried request would get (for a
+    /// create, `AlreadyExists`: the object it just created is there; for
+    /// an overwrite, a retryable backend error).
+    LoseReply {
+        /// Path suffix of the objects concerned.
+        suffix: String,
+    },
     /// Every call on a matching path (and every write and finish of a
     /// matching streamed object) first waits `delay`.
     Latency {
@@ -139,6 +147,13 @@ impl Fault {
         }
     }
 
+    /// [`Fault::LoseReply`].
+    pub fn lose_reply(suffix: impl Into<String>) -> Self {
+        Fault::LoseReply {
+            suffix: suffix.into(),
+        }
+    }
+
     /// [`Fault::Latency`] on every path.
     pub fn latency(delay: Duration) -> Self {
         Fault::Latency {
@@ -155,6 +170,7 @@ impl Fault {
             | Fault::FailFinish { suffix }
             | Fault::FailDelete { suffix }
             | Fault::KillProcessOnPut { suffix }
+            | Fault::LoseReply { suffix }
             | Fault::Latency { suffix, .. } => suffix,
         }
     }
@@ -220,6 +236,8 @@ enum Verdict {
     },
     /// SIGKILL this process.
     Kill,
+    /// Apply, then report the error a retry would get.
+    LoseReply,
 }
 
 impl State {
@@ -422,7 +440,9 @@ impl TierWriter for FaultWriter {
             };
             pause(delay).await;
             match verdict {
-                Verdict::Pass | Verdict::Kill => self.inner()?.write(data).await,
+                Verdict::Pass | Verdict::Kill | Verdict::LoseReply => {
+                    self.inner()?.write(data).await
+                }
                 Verdict::Fail(what) => Err(injected(&self.location, &self.path, &what)),
                 Verdict::Full { fit } => {
                     if fit > 0 {
@@ -455,7 +475,9 @@ impl TierWriter for FaultWriter {
                     let _ = inner.abort().await;
                     Err(injected(&self.location, &self.path, &what))
                 }
-                Verdict::Pass | Verdict::Full { .. } | Verdict::Kill => inner.finish().await,
+                Verdict::Pass | Verdict::Full { .. } | Verdict::Kill | Verdict::LoseReply => {
+                    inner.finish().await
+                }
             }
         })
     }
@@ -505,6 +527,7 @@ impl Tier for FaultTier {
                 let verdict = s.fire(path, |f| match f {
                     Fault::FailPut { .. } => Some(Verdict::Fail("put".into())),
                     Fault::KillProcessOnPut { .. } => Some(Verdict::Kill),
+                    Fault::LoseReply { .. } => Some(Verdict::LoseReply),
                     Fault::StorageFullAfter { bytes, .. } if len > 0 => {
                         if len <= *bytes {
                             *bytes -= len;
@@ -523,6 +546,15 @@ impl Tier for FaultTier {
                 Verdict::Pass => self.inner.put(path, data, mode).await,
                 Verdict::Fail(what) => Err(injected(&location, path, &what)),
                 Verdict::Full { .. } => Err(storage_full(&location, path)),
+                Verdict::LoseReply => {
+                    self.inner.put(path, data, mode).await?;
+                    Err(match mode {
+                        PutMode::Create => Error::AlreadyExists {
+                            path: path.to_string(),
+                        },
+                        PutMode::Overwrite => injected(&location, path, "lost reply of a put"),
+                    })
+                }
                 Verdict::Kill => {
                     eprintln!("FaultTier: killing this process before putting {path}");
                     // SAFETY: raise(2) with a valid signal number has no
@@ -592,7 +624,7 @@ impl Tier for FaultTier {
             pause(delay).await;
             match verdict {
                 Verdict::Fail(what) => Err(injected(&self.inner.location(), path, &what)),
-                Verdict::Pass | Verdict::Full { .. } | Verdict::Kill => {
+                Verdict::Pass | Verdict::Full { .. } | Verdict::Kill | Verdict::LoseReply => {
                     self.inner.delete(path).await
                 }
             }

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::checkpointer::{Checkpointer, TierSlot, new_pool, unix_ms};
 use crate::error::{Error, Result};
+use crate::format::layout;
 use crate::model::TrainingState;
 use crate::save::commit::{self, TierJob};
 use crate::save::copy;
@@ -72,17 +73,20 @@ impl Checkpointer {
         let pool = self.pool_for(plan.staged_bytes)?;
         self.check_streaming(step, &plan, &pool)?;
         let mut report = SaveReport::new(step, plan.bytes, plan.staged_bytes);
+        // Every save() counts, skipped ones too: with the same calls on every
+        // rank, tier selection (`TierPolicy::every`) stays the same on all.
+        let index = *saves;
+        *saves += 1;
         if self.settings.busy == BusyPolicy::Skip && !pool_can_take(&pool, plan.staged_bytes) {
             tracing::info!(
                 step,
                 "save skipped: staging pool still held by an earlier flush"
             );
+            self.announce_skip(index, step, &rt);
             report.skipped = true;
             report.math_stop = t0.elapsed();
             return Ok(SaveHandle::finished(report, Vec::new(), t0.elapsed()));
         }
-        let index = *saves;
-        *saves += 1;
         let ctx = Arc::new(self.save_ctx(state, &plan, &pool));
         let flushes = self.start_flushes(index, &ctx, &rt);
         if flushes.outs.is_empty() && !flushes.runs.is_empty() {
@@ -240,6 +244,22 @@ impl Checkpointer {
                 )));
                 continue;
             }
+            if let Some(max) = slot.tier.capabilities().max_object
+                && ctx.file_len > max
+            {
+                flushes.runs.push(TierRun::Unavailable(TierReport::not_run(
+                    slot.tier.location(),
+                    Error::Config(format!(
+                        "step {}: rank {}'s shard file is {} bytes, larger than the {max} bytes one object on {} can hold (part size x part limit); with S3's 10 000 parts it needs a part size of at least {} bytes",
+                        ctx.step,
+                        ctx.rank,
+                        ctx.file_len,
+                        slot.tier.location(),
+                        ctx.file_len.div_ceil(10_000)
+                    )),
+                )));
+                continue;
+            }
             let (tx, rx) = mpsc::unbounded_channel();
             flushes.outs.push(tx);
             let job = self.tier_job(slot, floor, rx, manifest_rx.clone());
@@ -249,6 +269,32 @@ impl Checkpointer {
             ));
         }
         flushes
+    }
+
+    /// With several ranks, a skipped save would leave the others waiting
+    /// for this rank's shard until the commit timeout: tell them, in the
+    /// background, on every tier the save would have gone to (the
+    /// coordinator marks the step aborted, another rank leaves a note the
+    /// coordinator reads).
+    fn announce_skip(&self, index: u64, step: u64, rt: &tokio::runtime::Handle) {
+        let s = &self.settings;
+        if s.world_size < 2 {
+            return;
+        }
+        let why = Error::Incomplete {
+            path: layout::step_dir(&s.run, step),
+            reason: format!(
+                "rank {} skipped the save (its staging pool was still held by an earlier flush)",
+                s.rank
+            ),
+        };
+        for slot in self.tiers.iter().filter(|t| t.policy.takes(index)) {
+            let tier = slot.tier.clone();
+            let (run, inc, rank, why) = (s.run.clone(), s.incarnation.clone(), s.rank, why.clone());
+            rt.spawn(async move {
+                commit::announce_skip(tier.as_ref(), &run, step, rank, &inc, &why).await;
+            });
+        }
     }
 
     fn tier_job(

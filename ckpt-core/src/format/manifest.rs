@@ -259,6 +259,24 @@ fn check_header(path: &str, format: u32, chunk_size: u64, world_size: u32) -> Re
 }
 
 /// A format-2 file must record its header's checksum, inside the file.
+/// A shard file name must be one plain name inside the step directory: a
+/// manifest naming `../x` or `a/b` is corrupt (a data fault, so restore
+/// falls back), never a path the tier is asked to open.
+fn check_file_name(path: &str, file: &str) -> Result<()> {
+    let bad = file.is_empty()
+        || file.len() > 255
+        || file == "."
+        || file == ".."
+        || file.contains(['/', '\\', '\0']);
+    if bad {
+        return Err(Error::manifest(
+            path,
+            format!("shard file name {file:?} is not a plain file name"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_header_sum(
     path: &str,
     format: u32,
@@ -266,6 +284,7 @@ fn check_header_sum(
     header: Option<HeaderSum>,
     file_len: u64,
 ) -> Result<()> {
+    check_file_name(path, file)?;
     match header {
         None if format >= 2 => Err(Error::manifest(
             path,
@@ -292,6 +311,7 @@ fn check_piece(
     file_len: u64,
 ) -> Result<()> {
     let bad = |reason: String| Error::manifest(path, format!("tensor `{name}`: {reason}"));
+    check_file_name(path, &piece.file)?;
     if global.len() > MAX_DIMS {
         return Err(bad(format!("{} dimensions", global.len())));
     }

@@ -139,7 +139,29 @@ impl Restored {
 /// start); fails if checkpoints exist but none verifies. With `agreement`
 /// (a job of several ranks), every rank ends on the same step: the newest
 /// one every rank can verify its pieces of.
+///
+/// On an error every target is zeroed: attempts that failed verification
+/// may have left unverified bytes of several steps in them, and a caller
+/// that starts fresh after an error must not train from those.
 pub(crate) fn restore(
+    handle: &tokio::runtime::Handle,
+    tiers: &[Arc<dyn Tier>],
+    run: &str,
+    rank: u32,
+    targets: &mut [&mut dyn TensorViewMut],
+    opts: &RestoreOptions,
+    agreement: Option<&dyn Agreement>,
+) -> Result<Option<Restored>> {
+    let out = restore_inner(handle, tiers, run, rank, targets, opts, agreement);
+    if out.is_err() {
+        for t in targets.iter_mut() {
+            t.bytes_mut().fill(0);
+        }
+    }
+    out
+}
+
+fn restore_inner(
     handle: &tokio::runtime::Handle,
     tiers: &[Arc<dyn Tier>],
     run: &str,

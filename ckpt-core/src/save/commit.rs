@@ -162,12 +162,25 @@ async fn run_tier(
                 return Err(e);
             }
         };
-        tier.put(
-            &manifest_path,
-            Bytes::from(manifest.to_json()?),
-            PutMode::Create,
-        )
-        .await?;
+        let json = Bytes::from(manifest.to_json()?);
+        match tier
+            .put(&manifest_path, json.clone(), PutMode::Create)
+            .await
+        {
+            Ok(()) => {}
+            // A create whose reply was lost and retried (object_store
+            // retrying a 5xx and getting 412; NFS retransmitting `link`)
+            // reports AlreadyExists for the object it created itself.
+            Err(Error::AlreadyExists { .. })
+                if tier.get(&manifest_path).await.is_ok_and(|b| b == json) =>
+            {
+                tracing::debug!(
+                    step = ctx.step,
+                    "the MANIFEST already there is this commit's"
+                );
+            }
+            Err(e) => return Err(e),
+        }
         *committed_at = Some(start.elapsed());
         crate::phase("gc", ctx.step);
         match store::gc_running(
@@ -232,6 +245,41 @@ async fn abort_step(tier: &dyn Tier, ctx: &SaveCtx, e: &Error) {
     }
 }
 
+/// Where rank `rank` notes that it skipped `step` (for the coordinator).
+pub(crate) fn skip_note_path(run: &str, step: u64, rank: u32) -> String {
+    format!(
+        "{}/rank-{rank:05}.skipped.json",
+        layout::step_dir(run, step)
+    )
+}
+
+/// Tells the other ranks that this rank skipped `step`: the coordinator
+/// (rank 0) marks the step aborted at once; another rank leaves a note
+/// that the coordinator, gathering the rank manifests, turns into the
+/// abort. Best effort: without it, the step times out as before.
+pub(crate) async fn announce_skip(
+    tier: &dyn Tier,
+    run: &str,
+    step: u64,
+    rank: u32,
+    incarnation: &str,
+    why: &Error,
+) {
+    let marker = StepAborted::of(incarnation, why);
+    let path = if rank == 0 {
+        format!("{}/{}", layout::step_dir(run, step), layout::ABORTED)
+    } else {
+        skip_note_path(run, step, rank)
+    };
+    let put = match marker.to_json() {
+        Ok(json) => tier.put(&path, Bytes::from(json), PutMode::Overwrite).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = put {
+        tracing::warn!(tier = %tier.location(), step, error = %e, "cannot announce the skipped save");
+    }
+}
+
 /// Polls `ready` with backoff until it is true or the commit timeout passes.
 async fn wait_for<F, Fut>(ctx: &SaveCtx, mut ready: F, what: &str) -> Result<()>
 where
@@ -271,7 +319,17 @@ async fn gather(tier: &dyn Tier, ctx: &SaveCtx, own: &RankManifest) -> Result<Ma
             let path = ctx.rank_manifest_path(r);
             let bytes = match tier.get(&path).await {
                 Ok(b) => b,
-                Err(Error::NotFound { .. }) => continue,
+                Err(Error::NotFound { .. }) => {
+                    // A rank that skipped this save says so: give up now.
+                    let note = skip_note_path(&ctx.run, ctx.step, r);
+                    if let Ok(b) = tier.get(&note).await
+                        && let Ok(a) = StepAborted::parse(&note, &b)
+                        && a.incarnation == ctx.incarnation
+                    {
+                        return Err(a.into_error(ctx.step));
+                    }
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             match RankManifest::parse(&path, &bytes) {

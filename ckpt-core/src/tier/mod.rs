@@ -51,6 +51,11 @@ pub struct Capabilities {
     /// parts in flight. A save that streams through a staging pool smaller
     /// than the state needs the pool to be larger than this.
     pub buffered_write: u64,
+    /// Largest object a [`TierWriter`] can store (an object store's part
+    /// size times its part limit), if there is one: a save whose shard file
+    /// is larger fails on this tier at once, naming what is needed, instead
+    /// of uploading it and failing at the end.
+    pub max_object: Option<u64>,
 }
 
 impl Capabilities {
@@ -66,12 +71,19 @@ impl Capabilities {
         survives_process: false,
         survives_node: false,
         buffered_write: 0,
+        max_object: None,
     };
 
     /// Declares whether `put(.., PutMode::Create)` is atomic against
     /// concurrent writers.
     pub const fn with_atomic_create(mut self, on: bool) -> Self {
         self.atomic_create = on;
+        self
+    }
+
+    /// Declares the largest object a writer can store.
+    pub const fn with_max_object(mut self, bytes: Option<u64>) -> Self {
+        self.max_object = bytes;
         self
     }
 

@@ -114,12 +114,15 @@ pub use object_store;
 const MIN_PART_SIZE: usize = 5 << 20;
 /// Largest part S3 accepts.
 const MAX_PART_SIZE: usize = 5 << 30;
+/// Most parts of one multipart upload S3 accepts.
+pub const DEFAULT_MAX_PARTS: u64 = 10_000;
 
 /// Settings of an [`ObjectTier`]: upload shape, retries, conditional writes,
 /// and, for [`ObjectTier::from_url`], how to reach the server.
 #[derive(Clone)]
 pub struct ObjectTierConfig {
     part_size: usize,
+    max_parts: u64,
     max_parts_in_flight: usize,
     retry: Option<RetryConfig>,
     conditional_put: bool,
@@ -137,6 +140,7 @@ impl Default for ObjectTierConfig {
     fn default() -> Self {
         Self {
             part_size: 16 << 20,
+            max_parts: DEFAULT_MAX_PARTS,
             max_parts_in_flight: 4,
             retry: None,
             conditional_put: true,
@@ -156,6 +160,7 @@ impl fmt::Debug for ObjectTierConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ObjectTierConfig")
             .field("part_size", &self.part_size)
+            .field("max_parts", &self.max_parts)
             .field("max_parts_in_flight", &self.max_parts_in_flight)
             .field("retry", &self.retry)
             .field("conditional_put", &self.conditional_put)
@@ -182,6 +187,16 @@ impl ObjectTierConfig {
     /// 5 GiB). Objects no larger than one part are sent with a single `PUT`.
     pub fn with_part_size(mut self, bytes: usize) -> Self {
         self.part_size = bytes;
+        self
+    }
+
+    /// Most parts of one multipart upload (default 10 000, S3's limit;
+    /// some compatible servers allow fewer). Together with the part size it
+    /// bounds the largest shard file: a save of a larger one fails on this
+    /// tier at once, naming the part size it needs, instead of uploading
+    /// and failing at the end.
+    pub fn with_max_parts(mut self, n: u64) -> Self {
+        self.max_parts = n;
         self
     }
 
@@ -289,6 +304,11 @@ impl ObjectTierConfig {
                 "object tier part size {} must be between 5 MiB and 5 GiB",
                 self.part_size
             )));
+        }
+        if self.max_parts == 0 {
+            return Err(Error::Config(
+                "object tier max parts must be at least 1".into(),
+            ));
         }
         if self.max_parts_in_flight == 0 {
             return Err(Error::Config(
@@ -805,6 +825,7 @@ impl Tier for ObjectTier {
             .with_buffered_write(
                 (c.part_size as u64).saturating_mul(c.max_parts_in_flight as u64 + 1),
             )
+            .with_max_object(Some((c.part_size as u64).saturating_mul(c.max_parts)))
     }
 
     fn create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {

@@ -81,6 +81,8 @@ pub(super) struct ObjectWriter {
     pending_len: usize,
     upload: Option<Box<dyn MultipartUpload>>,
     parts: JoinSet<object_store::Result<()>>,
+    /// Parts started so far.
+    parts_sent: u64,
     handle: Handle,
 }
 
@@ -101,6 +103,7 @@ impl ObjectWriter {
             pending_len: 0,
             upload: None,
             parts: JoinSet::new(),
+            parts_sent: 0,
             handle,
         })
     }
@@ -141,6 +144,15 @@ impl ObjectWriter {
         while self.parts.len() >= self.inner.config.max_parts_in_flight {
             self.join_one().await?;
         }
+        // The part after the last one allowed: fail now rather than upload
+        // the rest and be refused at completion.
+        if self.parts_sent >= self.inner.config.max_parts {
+            return Err(Error::Config(format!(
+                "`{}` needs more than {} parts of {} bytes: raise the object tier's part size",
+                self.path, self.inner.config.max_parts, self.inner.config.part_size
+            )));
+        }
+        self.parts_sent += 1;
         let payload: PutPayload = self.pending.drain(..).collect();
         self.pending_len = 0;
         if let Some(upload) = self.upload.as_mut() {
