@@ -36,8 +36,7 @@ fn large_object_put_and_get_throughput() {
     rt.block_on(async {
         let server =
             PeerServer::spawn(PeerServerConfig::new(SECRET, 2 * OBJECT as u64)).expect("server");
-        let t = PeerTier::new(PeerConfig::new(vec![server.local_addr()], 0, SECRET))
-            .expect("tier");
+        let t = PeerTier::new(PeerConfig::new(vec![server.local_addr()], 0, SECRET)).expect("tier");
         let data: Bytes = (0..OBJECT)
             .map(|i| (i as u8).wrapping_mul(31))
             .collect::<Vec<u8>>()

@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ckpt_core::{Capabilities, Error, ObjectMeta, PutMode, Result, Tier, TierWriter};
@@ -14,9 +14,10 @@ use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 use super::protocol::{
-    self, ErrorKind, HEADER_LEN, Header, MAC_LEN, MIN_MAX_FRAME, NONCE_LEN, Opcode, ProtocolError,
-    Request,
+    self, ErrorKind, HEADER_LEN, Header, MAC_LEN, MIN_MAX_FRAME, MIN_SECRET_LEN, NONCE_LEN, Opcode,
+    ProtocolError, Request, TAG_LEN,
 };
+use super::session::{self, Session, Transcript};
 use super::wire;
 
 /// Idle connections kept per server.
@@ -38,7 +39,7 @@ pub struct PeerConfig {
     pub ranks_per_node: u32,
     /// Overrides the buddy rank.
     pub buddy: Option<u32>,
-    /// The group's shared secret (not empty).
+    /// The group's shared secret, at least [`MIN_SECRET_LEN`] (32) bytes.
     pub secret: Vec<u8>,
     /// Largest frame sent or accepted (default 64 MiB, at least 64 KiB).
     /// Writes and puts go in frames of at most 8 MiB and never more than
@@ -95,8 +96,17 @@ enum Fail {
     /// Could not connect, or the connection broke or stalled: the server
     /// is treated as absent.
     Unreachable(String),
+    /// The handshake failed: the server did not prove it holds the
+    /// secret, refused this client (its identity, its proof), or speaks
+    /// another version. Skipped like an unreachable server, and for a
+    /// while not dialled again.
+    Handshake(ProtocolError),
+    /// Not dialled: it failed its handshake recently (the error then).
+    Skipped(ProtocolError),
     /// The server answered with an error.
     Refused { kind: ErrorKind, message: String },
+    /// A frame from the server failed its tag; the connection is closed.
+    Integrity(ProtocolError),
     /// The server answered something this client cannot accept.
     Broken(String),
 }
@@ -128,12 +138,78 @@ enum Reply {
     Entries(Vec<ObjectMeta>),
 }
 
+/// A reply as read, before its tag is checked.
+enum Unchecked {
+    Ok(Bytes),
+    Err(ErrorKind, Bytes),
+    Entries(Bytes),
+    Data(Bytes),
+    Filled,
+}
+
+/// The client's side of the handshake (see [`protocol`]): sends its
+/// nonce and the identity dialled, checks the server's proof before
+/// anything else leaves, then sends its own.
+async fn handshake(
+    stream: &mut BufReader<TcpStream>,
+    identity: &str,
+    secret: &[u8],
+    t: Duration,
+    max_frame: u64,
+) -> std::result::Result<Transcript, Fail> {
+    let client_nonce = session::nonce().map_err(|e| Fail::Broken(format!("no randomness: {e}")))?;
+    let hello = Request::ClientHello {
+        nonce: client_nonce,
+        identity: identity.to_string(),
+    }
+    .encode(0);
+    wire::write_all_timed(stream.get_mut(), &hello, t, "sending the handshake").await?;
+    let mut head = [0u8; HEADER_LEN];
+    wire::read_exact_timed(stream, &mut head, t, "waiting for the handshake").await?;
+    let h = Header::decode(&head).map_err(Fail::Handshake)?;
+    h.check_payload(max_frame).map_err(Fail::Handshake)?;
+    match h.opcode {
+        Opcode::Hello => {}
+        Opcode::Err => {
+            let mut msg = vec![0u8; h.payload_len as usize];
+            wire::read_exact_timed(stream, &mut msg, t, "reading a refusal").await?;
+            return Err(Fail::Handshake(ProtocolError::Remote {
+                kind: ErrorKind::from_u16(h.flags).unwrap_or(ErrorKind::Internal),
+                message: String::from_utf8_lossy(&msg).into_owned(),
+            }));
+        }
+        other => {
+            return Err(Fail::Handshake(ProtocolError::OutOfOrder {
+                opcode: other,
+                state: "in the handshake (expected Hello)",
+            }));
+        }
+    }
+    let mut body = [0u8; NONCE_LEN + MAC_LEN];
+    wire::read_exact_timed(stream, &mut body, t, "reading the handshake").await?;
+    let mut server_nonce = [0u8; NONCE_LEN];
+    server_nonce.copy_from_slice(&body[..NONCE_LEN]);
+    let transcript = Transcript::new(&client_nonce, &server_nonce, identity);
+    if !transcript.verify_server_proof(secret, &body[NONCE_LEN..]) {
+        return Err(Fail::Handshake(ProtocolError::BadServerProof {
+            identity: identity.to_string(),
+        }));
+    }
+    let auth = Request::Auth {
+        proof: transcript.client_proof(secret),
+    }
+    .encode(1);
+    wire::write_all_timed(stream.get_mut(), &auth, t, "sending the handshake").await?;
+    Ok(transcript)
+}
+
 /// One authenticated connection.
 struct Conn {
     stream: BufReader<TcpStream>,
     next_id: u64,
     io_timeout: Duration,
     max_frame: u64,
+    session: Session,
 }
 
 impl Conn {
@@ -144,47 +220,32 @@ impl Conn {
         io_timeout: Duration,
         max_frame: u64,
     ) -> std::result::Result<Conn, Fail> {
+        let t = io_timeout.min(connect_timeout);
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| Fail::Unreachable(format!("no connection within {connect_timeout:?}")))?
             .map_err(|e| Fail::Unreachable(format!("cannot connect: {e}")))?;
         let _ = stream.set_nodelay(true);
+        let mut stream = BufReader::with_capacity(64 << 10, stream);
+        // The identity is the address as this client's configuration
+        // lists it: what the server checks, what the proofs are bound to.
+        let identity = addr.to_string();
+        let transcript = handshake(&mut stream, &identity, secret, t, max_frame).await?;
         let mut conn = Conn {
-            stream: BufReader::with_capacity(64 << 10, stream),
-            next_id: 1,
-            io_timeout: io_timeout.min(connect_timeout),
+            stream,
+            next_id: 2,
+            io_timeout: t,
             max_frame,
+            session: Session::client(&transcript, secret),
         };
-        let hello = conn.read_header().await?;
-        if hello.opcode != Opcode::Hello {
-            return Err(Fail::Broken(format!(
-                "expected a Hello frame, got {}",
-                hello.opcode
-            )));
-        }
-        let mut nonce = [0u8; NONCE_LEN];
-        wire::read_exact_timed(
-            &mut conn.stream,
-            &mut nonce,
-            conn.io_timeout,
-            "authenticating",
-        )
-        .await?;
-        let client_nonce =
-            wire::nonce().map_err(|e| Fail::Broken(format!("no randomness: {e}")))?;
-        let auth = Request::Auth {
-            mac: wire::client_proof(secret, &nonce),
-            nonce: client_nonce,
-        };
-        match conn.roundtrip(&auth, &mut Sink::None).await? {
-            Reply::Ok(proof)
-                if proof.len() == MAC_LEN
-                    && wire::verify_server_proof(secret, &client_nonce, &proof) => {}
-            _ => {
-                return Err(Fail::Broken(
-                    "the server could not prove it holds the shared secret".into(),
-                ));
+        // The server's answer to `Auth` is its first tagged frame.
+        match conn.read_reply(1, &mut Sink::None).await {
+            Ok(Reply::Ok(b)) if b.is_empty() => {}
+            Ok(_) => return Err(Fail::Broken("unexpected answer to Auth".into())),
+            Err(Fail::Refused { kind, message }) => {
+                return Err(Fail::Handshake(ProtocolError::Remote { kind, message }));
             }
+            Err(e) => return Err(e),
         }
         conn.io_timeout = io_timeout;
         Ok(conn)
@@ -203,27 +264,32 @@ impl Conn {
         )
     }
 
+    /// Sends one frame, `head` (header, path, small payload) then `bulk`,
+    /// and its tag.
     async fn send(&mut self, head: &[u8], bulk: &[Bytes]) -> std::io::Result<()> {
         let t = self.io_timeout;
         let bulk_len: usize = bulk.iter().map(Bytes::len).sum();
+        let mut tag = self.session.send.next();
         let w = self.stream.get_mut();
         if bulk_len <= 64 << 10 {
-            let mut frame = Vec::with_capacity(head.len() + bulk_len);
+            let mut frame = Vec::with_capacity(head.len() + bulk_len + TAG_LEN);
             frame.extend_from_slice(head);
             for b in bulk {
                 frame.extend_from_slice(b);
             }
+            tag.update(&frame);
+            frame.extend_from_slice(&tag.finish());
             wire::write_all_timed(w, &frame, t, "sending a request").await
         } else {
-            wire::write_all_timed(w, head, t, "sending a request").await?;
+            wire::write_hashed(w, head, t, "sending a request", &mut tag).await?;
             for b in bulk {
-                wire::write_all_timed(w, b, t, "sending a request").await?;
+                wire::write_hashed(w, b, t, "sending a request", &mut tag).await?;
             }
-            Ok(())
+            wire::write_all_timed(w, &tag.finish(), t, "sending a request").await
         }
     }
 
-    async fn read_header(&mut self) -> std::result::Result<Header, Fail> {
+    async fn read_header(&mut self) -> std::result::Result<(Header, [u8; HEADER_LEN]), Fail> {
         let mut buf = [0u8; HEADER_LEN];
         wire::read_exact_timed(
             &mut self.stream,
@@ -237,7 +303,7 @@ impl Conn {
             return Err(broken(ProtocolError::WrongDirection(h.opcode)));
         }
         h.check_payload(self.max_frame).map_err(broken)?;
-        Ok(h)
+        Ok((h, buf))
     }
 
     /// Sends a request (with `bulk` as its payload when given) and reads
@@ -278,100 +344,117 @@ impl Conn {
         self.read_reply(id, sink).await
     }
 
+    /// Reads the reply to request `id`, hashing it as it arrives; nothing
+    /// of it is used, and nothing returned, before its tag checks out (a
+    /// `Sink::Into` buffer may hold unchecked bytes when this fails).
     async fn read_reply(
         &mut self,
         id: u64,
         sink: &mut Sink<'_>,
     ) -> std::result::Result<Reply, Fail> {
-        let h = self.read_header().await?;
-        if h.request_id != id {
+        let (h, raw) = self.read_header().await?;
+        let other_id = h.request_id != id;
+        // A server closing the connection over a frame it could not trust
+        // echoes that frame's id, whatever it was: its error still counts
+        // (once its tag checks out).
+        let closing = h.opcode == Opcode::Err
+            && !ErrorKind::from_u16(h.flags).is_some_and(ErrorKind::keeps_connection);
+        if other_id && !closing {
             return Err(Fail::Broken(format!(
                 "reply to request {} while waiting for {id}",
                 h.request_id
             )));
         }
+        let mut tag = self.session.recv.next();
+        tag.update(&raw);
         let t = self.io_timeout;
-        match h.opcode {
-            Opcode::Ok => {
-                let b = wire::read_bytes_timed(
-                    &mut self.stream,
-                    h.payload_len,
-                    h.payload_len,
-                    t,
-                    "reading a reply",
-                )
-                .await?;
-                Ok(Reply::Ok(b))
-            }
+        let len = h.payload_len;
+        let r = &mut self.stream;
+        let got = match h.opcode {
+            Opcode::Ok => Unchecked::Ok(
+                wire::read_bytes_timed(r, len, len, t, "reading a reply", &mut tag).await?,
+            ),
             Opcode::Err => {
-                let b = wire::read_bytes_timed(
-                    &mut self.stream,
-                    h.payload_len,
-                    h.payload_len,
-                    t,
-                    "reading an error",
-                )
-                .await?;
                 let kind = ErrorKind::from_u16(h.flags).unwrap_or(ErrorKind::Internal);
-                Err(Fail::Refused {
-                    kind,
-                    message: String::from_utf8_lossy(&b).into_owned(),
-                })
+                let b =
+                    wire::read_bytes_timed(r, len, len, t, "reading an error", &mut tag).await?;
+                Unchecked::Err(kind, b)
             }
-            Opcode::Entries => {
-                let b = wire::read_bytes_timed(
-                    &mut self.stream,
-                    h.payload_len,
-                    h.payload_len,
-                    t,
-                    "reading a listing",
-                )
-                .await?;
-                Ok(Reply::Entries(
-                    protocol::decode_entries(&b).map_err(broken)?,
-                ))
-            }
+            Opcode::Entries => Unchecked::Entries(
+                wire::read_bytes_timed(r, len, len, t, "reading a listing", &mut tag).await?,
+            ),
             Opcode::Data => match sink {
                 Sink::Into(buf) => {
-                    if h.payload_len != buf.len() as u64 {
+                    if len != buf.len() as u64 {
                         return Err(Fail::Broken(format!(
-                            "sent {} bytes for a read of {}",
-                            h.payload_len,
+                            "sent {len} bytes for a read of {}",
                             buf.len()
                         )));
                     }
-                    wire::read_exact_timed(&mut self.stream, buf, t, "reading data").await?;
-                    Ok(Reply::Filled)
+                    wire::read_exact_hashed(r, buf, t, "reading data", &mut tag).await?;
+                    Unchecked::Filled
                 }
                 Sink::Alloc(expect) => {
                     if let Some(n) = *expect
-                        && n != h.payload_len
+                        && n != len
                     {
-                        return Err(Fail::Broken(format!(
-                            "sent {} bytes for a read of {n}",
-                            h.payload_len
-                        )));
+                        return Err(Fail::Broken(format!("sent {len} bytes for a read of {n}")));
                     }
-                    let b = wire::read_bytes_timed(
-                        &mut self.stream,
-                        h.payload_len,
-                        h.payload_len.min(INITIAL_GET_BUFFER),
-                        t,
-                        "reading data",
+                    Unchecked::Data(
+                        wire::read_bytes_timed(
+                            r,
+                            len,
+                            len.min(INITIAL_GET_BUFFER),
+                            t,
+                            "reading data",
+                            &mut tag,
+                        )
+                        .await?,
                     )
-                    .await?;
-                    Ok(Reply::Data(b))
                 }
-                Sink::None => Err(Fail::Broken("unexpected data".into())),
+                Sink::None => return Err(Fail::Broken("unexpected data".into())),
             },
-            other => Err(Fail::Broken(format!("unexpected {other} frame"))),
+            other => return Err(Fail::Broken(format!("unexpected {other} frame"))),
+        };
+        let sent = wire::read_tag(r, t).await?;
+        if !tag.verify(&sent) {
+            return Err(Fail::Integrity(ProtocolError::BadTag {
+                opcode: h.opcode,
+                seq: tag.seq(),
+            }));
+        }
+        match got {
+            Unchecked::Ok(b) => Ok(Reply::Ok(b)),
+            Unchecked::Err(kind, b) => Err(Fail::Refused {
+                kind,
+                message: String::from_utf8_lossy(&b).into_owned(),
+            }),
+            Unchecked::Entries(b) => Ok(Reply::Entries(
+                protocol::decode_entries(&b).map_err(broken)?,
+            )),
+            Unchecked::Data(b) => Ok(Reply::Data(b)),
+            Unchecked::Filled => Ok(Reply::Filled),
         }
     }
 }
 
+/// Skipping a server that failed its handshake, for a while.
+#[derive(Default)]
+struct Backoff {
+    until: Option<Instant>,
+    delay: Duration,
+    error: Option<ProtocolError>,
+}
+
+/// First pause after a failed handshake; doubled at each failure.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest pause.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 struct Server {
     addr: SocketAddr,
     idle: Mutex<VecDeque<(tokio::runtime::Id, Conn)>>,
+    backoff: Mutex<Backoff>,
 }
 
 struct Inner {
@@ -419,6 +502,9 @@ impl fmt::Debug for PeerTier {
 struct Misses {
     not_found: bool,
     unreachable: Vec<String>,
+    /// Servers that failed their handshake, and the first such error.
+    unauthenticated: Vec<String>,
+    handshake: Option<ProtocolError>,
 }
 
 impl PeerTier {
@@ -446,8 +532,12 @@ impl PeerTier {
                 "peer tier: buddy rank {buddy} but only {n} servers"
             )));
         }
-        if config.secret.is_empty() {
-            return Err(Error::Config("peer tier: the secret is empty".into()));
+        if config.secret.len() < MIN_SECRET_LEN {
+            return Err(Error::Config(format!(
+                "peer tier: the secret is {} bytes; at least {MIN_SECRET_LEN} are required \
+                 (use 32 random bytes, or their hex)",
+                config.secret.len()
+            )));
         }
         if config.max_frame < MIN_MAX_FRAME {
             return Err(Error::Config(format!(
@@ -473,6 +563,7 @@ impl PeerTier {
                     .map(|&addr| Server {
                         addr,
                         idle: Mutex::default(),
+                        backoff: Mutex::default(),
                     })
                     .collect(),
                 buddy,
@@ -519,16 +610,52 @@ impl PeerTier {
         })
     }
 
+    fn backoff(&self, idx: usize) -> std::sync::MutexGuard<'_, Backoff> {
+        self.inner.servers[idx]
+            .backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new authenticated connection to server `idx`, unless it failed
+    /// its handshake recently: then it is skipped at once, with a pause
+    /// that doubles at each failure (up to 30 s) and ends at the first
+    /// success.
     async fn connect(&self, idx: usize) -> std::result::Result<Conn, Fail> {
+        {
+            let b = self.backoff(idx);
+            if let (Some(until), Some(e)) = (b.until, &b.error)
+                && Instant::now() < until
+            {
+                return Err(Fail::Skipped(e.clone()));
+            }
+        }
         let i = &self.inner;
-        Conn::open(
+        let result = Conn::open(
             self.addr(idx),
             &i.secret,
             i.connect_timeout,
             i.io_timeout,
             i.max_frame,
         )
-        .await
+        .await;
+        let mut b = self.backoff(idx);
+        match &result {
+            Ok(_) => *b = Backoff::default(),
+            Err(Fail::Handshake(e)) => {
+                b.delay = (b.delay * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+                b.until = Some(Instant::now() + b.delay);
+                b.error = Some(e.clone());
+                tracing::warn!(
+                    server = %self.addr(idx),
+                    error = %e,
+                    retry_in = ?b.delay,
+                    "peer tier: server failed the handshake; skipping it"
+                );
+            }
+            Err(_) => {}
+        }
+        result
     }
 
     fn take_idle(&self, idx: usize) -> Option<Conn> {
@@ -622,24 +749,41 @@ impl PeerTier {
                 m.unreachable.push(format!("{addr}: {why}"));
                 None
             }
+            // Warned about once, in `connect`, when it failed.
+            Fail::Handshake(e) | Fail::Skipped(e) => {
+                m.unauthenticated.push(format!("{}: {e}", self.addr(idx)));
+                m.handshake.get_or_insert(e);
+                None
+            }
             other => Some(self.error(idx, op, path, other)),
         }
     }
 
     fn missed(&self, op: &str, path: &str, m: Misses) -> Error {
+        let tier = self.inner.location.clone();
         if m.not_found {
             Error::NotFound {
                 path: path.to_string(),
             }
-        } else {
+        } else if !m.unreachable.is_empty() {
             Error::Backend {
-                tier: self.inner.location.clone(),
+                tier,
                 retryable: true,
                 message: format!(
                     "{op} `{path}`: no peer server reachable ({})",
-                    m.unreachable.join("; ")
+                    [m.unreachable, m.unauthenticated].concat().join("; ")
                 ),
                 source: None,
+            }
+        } else {
+            Error::Backend {
+                tier,
+                retryable: false,
+                message: format!(
+                    "{op} `{path}`: no peer server passed the handshake ({}); {HANDSHAKE_HINT}",
+                    m.unauthenticated.join("; ")
+                ),
+                source: m.handshake.map(|e| Arc::new(e) as ckpt_core::ErrorSource),
             }
         }
     }
@@ -733,9 +877,40 @@ impl PeerTier {
     }
 }
 
+/// What to check when a handshake fails.
+const HANDSHAKE_HINT: &str = "is the shared secret the same on every rank and server, \
+     and does each server's identity match the address clients list?";
+
+fn source(e: ProtocolError) -> Option<ckpt_core::ErrorSource> {
+    Some(Arc::new(e))
+}
+
 fn map_fail(addr: SocketAddr, op: &str, path: &str, fail: Fail) -> Error {
     let tier = format!("peer://{addr}");
+    let remote = |kind, message: &String| {
+        source(ProtocolError::Remote {
+            kind,
+            message: message.clone(),
+        })
+    };
     match fail {
+        Fail::Handshake(e) | Fail::Skipped(e) => Error::Backend {
+            tier,
+            retryable: false,
+            message: format!(
+                "{op} `{path}`: peer server {addr} failed the handshake: {e}; {HANDSHAKE_HINT}"
+            ),
+            source: source(e),
+        },
+        Fail::Integrity(e) => Error::Backend {
+            tier,
+            retryable: false,
+            message: format!(
+                "{op} `{path}`: a frame from peer server {addr} failed authentication, \
+                 connection closed: {e}"
+            ),
+            source: source(e),
+        },
         Fail::Unreachable(why) => Error::Backend {
             tier,
             retryable: true,
@@ -763,22 +938,31 @@ fn map_fail(addr: SocketAddr, op: &str, path: &str, fail: Fail) -> Error {
                 tier,
                 retryable: false,
                 message: format!(
-                    "{op} `{path}`: peer server {addr} rejected authentication \
-                     (is the shared secret the same on every rank?): {message}"
+                    "{op} `{path}`: peer server {addr} rejected authentication: {message}; \
+                     {HANDSHAKE_HINT}"
                 ),
-                source: None,
+                source: remote(kind, &message),
+            },
+            ErrorKind::Integrity => Error::Backend {
+                tier,
+                retryable: false,
+                message: format!(
+                    "{op} `{path}`: peer server {addr} found a frame from this client altered \
+                     in transit and closed the connection: {message}"
+                ),
+                source: remote(kind, &message),
             },
             ErrorKind::Budget => Error::Backend {
                 tier,
                 retryable: false,
                 message: format!("{op} `{path}`: peer server {addr} refused: {message}"),
-                source: None,
+                source: remote(kind, &message),
             },
             ErrorKind::Protocol | ErrorKind::InvalidPath | ErrorKind::Internal => Error::Backend {
                 tier,
                 retryable: false,
                 message: format!("{op} `{path}`: peer server {addr} failed ({kind:?}): {message}"),
-                source: None,
+                source: remote(kind, &message),
             },
         },
     }
@@ -995,6 +1179,11 @@ impl Tier for PeerTier {
                         kind: ErrorKind::AlreadyExists,
                         ..
                     }) => {}
+                    // Warned about when its handshake failed.
+                    Err(f @ Fail::Skipped(_)) => {
+                        let e = self.error(idx, "put", path, f);
+                        tracing::debug!(server = %self.addr(idx), path, error = %e, "peer tier: copy of a metadata object not stored on one server");
+                    }
                     Err(f) => {
                         let e = self.error(idx, "put", path, f);
                         tracing::warn!(server = %self.addr(idx), path, error = %e, "peer tier: copy of a metadata object not stored on one server");

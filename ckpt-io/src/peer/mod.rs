@@ -90,7 +90,7 @@
 //!
 //! let rt = tokio::runtime::Runtime::new().unwrap();
 //! rt.block_on(async {
-//!     let secret = b"a shared secret of the job".to_vec();
+//!     let secret = b"the group secret: at least 32 bytes".to_vec();
 //!     let servers: Vec<_> = (0..2)
 //!         .map(|_| PeerServer::spawn(PeerServerConfig::new(secret.clone(), 1 << 30)).unwrap())
 //!         .collect();
@@ -109,7 +109,10 @@
 mod client;
 pub mod protocol;
 mod server;
+mod session;
+mod store;
 mod wire;
 
 pub use client::{PeerConfig, PeerTier};
 pub use server::{PeerServer, PeerServerConfig, PeerServerHandle};
+pub use store::{CHUNK_OVERHEAD, OBJECT_OVERHEAD};

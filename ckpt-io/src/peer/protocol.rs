@@ -1,39 +1,92 @@
 //! The wire protocol between a [`PeerTier`](super::PeerTier) and a
-//! [`PeerServer`](super::PeerServer), version 1.
+//! [`PeerServer`](super::PeerServer), version 2.
+//!
+//! Version 2 authenticates every frame; a version 1 peer is refused (its
+//! frames carry version 1 in the header, see below).
 //!
 //! # Frames
 //!
 //! Every message is a frame: a fixed 28-byte header, then the path, then
-//! the payload. Integers are little-endian.
+//! the payload, then, once the session is established, a 32-byte tag
+//! (see [Frame tags](#frame-tags)). Integers are little-endian.
 //!
 //! | offset | size | field                                               |
 //! |-------:|-----:|-----------------------------------------------------|
 //! | 0      | 4    | magic `CKPP`                                        |
-//! | 4      | 1    | version, `1`                                        |
+//! | 4      | 1    | version, `2`                                        |
 //! | 5      | 1    | opcode (see [`Opcode`])                             |
 //! | 6      | 2    | flags: the [`PutMode`] of a `Put` or `FinishWrite` (0 overwrite, 1 create), the [`ErrorKind`] of an `Err`, else 0 |
 //! | 8      | 8    | request id, chosen by the client, echoed by the reply |
 //! | 16     | 4    | path length, at most [`MAX_PATH`] bytes             |
-//! | 20     | 8    | payload length                                      |
+//! | 20     | 8    | payload length (the tag is not counted)             |
 //!
 //! The path is UTF-8. Object paths are relative: not empty, no leading
 //! `/`, no empty, `.` or `..` component, no NUL or backslash. A `List`
 //! prefix follows the same rules except that it may be empty and may end
 //! with `/`. Operations that name no object carry no path.
 //!
+//! # Handshake
+//!
+//! The group shares a secret of at least [`MIN_SECRET_LEN`] bytes; it
+//! never travels. The server proves itself first, so a client never
+//! hands a proof to an endpoint that does not hold the secret.
+//!
+//! 1. The client sends `ClientHello`: its random 32-byte nonce `Nc`, then
+//!    the identity it dialled, the server's address as listed in the
+//!    client's configuration (`"10.0.0.5:7070"`, at most
+//!    [`MAX_IDENTITY`] bytes of UTF-8).
+//! 2. The server checks the identity against its own
+//!    ([`PeerServerConfig::identity`](super::PeerServerConfig::identity);
+//!    by default the address it is bound to, or only the port when bound
+//!    to an unspecified address). On a mismatch it answers `Err(Auth)`
+//!    and closes: a client relayed to the wrong server gets nowhere.
+//!    Else it answers `Hello`: its random nonce `Ns` and its proof.
+//! 3. The client checks the server's proof before it sends anything else;
+//!    on failure it closes. Then it sends `Auth` with its own proof.
+//! 4. The server checks the client's proof. It answers `Ok` (the first
+//!    tagged frame), or `Err(Auth)` (tagged too) and closes.
+//!
+//! Both proofs cover the whole transcript
+//! `T = version (1 byte) || Nc || Ns || identity length (u16) || identity`:
+//!
+//! ```text
+//! server proof = HMAC-SHA256(secret, "ckpt-peer-v2 server proof" || T)
+//! client proof = HMAC-SHA256(secret, "ckpt-peer-v2 client proof" || T)
+//! ```
+//!
+//! so a proof made for one session, server or direction is useless for
+//! any other. A server that cannot answer within its handshake deadline
+//! (2 s by default) is closed; if the client sent nothing at all (a
+//! version 1 client waits for the server to speak first), the server
+//! first sends an `Err(Protocol)` frame with version 2 in its header.
+//!
+//! # Frame tags
+//!
+//! Each direction has a key derived from the secret and the transcript
+//! ([BLAKE3](https://github.com/BLAKE3-team/BLAKE3-specs) `derive_key`):
+//!
+//! ```text
+//! material = len(secret) (u64) || secret || T
+//! K_c2s = BLAKE3-derive_key("ckpt-peer-v2 frame key client to server", material)
+//! K_s2c = BLAKE3-derive_key("ckpt-peer-v2 frame key server to client", material)
+//! ```
+//!
+//! Every frame after the handshake frames (`ClientHello`, `Hello`,
+//! `Auth`, and an `Err` sent instead of `Hello`) ends with
+//! `tag = BLAKE3-keyed(K_dir, n (u64) || header || path || payload)`,
+//! where `n` counts that direction's tagged frames from 0 (the server's
+//! answer to `Auth` is its frame 0, the client's first request its frame
+//! 0). The sequence numbers are implicit: a dropped, replayed, reordered,
+//! reflected or modified frame fails its tag, and the receiver closes the
+//! connection (a server answers `Err(Integrity)` first). A streamed
+//! payload (`Data`, `Put`, `WriteChunk`) is hashed as it arrives and its
+//! tag checked before the bytes are used: a server stores nothing, a
+//! client returns an error. Traffic is authenticated, not encrypted.
+//!
 //! # Session
 //!
-//! 1. On connect the server sends `Hello` with a random 32-byte nonce.
-//! 2. The client answers `Auth` with `HMAC-SHA256(secret, nonce ||
-//!    "ckpt-peer-v1")` followed by a 32-byte nonce of its own. The secret
-//!    never travels.
-//! 3. The server checks the MAC in constant time. On success it answers
-//!    `Ok` carrying `HMAC-SHA256(secret, client nonce ||
-//!    "ckpt-peer-v1-server")`, which the client checks in turn: both ends
-//!    prove they hold the secret. On failure it answers `Err(Auth)` and
-//!    closes.
-//! 4. Requests follow, one at a time: each gets exactly one reply with
-//!    its request id.
+//! Requests follow the handshake, one at a time: each gets exactly one
+//! reply with its request id.
 //!
 //! | request      | path   | payload                  | reply                        |
 //! |--------------|--------|--------------------------|------------------------------|
@@ -65,18 +118,22 @@
 //! replacing any older object, or, in create mode, only if no object
 //! exists there (else `Err(AlreadyExists)` and the write is dropped);
 //! `AbortWrite`, a refused chunk or the end of the connection drops it.
-//! Clients send objects larger than one frame this way, also for `put`. While a write is open, only `WriteChunk`,
-//! `FinishWrite` and `AbortWrite` are accepted.
+//! Clients send objects larger than one frame this way, also for `put`.
+//! While a write is open, only `WriteChunk`, `FinishWrite` and
+//! `AbortWrite` are accepted.
 //!
 //! # Rejected input
 //!
 //! A frame with a bad magic or version, an unknown opcode, a path that is
 //! too long or invalid, a payload larger than the frame limit (checked
 //! before anything is allocated) or of the wrong length for its opcode, a
-//! frame out of order (anything before `Auth`, a second `Auth`, a
-//! `WriteChunk` or `FinishWrite` with no write open, a `BeginWrite` or any
-//! other request while one is open) is answered with `Err(Protocol)` (or
-//! `Err(InvalidPath)`) and the connection is closed.
+//! frame out of order (anything but `ClientHello` first or `Auth` second,
+//! a handshake frame later, a `WriteChunk` or `FinishWrite` with no write
+//! open, a `BeginWrite` or any other request while one is open) is
+//! answered with `Err(Protocol)` (or `Err(InvalidPath)`) and the
+//! connection is closed. So is a `Put` or `WriteChunk` payload that
+//! arrives slower than the server's minimum rate
+//! ([`PeerServerConfig::min_payload_rate`](super::PeerServerConfig::min_payload_rate)).
 
 use std::fmt;
 
@@ -86,23 +143,33 @@ use ckpt_core::{ObjectMeta, PutMode};
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"CKPP";
 /// Protocol version this crate speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 28;
 /// Longest path or prefix, in bytes.
 pub const MAX_PATH: usize = 1024;
 /// Length of the server's and the client's nonces.
 pub const NONCE_LEN: usize = 32;
-/// Length of an HMAC-SHA256 tag.
+/// Length of an HMAC-SHA256 proof.
 pub const MAC_LEN: usize = 32;
+/// Length of a frame tag (keyed BLAKE3).
+pub const TAG_LEN: usize = 32;
+/// Shortest group secret a server or client accepts, in bytes.
+pub const MIN_SECRET_LEN: usize = 32;
+/// Longest identity a `ClientHello` may carry, in bytes.
+pub const MAX_IDENTITY: usize = 255;
 /// Longest error message.
 pub const MAX_MESSAGE: usize = 64 * 1024;
-/// Longest `Ok` payload (a size, or the server's proof).
+/// Longest `Ok` payload (a size).
 pub const MAX_OK_PAYLOAD: usize = 64;
-/// What the client's MAC covers after the server's nonce.
-pub const CLIENT_AUTH_CONTEXT: &[u8] = b"ckpt-peer-v1";
-/// What the server's MAC covers after the client's nonce.
-pub const SERVER_AUTH_CONTEXT: &[u8] = b"ckpt-peer-v1-server";
+/// What the server's proof covers before the transcript.
+pub const SERVER_PROOF_LABEL: &[u8] = b"ckpt-peer-v2 server proof";
+/// What the client's proof covers before the transcript.
+pub const CLIENT_PROOF_LABEL: &[u8] = b"ckpt-peer-v2 client proof";
+/// BLAKE3 `derive_key` context of the client-to-server frame key.
+pub const CLIENT_TO_SERVER_KEY_CONTEXT: &str = "ckpt-peer-v2 frame key client to server";
+/// BLAKE3 `derive_key` context of the server-to-client frame key.
+pub const SERVER_TO_CLIENT_KEY_CONTEXT: &str = "ckpt-peer-v2 frame key server to client";
 /// Default limit on a request frame's payload (64 MiB).
 pub const DEFAULT_MAX_FRAME: u64 = 64 << 20;
 /// Smallest frame limit a server or client accepts (64 KiB).
@@ -114,8 +181,8 @@ pub const WRITE_CHUNK: u64 = 8 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Opcode {
-    /// Client's answer to `Hello`.
-    Auth = 1,
+    /// The client's opening: its nonce and the identity it dialled.
+    ClientHello = 1,
     /// Store a small object in one frame.
     Put = 2,
     /// Read a whole object.
@@ -136,7 +203,9 @@ pub enum Opcode {
     FinishWrite = 10,
     /// Drop the open write.
     AbortWrite = 11,
-    /// Server's greeting with its nonce.
+    /// The client's proof, after it checked the server's.
+    Auth = 12,
+    /// The server's answer to `ClientHello`: its nonce and its proof.
     Hello = 0x80,
     /// Success.
     Ok = 0x81,
@@ -151,7 +220,8 @@ pub enum Opcode {
 impl Opcode {
     /// Decodes an opcode byte.
     pub fn from_u8(b: u8) -> Option<Opcode> {
-        const ALL: [Opcode; 16] = [
+        const ALL: [Opcode; 17] = [
+            Opcode::ClientHello,
             Opcode::Auth,
             Opcode::Put,
             Opcode::Get,
@@ -224,6 +294,9 @@ pub enum ErrorKind {
     InvalidPath = 7,
     /// Something else failed on the server; the connection is closed.
     Internal = 8,
+    /// A frame failed its tag (altered, replayed, reordered or dropped in
+    /// transit); the connection is closed.
+    Integrity = 9,
 }
 
 impl ErrorKind {
@@ -238,6 +311,7 @@ impl ErrorKind {
             6 => ErrorKind::Auth,
             7 => ErrorKind::InvalidPath,
             8 => ErrorKind::Internal,
+            9 => ErrorKind::Integrity,
             _ => return None,
         })
     }
@@ -331,6 +405,61 @@ pub enum ProtocolError {
     /// Fewer bytes than the header declares.
     #[error("truncated frame")]
     Truncated,
+    /// A frame whose tag does not match: it was altered, replayed,
+    /// reordered or dropped in transit (or the peer is broken).
+    #[error(
+        "{opcode} frame {seq} failed its tag check: altered, replayed, reordered or dropped in transit"
+    )]
+    BadTag {
+        /// The frame's opcode (as its header claims).
+        opcode: Opcode,
+        /// The sequence number it was expected to have.
+        seq: u64,
+    },
+    /// The server's proof does not verify: it does not hold the group
+    /// secret, or the handshake was altered.
+    #[error(
+        "the server dialled as `{identity}` did not prove it holds the group secret for this session \
+         (another secret, or not the peer server it claims to be)"
+    )]
+    BadServerProof {
+        /// The identity the client dialled.
+        identity: String,
+    },
+    /// The client's proof does not verify.
+    #[error("the client did not prove it holds this server's secret for this session")]
+    BadClientProof,
+    /// The client dialled another server than this one.
+    #[error(
+        "the client dialled `{dialled}` but this server is `{identity}` \
+         (relayed to the wrong server? else set the server's identity to the address clients list)"
+    )]
+    IdentityMismatch {
+        /// The identity in the `ClientHello`.
+        dialled: String,
+        /// This server's identity.
+        identity: String,
+    },
+    /// A payload that arrived slower than the server's minimum rate.
+    #[error(
+        "{opcode} payload of {len} bytes arrived slower than the minimum rate of {rate} bytes/s"
+    )]
+    TooSlow {
+        /// The frame's opcode.
+        opcode: Opcode,
+        /// Its payload length.
+        len: u64,
+        /// The minimum rate, bytes per second.
+        rate: u64,
+    },
+    /// The other end answered with an `Err` frame.
+    #[error("refused ({kind:?}): {message}")]
+    Remote {
+        /// The error kind it sent.
+        kind: ErrorKind,
+        /// Its message.
+        message: String,
+    },
 }
 
 impl ProtocolError {
@@ -340,6 +469,11 @@ impl ProtocolError {
             ProtocolError::PathTooLong(_) | ProtocolError::InvalidPath { .. } => {
                 ErrorKind::InvalidPath
             }
+            ProtocolError::BadTag { .. } => ErrorKind::Integrity,
+            ProtocolError::BadServerProof { .. }
+            | ProtocolError::BadClientProof
+            | ProtocolError::IdentityMismatch { .. } => ErrorKind::Auth,
+            ProtocolError::Remote { kind, .. } => *kind,
             _ => ErrorKind::Protocol,
         }
     }
@@ -466,8 +600,19 @@ impl Header {
             });
         }
         match self.opcode {
-            Opcode::Auth => exact((MAC_LEN + NONCE_LEN) as u64, "64 (MAC and nonce)"),
-            Opcode::Hello => exact(NONCE_LEN as u64, "32 (nonce)"),
+            Opcode::ClientHello => {
+                if len > NONCE_LEN as u64 && len <= (NONCE_LEN + MAX_IDENTITY) as u64 {
+                    Ok(())
+                } else {
+                    Err(ProtocolError::BadPayloadLength {
+                        opcode: self.opcode,
+                        len,
+                        expected: "33 to 287 (nonce and identity)",
+                    })
+                }
+            }
+            Opcode::Auth => exact(MAC_LEN as u64, "32 (proof)"),
+            Opcode::Hello => exact((NONCE_LEN + MAC_LEN) as u64, "64 (nonce and proof)"),
             Opcode::GetRange => exact(16, "16 (start and end)"),
             Opcode::Get
             | Opcode::Size
@@ -560,12 +705,17 @@ pub fn validate_prefix(s: &str) -> Result<(), ProtocolError> {
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// Answer to `Hello`.
-    Auth {
-        /// `HMAC-SHA256(secret, server nonce || "ckpt-peer-v1")`.
-        mac: [u8; MAC_LEN],
-        /// The client's nonce, for the server's proof.
+    /// The client's opening.
+    ClientHello {
+        /// The client's nonce.
         nonce: [u8; NONCE_LEN],
+        /// The server address the client dialled, as in its configuration.
+        identity: String,
+    },
+    /// The client's proof, sent after it checked the server's.
+    Auth {
+        /// `HMAC-SHA256(secret, "ckpt-peer-v2 client proof" || transcript)`.
+        proof: [u8; MAC_LEN],
     },
     /// Store a small object.
     Put {
@@ -628,6 +778,7 @@ impl Request {
     /// The request's opcode.
     pub fn opcode(&self) -> Opcode {
         match self {
+            Request::ClientHello { .. } => Opcode::ClientHello,
             Request::Auth { .. } => Opcode::Auth,
             Request::Put { .. } => Opcode::Put,
             Request::Get { .. } => Opcode::Get,
@@ -655,19 +806,20 @@ impl Request {
         }
     }
 
-    /// The frame split in two: header, path and any small payload; then
-    /// the bulk payload (`Put` and `WriteChunk` data), sent as it is
-    /// without copying.
+    /// The frame, without its tag, split in two: header, path and any
+    /// small payload; then the bulk payload (`Put` and `WriteChunk` data),
+    /// sent as it is without copying.
     pub fn encode_parts(&self, request_id: u64) -> (Vec<u8>, Bytes) {
         let path = self.path().as_bytes();
         let mut small = BytesMut::new();
         let mut bulk = Bytes::new();
         let mut flags = 0;
         match self {
-            Request::Auth { mac, nonce } => {
-                small.put_slice(mac);
+            Request::ClientHello { nonce, identity } => {
                 small.put_slice(nonce);
+                small.put_slice(identity.as_bytes());
             }
+            Request::Auth { proof } => small.put_slice(proof),
             Request::Put { mode, data, .. } => {
                 flags = put_mode_flag(*mode);
                 bulk = data.clone();
@@ -694,7 +846,8 @@ impl Request {
         (head, bulk)
     }
 
-    /// The whole frame in one buffer (tests and small requests).
+    /// The whole frame, without its tag, in one buffer (tests and the
+    /// handshake).
     pub fn encode(&self, request_id: u64) -> Vec<u8> {
         let (mut head, bulk) = self.encode_parts(request_id);
         head.extend_from_slice(&bulk);
@@ -718,12 +871,21 @@ impl Request {
         let path = header.decode_path(path)?;
         let mut p = payload;
         Ok(match header.opcode {
-            Opcode::Auth => {
-                let mut mac = [0u8; MAC_LEN];
+            Opcode::ClientHello => {
                 let mut nonce = [0u8; NONCE_LEN];
-                p.copy_to_slice(&mut mac);
                 p.copy_to_slice(&mut nonce);
-                Request::Auth { mac, nonce }
+                let identity = std::str::from_utf8(&p)
+                    .map_err(|_| ProtocolError::BadPayload {
+                        opcode: Opcode::ClientHello,
+                        reason: "identity is not UTF-8",
+                    })?
+                    .to_string();
+                Request::ClientHello { nonce, identity }
+            }
+            Opcode::Auth => {
+                let mut proof = [0u8; MAC_LEN];
+                p.copy_to_slice(&mut proof);
+                Request::Auth { proof }
             }
             Opcode::Put => Request::Put {
                 path,
@@ -762,8 +924,8 @@ impl Request {
     }
 
     /// Parses one whole frame from `buf` (header, path and payload all
-    /// present), checking it like a server does. Returns the request id
-    /// and the request.
+    /// present; no tag), checking it like a server does. Returns the
+    /// request id and the request.
     pub fn decode_frame(buf: &[u8], max_frame: u64) -> Result<(u64, Request), ProtocolError> {
         let head: &[u8; HEADER_LEN] = buf
             .get(..HEADER_LEN)
@@ -886,9 +1048,16 @@ mod tests {
 
     fn all_requests() -> Vec<Request> {
         vec![
-            Request::Auth {
-                mac: [7; MAC_LEN],
+            Request::ClientHello {
                 nonce: [9; NONCE_LEN],
+                identity: "127.0.0.1:7070".into(),
+            },
+            Request::ClientHello {
+                nonce: [9; NONCE_LEN],
+                identity: "h".repeat(MAX_IDENTITY),
+            },
+            Request::Auth {
+                proof: [7; MAC_LEN],
             },
             Request::Put {
                 path: "run/step-1/MANIFEST.json".into(),
@@ -1012,9 +1181,10 @@ mod tests {
             Header::decode(&h),
             Err(ProtocolError::BadMagic(_))
         ));
-        let h = header_bytes(|h| h[4] = 2);
-        assert_eq!(Header::decode(&h), Err(ProtocolError::BadVersion(2)));
-        for op in [0u8, 12, 0x7f, 0x85, 0xff] {
+        // A version 1 peer is refused by its header.
+        let h = header_bytes(|h| h[4] = 1);
+        assert_eq!(Header::decode(&h), Err(ProtocolError::BadVersion(1)));
+        for op in [0u8, 13, 0x7f, 0x85, 0xff] {
             let h = header_bytes(|h| h[5] = op);
             assert_eq!(Header::decode(&h), Err(ProtocolError::UnknownOpcode(op)));
         }
@@ -1066,8 +1236,8 @@ mod tests {
                 .expect("at the limit");
         }
         for (op, good) in [
-            (Opcode::Auth, 64),
-            (Opcode::Hello, 32),
+            (Opcode::Auth, 32),
+            (Opcode::Hello, 64),
             (Opcode::GetRange, 16),
             (Opcode::Get, 0),
             (Opcode::Size, 0),
@@ -1084,6 +1254,17 @@ mod tests {
                     Err(ProtocolError::BadPayloadLength { .. })
                 ));
             }
+        }
+        for good in [33, 32 + MAX_IDENTITY as u64] {
+            with_payload(Opcode::ClientHello, 0, good)
+                .check_payload(max)
+                .expect("nonce and identity");
+        }
+        for bad in [0, 32, 33 + MAX_IDENTITY as u64, 1 << 40] {
+            assert!(matches!(
+                with_payload(Opcode::ClientHello, 0, bad).check_payload(max),
+                Err(ProtocolError::BadPayloadLength { .. })
+            ));
         }
         assert!(matches!(
             with_payload(Opcode::Ok, 0, 65).check_payload(max),
@@ -1196,12 +1377,21 @@ mod tests {
 
     #[test]
     fn error_kinds_say_whether_the_connection_survives() {
-        for v in 1..=8 {
+        for v in 1..=9 {
             let k = ErrorKind::from_u16(v).expect("kind");
             assert_eq!(k as u16, v);
             assert_eq!(k.keeps_connection(), v <= 4);
         }
         assert_eq!(ErrorKind::from_u16(0), None);
+        assert_eq!(ErrorKind::from_u16(10), None);
+        assert_eq!(
+            ProtocolError::BadTag {
+                opcode: Opcode::Data,
+                seq: 3
+            }
+            .kind(),
+            ErrorKind::Integrity
+        );
         assert_eq!(
             ProtocolError::PathTooLong(2000).kind(),
             ErrorKind::InvalidPath

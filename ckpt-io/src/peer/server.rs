@@ -5,21 +5,23 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ckpt_core::{Error, ObjectMeta, PutMode, Result};
+use ckpt_core::{Error, Result};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::protocol::{
-    self, ErrorKind, HEADER_LEN, Header, MAX_PATH, MIN_MAX_FRAME, Opcode, ProtocolError, Request,
+    self, ErrorKind, HEADER_LEN, Header, MAC_LEN, MAX_IDENTITY, MAX_PATH, MIN_MAX_FRAME,
+    MIN_SECRET_LEN, NONCE_LEN, Opcode, ProtocolError, Request, TAG_LEN,
 };
+use super::session::{self, Session, Tagger, Transcript};
+use super::store::{self, CHUNK_OVERHEAD, Object, Published, Reservation, Store};
 use super::wire;
 
 /// Settings of a [`PeerServer`].
@@ -28,26 +30,48 @@ pub struct PeerServerConfig {
     /// Address to listen on (default `127.0.0.1:0`: loopback, any free
     /// port; [`PeerServerHandle::local_addr`] says which).
     pub bind: SocketAddr,
-    /// Shared secret every client must prove it holds. Not empty; use 32
-    /// random bytes.
+    /// Shared secret every client must prove it holds, and this server
+    /// too: at least [`MIN_SECRET_LEN`] (32) bytes; use 32 random bytes
+    /// (or their hex).
     pub secret: Vec<u8>,
-    /// Most bytes of objects held at once, staged writes included. A
-    /// payload is counted before it is read; an overwrite needs room for
+    /// The identity clients must have dialled: the address as the
+    /// clients' [`PeerConfig::servers`](super::PeerConfig::servers) lists
+    /// it (`"10.0.0.5:7070"`). A client that dialled another identity (a
+    /// relay forwarding it here) is refused. Default (`None`): the bound
+    /// address when it is a specific IP; when bound to an unspecified IP
+    /// (`0.0.0.0`, `::`), only the port is checked.
+    pub identity: Option<String>,
+    /// Most bytes held at once: objects (their data, their path and
+    /// [`OBJECT_OVERHEAD`](super::OBJECT_OVERHEAD) each), staged writes,
+    /// and deleted or replaced objects that a reader is still receiving.
+    /// A payload is counted before it is read; an overwrite needs room for
     /// the new object before the old one is released. Nothing is ever
     /// evicted to make room.
     pub memory_budget: u64,
+    /// Most objects stored at once (default 1 048 576); a new object past
+    /// it is refused like one over the budget.
+    pub max_objects: usize,
     /// Largest `Put` or `WriteChunk` payload accepted (default 64 MiB,
     /// at least 64 KiB).
     pub max_frame: u64,
-    /// Time a new connection has to authenticate (default 10 s).
+    /// Time a new connection has to complete the handshake (default 2 s).
     pub handshake_timeout: Duration,
+    /// Most connections in their handshake at once (default 64). When
+    /// another arrives, the oldest is closed, so idle sockets cannot lock
+    /// clients out; no buffer is allocated before the handshake passes.
+    pub max_handshakes: usize,
     /// Time allowed without progress inside a frame (default 30 s).
     pub io_timeout: Duration,
+    /// Slowest a payload may move, bytes per second (default 1 MiB/s): a
+    /// payload of `n` bytes, received or sent, must be through within
+    /// `io_timeout + n / min_payload_rate`, else the connection is closed,
+    /// dropping any unfinished write and releasing what it reserved.
+    pub min_payload_rate: u64,
     /// Time a connection may stay idle between requests before it is
     /// closed, dropping any unfinished write (default 10 min).
     pub idle_timeout: Duration,
-    /// Most connections served at once; more are closed on accept
-    /// (default 1024).
+    /// Most authenticated connections served at once; a client that
+    /// passes the handshake past it is refused (default 1024).
     pub max_connections: usize,
 }
 
@@ -58,10 +82,14 @@ impl PeerServerConfig {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             secret: secret.into(),
+            identity: None,
             memory_budget,
+            max_objects: 1 << 20,
             max_frame: protocol::DEFAULT_MAX_FRAME,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(2),
+            max_handshakes: 64,
             io_timeout: Duration::from_secs(30),
+            min_payload_rate: 1 << 20,
             idle_timeout: Duration::from_secs(600),
             max_connections: 1024,
         }
@@ -73,9 +101,27 @@ impl PeerServerConfig {
         self
     }
 
+    /// Accepts only clients that dialled `identity` (see
+    /// [`PeerServerConfig::identity`]).
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = Some(identity.into());
+        self
+    }
+
     fn validate(&self) -> Result<()> {
-        if self.secret.is_empty() {
-            return Err(Error::Config("peer server: the secret is empty".into()));
+        if self.secret.len() < MIN_SECRET_LEN {
+            return Err(Error::Config(format!(
+                "peer server: the secret is {} bytes; at least {MIN_SECRET_LEN} are required \
+                 (use 32 random bytes, or their hex)",
+                self.secret.len()
+            )));
+        }
+        if let Some(id) = &self.identity
+            && (id.is_empty() || id.len() > MAX_IDENTITY)
+        {
+            return Err(Error::Config(format!(
+                "peer server: identity {id:?} must be 1 to {MAX_IDENTITY} bytes"
+            )));
         }
         if self.max_frame < MIN_MAX_FRAME {
             return Err(Error::Config(format!(
@@ -83,9 +129,20 @@ impl PeerServerConfig {
                 self.max_frame
             )));
         }
-        if self.max_connections == 0 {
+        for (name, n) in [
+            ("max_connections", self.max_connections),
+            ("max_handshakes", self.max_handshakes),
+            ("max_objects", self.max_objects),
+        ] {
+            if n == 0 {
+                return Err(Error::Config(format!(
+                    "peer server: {name} must be at least 1"
+                )));
+            }
+        }
+        if self.min_payload_rate == 0 {
             return Err(Error::Config(
-                "peer server: max_connections must be at least 1".into(),
+                "peer server: min_payload_rate must be at least 1 byte/s".into(),
             ));
         }
         for (name, t) in [
@@ -99,6 +156,13 @@ impl PeerServerConfig {
         }
         Ok(())
     }
+
+    /// How long a payload of `len` bytes may take.
+    fn payload_deadline(&self, len: u64) -> Duration {
+        let secs = len as f64 / self.min_payload_rate as f64;
+        self.io_timeout
+            .saturating_add(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+    }
 }
 
 impl fmt::Debug for PeerServerConfig {
@@ -106,134 +170,54 @@ impl fmt::Debug for PeerServerConfig {
         f.debug_struct("PeerServerConfig")
             .field("bind", &self.bind)
             .field("secret", &"<redacted>")
+            .field("identity", &self.identity)
             .field("memory_budget", &self.memory_budget)
+            .field("max_objects", &self.max_objects)
             .field("max_frame", &self.max_frame)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_handshakes", &self.max_handshakes)
             .field("io_timeout", &self.io_timeout)
+            .field("min_payload_rate", &self.min_payload_rate)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_connections", &self.max_connections)
             .finish()
     }
 }
 
-/// An object: immutable pieces, as received. Reads send slices of them
-/// without copying.
-#[derive(Debug)]
-struct Object {
-    chunks: Vec<Bytes>,
-    len: u64,
+/// Who a server is, as clients must have dialled it.
+#[derive(Debug, Clone)]
+enum Identity {
+    /// Exactly this string.
+    Exact(String),
+    /// Any address with this port (bound to an unspecified IP).
+    Port(u16),
 }
 
-impl Object {
-    /// The pieces covering `start..end` (which must be within the object).
-    fn slices(&self, start: u64, end: u64) -> Vec<Bytes> {
-        let mut out = Vec::new();
-        let mut at = 0u64;
-        for c in &self.chunks {
-            let (lo, hi) = (at, at + c.len() as u64);
-            at = hi;
-            if hi <= start || c.is_empty() {
-                continue;
-            }
-            if lo >= end {
-                break;
-            }
-            let s = start.max(lo) - lo;
-            let e = end.min(hi) - lo;
-            out.push(c.slice(s as usize..e as usize));
+impl Identity {
+    fn of(config: &PeerServerConfig, bound: SocketAddr) -> Self {
+        match &config.identity {
+            Some(id) => Identity::Exact(id.clone()),
+            None if bound.ip().is_unspecified() => Identity::Port(bound.port()),
+            None => Identity::Exact(bound.to_string()),
         }
-        out
     }
-}
 
-/// The objects and the budget accounting: `used` is the size of every
-/// stored object plus every live [`Reservation`].
-#[derive(Debug)]
-struct Store {
-    objects: Mutex<BTreeMap<String, Arc<Object>>>,
-    used: AtomicU64,
-    budget: u64,
-}
-
-/// Bytes counted against the budget until dropped or published.
-struct Reservation {
-    store: Arc<Store>,
-    bytes: u64,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.bytes > 0 {
-            self.store.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    fn accepts(&self, dialled: &str) -> bool {
+        match self {
+            Identity::Exact(id) => id == dialled,
+            Identity::Port(port) => dialled
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| a.port() == *port),
         }
     }
 }
 
-impl Reservation {
-    fn absorb(&mut self, mut other: Reservation) {
-        self.bytes += other.bytes;
-        other.bytes = 0;
-    }
-}
-
-impl Store {
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Object>>> {
-        self.objects.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Reserves `n` bytes, or returns the bytes in use if they do not fit.
-    fn reserve(self: &Arc<Self>, n: u64) -> std::result::Result<Reservation, u64> {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                cur.checked_add(n).filter(|t| *t <= self.budget)
-            })
-            .map(|_| Reservation {
-                store: self.clone(),
-                bytes: n,
-            })
-    }
-
-    /// Makes `object` visible under `path`; its bytes move from the
-    /// reservation to the store. In create mode an existing object wins
-    /// and the reservation is released.
-    fn publish(
-        &self,
-        path: String,
-        object: Object,
-        mut reservation: Reservation,
-        mode: PutMode,
-    ) -> bool {
-        let mut map = self.map();
-        if mode == PutMode::Create && map.contains_key(&path) {
-            return false;
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Exact(id) => f.write_str(id),
+            Identity::Port(port) => write!(f, "any address on port {port}"),
         }
-        debug_assert_eq!(reservation.bytes, object.len);
-        reservation.bytes = 0;
-        if let Some(old) = map.insert(path, Arc::new(object)) {
-            self.used.fetch_sub(old.len, Ordering::AcqRel);
-        }
-        true
-    }
-
-    fn get(&self, path: &str) -> Option<Arc<Object>> {
-        self.map().get(path).cloned()
-    }
-
-    fn delete(&self, path: &str) {
-        if let Some(old) = self.map().remove(path) {
-            self.used.fetch_sub(old.len, Ordering::AcqRel);
-        }
-    }
-
-    fn list(&self, prefix: &str) -> Vec<ObjectMeta> {
-        self.map()
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| ObjectMeta {
-                path: k.clone(),
-                size: v.len,
-            })
-            .collect()
     }
 }
 
@@ -263,16 +247,18 @@ impl PeerServer {
             let _guard = runtime.enter();
             TcpListener::from_std(std_listener).map_err(bind_err)?
         };
-        let store = Arc::new(Store {
-            objects: Mutex::default(),
-            used: AtomicU64::new(0),
-            budget: config.memory_budget,
-        });
+        let store = Store::new(config.memory_budget, config.max_objects);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let identity = Identity::of(&config, addr);
         let shared = Arc::new(Shared {
+            gate: Gate {
+                slots: Arc::new(Semaphore::new(config.max_connections)),
+                pending: Mutex::default(),
+            },
             config,
             store: store.clone(),
             addr,
+            identity,
         });
         let task = runtime.spawn(accept_loop(listener, shared, stop_rx));
         tracing::debug!(%addr, "peer server listening");
@@ -318,7 +304,7 @@ impl fmt::Debug for PeerServerHandle {
         f.debug_struct("PeerServerHandle")
             .field("addr", &self.addr)
             .field("used_bytes", &self.used_bytes())
-            .field("memory_budget", &self.store.budget)
+            .field("memory_budget", &self.memory_budget())
             .finish()
     }
 }
@@ -329,19 +315,20 @@ impl PeerServerHandle {
         self.addr
     }
 
-    /// Bytes held: stored objects plus writes in progress.
+    /// Bytes charged: stored objects, writes in progress, and removed
+    /// objects still being sent to a reader.
     pub fn used_bytes(&self) -> u64 {
-        self.store.used.load(Ordering::Acquire)
+        self.store.budget().used()
     }
 
     /// The configured memory budget.
     pub fn memory_budget(&self) -> u64 {
-        self.store.budget
+        self.store.budget().limit()
     }
 
     /// Number of visible objects.
     pub fn object_count(&self) -> usize {
-        self.store.map().len()
+        self.store.len()
     }
 
     /// Stops accepting, closes every connection (dropping unfinished
@@ -352,9 +339,7 @@ impl PeerServerHandle {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        let objects = std::mem::take(&mut *self.store.map());
-        let bytes: u64 = objects.values().map(|o| o.len).sum();
-        self.store.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.store.clear();
     }
 }
 
@@ -368,28 +353,75 @@ struct Shared {
     config: PeerServerConfig,
     store: Arc<Store>,
     addr: SocketAddr,
+    identity: Identity,
+    gate: Gate,
+}
+
+/// Admission: a bounded set of connections in their handshake (the
+/// oldest is closed when a new one arrives and the set is full), then a
+/// semaphore of authenticated slots.
+struct Gate {
+    slots: Arc<Semaphore>,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    /// Connections in their handshake, oldest first; sending (or
+    /// dropping) the sender closes that connection.
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+    evicted: u64,
+}
+
+impl Gate {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a new connection to the handshake, closing the oldest one
+    /// in its handshake if `max` are already there.
+    fn admit(&self, max: usize, addr: SocketAddr) -> (u64, oneshot::Receiver<()>) {
+        let mut p = self.pending();
+        if p.waiting.len() >= max
+            && let Some((_, oldest)) = p.waiting.pop_first()
+        {
+            let _ = oldest.send(());
+            p.evicted += 1;
+            if p.evicted.is_power_of_two() {
+                tracing::warn!(%addr, max, closed = p.evicted, "peer server: too many connections in their handshake; closing the oldest");
+            }
+        }
+        let id = p.next;
+        p.next += 1;
+        let (tx, rx) = oneshot::channel();
+        p.waiting.insert(id, tx);
+        (id, rx)
+    }
+
+    /// Takes a connection out of the handshake set; false if it was closed
+    /// to make room meanwhile.
+    fn leave(&self, id: u64) -> bool {
+        self.pending().waiting.remove(&id).is_some()
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let conn_stop = stop.clone();
-    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
-            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            () = stopped(&mut stop) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        tracing::warn!(addr = %shared.addr, %peer, "peer server: too many connections, refusing one");
-                        drop(stream);
-                        continue;
-                    };
+                    let ticket = shared.gate.admit(shared.config.max_handshakes, shared.addr);
                     let shared = shared.clone();
                     let stop = conn_stop.clone();
-                    conns.spawn(async move {
-                        serve(stream, peer, shared, stop).await;
-                        drop(permit);
-                    });
+                    conns.spawn(serve(stream, peer, shared, stop, ticket));
                 }
                 Err(e) => {
                     tracing::warn!(addr = %shared.addr, error = %e, "peer server: accept failed");
@@ -430,29 +462,162 @@ fn refuse(id: u64, e: ProtocolError) -> End {
     }
 }
 
-/// A streamed write in progress on one connection.
-struct Staged {
-    path: String,
-    chunks: Vec<Bytes>,
-    len: u64,
-    reservation: Reservation,
+/// Reads one handshake frame's header and checks it.
+async fn read_handshake_header(
+    s: &mut TcpStream,
+    expect: Opcode,
+    io: Duration,
+) -> std::result::Result<Header, End> {
+    let mut buf = [0u8; HEADER_LEN];
+    wire::read_exact_timed(s, &mut buf, io, "reading the handshake").await?;
+    let id = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
+    let h = Header::decode(&buf).map_err(|e| refuse(id, e))?;
+    if h.opcode != expect {
+        return Err(refuse(
+            id,
+            ProtocolError::OutOfOrder {
+                opcode: h.opcode,
+                state: if expect == Opcode::ClientHello {
+                    "before the handshake (expected ClientHello)"
+                } else {
+                    "in the handshake (expected Auth)"
+                },
+            },
+        ));
+    }
+    h.check_payload(0).map_err(|e| refuse(id, e))?;
+    Ok(h)
 }
 
-struct Connection {
-    rd: BufReader<OwnedReadHalf>,
-    wr: BufWriter<OwnedWriteHalf>,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    write: Option<Staged>,
+/// The server's side of the handshake, on the bare stream (no buffers).
+/// `session` is set as soon as the server has sent its `Hello`, so that
+/// a refusal after it is tagged. Returns the id of the `Auth` frame.
+async fn handshake(
+    s: &mut TcpStream,
+    shared: &Shared,
+    session: &mut Option<Session>,
+) -> std::result::Result<u64, End> {
+    // The caller bounds the whole handshake by its deadline; the steps by
+    // the (longer) I/O timeout, so that the deadline is what ends it.
+    let io = shared.config.io_timeout;
+    let secret = &shared.config.secret;
+    let h = read_handshake_header(s, Opcode::ClientHello, io).await?;
+    let mut buf = [0u8; NONCE_LEN + MAX_IDENTITY];
+    let payload = &mut buf[..h.payload_len as usize];
+    wire::read_exact_timed(s, payload, io, "reading the handshake").await?;
+    let req = Request::decode(&h, &[], Bytes::copy_from_slice(payload))
+        .map_err(|e| refuse(h.request_id, e))?;
+    let Request::ClientHello {
+        nonce: client_nonce,
+        identity,
+    } = req
+    else {
+        return Err(End::Quiet("unexpected handshake request".into()));
+    };
+    if !shared.identity.accepts(&identity) {
+        return Err(refuse(
+            h.request_id,
+            ProtocolError::IdentityMismatch {
+                dialled: identity,
+                identity: shared.identity.to_string(),
+            },
+        ));
+    }
+    let server_nonce = session::nonce().map_err(|e| End::Refuse {
+        id: h.request_id,
+        kind: ErrorKind::Internal,
+        message: format!("no randomness: {e}"),
+    })?;
+    let transcript = Transcript::new(&client_nonce, &server_nonce, &identity);
+    let mut hello = [0u8; NONCE_LEN + MAC_LEN];
+    hello[..NONCE_LEN].copy_from_slice(&server_nonce);
+    hello[NONCE_LEN..].copy_from_slice(&transcript.server_proof(secret));
+    let frame = protocol::encode_reply(Opcode::Hello, 0, h.request_id, &hello);
+    wire::write_all_timed(s, &frame, io, "sending the handshake").await?;
+    *session = Some(Session::server(&transcript, secret));
+
+    let h = read_handshake_header(s, Opcode::Auth, io).await?;
+    let mut proof = [0u8; MAC_LEN];
+    wire::read_exact_timed(s, &mut proof, io, "reading the handshake").await?;
+    if !transcript.verify_client_proof(secret, &proof) {
+        return Err(refuse(h.request_id, ProtocolError::BadClientProof));
+    }
+    Ok(h.request_id)
+}
+
+/// Sends a refusal on a connection that has not authenticated (tagged
+/// once the server has sent its `Hello`), then closes it.
+async fn refuse_unauthenticated(
+    s: &mut TcpStream,
+    session: Option<&mut Session>,
+    id: u64,
+    kind: ErrorKind,
+    message: &str,
+) {
+    let mut frame = protocol::encode_error(id, kind, message);
+    if let Some(session) = session {
+        let mut tag = session.send.next();
+        tag.update(&frame);
+        frame.extend_from_slice(&tag.finish());
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = s.write_all(&frame).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    wire::drain_small(s, 64 << 10, Duration::from_millis(200)).await;
 }
 
 async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    (ticket, mut evicted): (u64, oneshot::Receiver<()>),
 ) {
     let _ = stream.set_nodelay(true);
+    let hs = shared.config.handshake_timeout;
+    let mut session = None;
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(hs, handshake(&mut stream, &shared, &mut session)) => Some(r),
+        _ = &mut evicted => None,
+        () = stopped(&mut stop) => None,
+    };
+    let admitted = shared.gate.leave(ticket);
+    let auth_id = match outcome {
+        None => {
+            tracing::trace!(%peer, "peer connection closed in its handshake");
+            return;
+        }
+        Some(Err(_)) => {
+            tracing::debug!(addr = %shared.addr, %peer, "peer server: no handshake within {hs:?}");
+            if session.is_none() {
+                // A version 1 client waits for the server to speak: tell
+                // it, in a version 2 header, why it gets nothing.
+                let msg = format!(
+                    "no ClientHello within {hs:?}; this server speaks ckpt peer protocol version {}",
+                    protocol::VERSION
+                );
+                refuse_unauthenticated(&mut stream, None, 0, ErrorKind::Protocol, &msg).await;
+            }
+            return;
+        }
+        Some(Ok(Err(End::Quiet(why)))) => {
+            tracing::debug!(addr = %shared.addr, %peer, why, "peer server: handshake ended");
+            return;
+        }
+        Some(Ok(Err(End::Refuse { id, kind, message }))) => {
+            tracing::warn!(addr = %shared.addr, %peer, ?kind, message, "peer server: handshake refused");
+            refuse_unauthenticated(&mut stream, session.as_mut(), id, kind, &message).await;
+            return;
+        }
+        Some(Ok(Ok(id))) => id,
+    };
+    let Some(session) = session.filter(|_| admitted) else {
+        return;
+    };
+    // Authenticated: now a slot and the buffers.
+    let permit = shared.gate.slots.clone().try_acquire_owned();
     let (r, w) = stream.into_split();
     let mut conn = Connection {
         rd: BufReader::with_capacity(64 << 10, r),
@@ -460,10 +625,18 @@ async fn serve(
         peer,
         shared,
         write: None,
+        session,
+    };
+    let Ok(_permit) = permit else {
+        let max = conn.config().max_connections;
+        tracing::warn!(addr = %conn.shared.addr, %peer, max, "peer server: too many connections, refusing one");
+        let msg = format!("too many connections (at most {max}); try again later");
+        conn.close_with(auth_id, ErrorKind::Internal, &msg).await;
+        return;
     };
     let end = tokio::select! {
-        end = conn.run() => end,
-        () = async { let _ = stop.wait_for(|s| *s).await; } => End::Quiet("server shutting down".into()),
+        end = conn.run(auth_id) => end,
+        () = stopped(&mut stop) => End::Quiet("server shutting down".into()),
     };
     conn.write = None;
     match end {
@@ -471,8 +644,8 @@ async fn serve(
             tracing::trace!(%peer, why, "peer connection closed");
         }
         End::Refuse { id, kind, message } => {
-            if kind == ErrorKind::Auth {
-                tracing::warn!(addr = %conn.shared.addr, %peer, message, "peer server: authentication failed");
+            if matches!(kind, ErrorKind::Integrity | ErrorKind::Auth) {
+                tracing::warn!(addr = %conn.shared.addr, %peer, ?kind, message, "peer server: closing connection");
             } else {
                 tracing::debug!(addr = %conn.shared.addr, %peer, ?kind, message, "peer server: closing connection");
             }
@@ -481,14 +654,36 @@ async fn serve(
     }
 }
 
+/// A streamed write in progress on one connection.
+struct Staged {
+    path: String,
+    chunks: Vec<Bytes>,
+    len: u64,
+    reservation: Reservation,
+}
+
+/// An authenticated connection.
+struct Connection {
+    rd: BufReader<OwnedReadHalf>,
+    wr: BufWriter<OwnedWriteHalf>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    write: Option<Staged>,
+    session: Session,
+}
+
 impl Connection {
     fn config(&self) -> &PeerServerConfig {
         &self.shared.config
     }
 
+    /// Sends one frame (header and payload) and its tag.
     async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
         let t = self.config().io_timeout;
+        let mut tag = self.session.send.next();
+        tag.update(frame);
         wire::write_all_timed(&mut self.wr, frame, t, "sending a reply").await?;
+        wire::write_all_timed(&mut self.wr, &tag.finish(), t, "sending a reply").await?;
         wire::flush_timed(&mut self.wr, t, "sending a reply").await
     }
 
@@ -510,10 +705,13 @@ impl Connection {
             let _ = self.wr.shutdown().await;
         })
         .await;
-        let _ = wire::discard_timed(&mut self.rd, 1 << 20, Duration::from_millis(200)).await;
+        let _ = wire::discard_timed(&mut self.rd, 1 << 20, Duration::from_millis(200), None).await;
     }
 
-    async fn read_header(&mut self, timeout: Duration) -> std::result::Result<Header, End> {
+    async fn read_header(
+        &mut self,
+        timeout: Duration,
+    ) -> std::result::Result<(Header, [u8; HEADER_LEN]), End> {
         let mut buf = [0u8; HEADER_LEN];
         // The first byte may take as long as the idle timeout; the rest of
         // the frame must follow promptly.
@@ -531,87 +729,88 @@ impl Connection {
         header
             .check_payload(self.config().max_frame)
             .map_err(|e| refuse(id, e))?;
-        Ok(header)
+        Ok((header, buf))
     }
 
-    async fn read_path(&mut self, h: &Header) -> std::result::Result<(Vec<u8>, String), End> {
+    async fn read_path(
+        &mut self,
+        h: &Header,
+        tag: &mut Tagger,
+    ) -> std::result::Result<(Vec<u8>, String), End> {
         let len = h.path_len as usize;
         debug_assert!(len <= MAX_PATH);
         let mut raw = vec![0u8; len];
         let io = self.config().io_timeout;
-        wire::read_exact_timed(&mut self.rd, &mut raw, io, "reading a path").await?;
+        wire::read_exact_hashed(&mut self.rd, &mut raw, io, "reading a path", tag).await?;
         let path = h.decode_path(&raw).map_err(|e| refuse(h.request_id, e))?;
         Ok((raw, path))
     }
 
-    async fn read_payload(&mut self, len: u64) -> std::io::Result<Bytes> {
+    /// Reads (or, with `keep` false, discards) a payload, hashing it, at
+    /// no less than the minimum rate.
+    async fn read_payload(
+        &mut self,
+        h: &Header,
+        tag: &mut Tagger,
+        keep: bool,
+    ) -> std::result::Result<Bytes, End> {
+        let len = h.payload_len;
         let io = self.config().io_timeout;
-        wire::read_bytes_timed(&mut self.rd, len, len, io, "reading a payload").await
+        let deadline = self.config().payload_deadline(len);
+        let read = async {
+            if keep {
+                wire::read_bytes_timed(&mut self.rd, len, len, io, "reading a payload", tag).await
+            } else {
+                wire::discard_timed(&mut self.rd, len, io, Some(tag))
+                    .await
+                    .map(|()| Bytes::new())
+            }
+        };
+        match tokio::time::timeout(deadline, read).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(refuse(
+                h.request_id,
+                ProtocolError::TooSlow {
+                    opcode: h.opcode,
+                    len,
+                    rate: self.config().min_payload_rate,
+                },
+            )),
+        }
     }
 
-    async fn run(&mut self) -> End {
-        match self.run_inner().await {
+    /// Reads the frame's tag and checks it: nothing of the frame is used
+    /// before this passes.
+    async fn check_tag(&mut self, h: &Header, tag: &Tagger) -> std::result::Result<(), End> {
+        let io = self.config().io_timeout;
+        let got: [u8; TAG_LEN] = wire::read_tag(&mut self.rd, io).await?;
+        if tag.verify(&got) {
+            Ok(())
+        } else {
+            Err(refuse(
+                h.request_id,
+                ProtocolError::BadTag {
+                    opcode: h.opcode,
+                    seq: tag.seq(),
+                },
+            ))
+        }
+    }
+
+    async fn run(&mut self, auth_id: u64) -> End {
+        match self.run_inner(auth_id).await {
             Ok(()) => End::Quiet("closed".into()),
             Err(end) => end,
         }
     }
 
-    async fn run_inner(&mut self) -> std::result::Result<(), End> {
-        let secret = self.config().secret.clone();
-        let nonce = wire::nonce().map_err(|e| End::Refuse {
-            id: 0,
-            kind: ErrorKind::Internal,
-            message: format!("no randomness: {e}"),
-        })?;
-        self.send(&protocol::encode_reply(Opcode::Hello, 0, 0, &nonce))
-            .await?;
-        let hs = self.config().handshake_timeout;
-        let auth = tokio::time::timeout(hs, async {
-            let h = self.read_header(hs).await?;
-            if h.opcode != Opcode::Auth {
-                return Err(refuse(
-                    h.request_id,
-                    ProtocolError::OutOfOrder {
-                        opcode: h.opcode,
-                        state: "before authentication",
-                    },
-                ));
-            }
-            let (raw, _) = self.read_path(&h).await?;
-            let payload = self.read_payload(h.payload_len).await?;
-            let req = Request::decode(&h, &raw, payload).map_err(|e| refuse(h.request_id, e))?;
-            Ok((h.request_id, req))
-        })
-        .await
-        .map_err(|_| End::Quiet(format!("no authentication within {hs:?}")))??;
-        let (
-            id,
-            Request::Auth {
-                mac,
-                nonce: client_nonce,
-            },
-        ) = auth
-        else {
-            return Err(End::Quiet("unexpected handshake request".into()));
-        };
-        if !wire::verify_client_proof(&secret, &nonce, &mac) {
-            return Err(End::Refuse {
-                id,
-                kind: ErrorKind::Auth,
-                message: "authentication failed: the client does not hold this server's secret"
-                    .into(),
-            });
-        }
-        let proof = wire::server_proof(&secret, &client_nonce);
-        self.ok(id, &proof).await?;
-
+    async fn run_inner(&mut self, auth_id: u64) -> std::result::Result<(), End> {
+        // The answer to `Auth`: the server's first tagged frame.
+        self.ok(auth_id, &[]).await?;
         loop {
             let idle = self.config().idle_timeout;
-            let h = match self.read_header(idle).await {
-                Ok(h) => h,
-                Err(e) => return Err(e),
-            };
-            self.handle(h).await?;
+            let (h, raw) = self.read_header(idle).await?;
+            self.handle(h, raw).await?;
         }
     }
 
@@ -631,16 +830,44 @@ impl Connection {
             .unwrap_or_default();
         format!(
             "memory budget of {} bytes exceeded: `{path}` needs {need} more bytes{staged}, \
-             {used} bytes in use; older objects are kept",
-            self.shared.store.budget
+             {used} bytes in use; older objects are kept (size the budget for keep_last + 1 \
+             steps of the shards this server holds)",
+            self.shared.store.budget().limit()
         )
     }
 
-    async fn handle(&mut self, h: Header) -> std::result::Result<(), End> {
+    fn count_message(&self, path: &str) -> String {
+        format!(
+            "object count limit of {} reached: `{path}` not stored; older objects are kept",
+            self.shared.store.max_objects()
+        )
+    }
+
+    /// Refuses a `Put`, `WriteChunk` or `BeginWrite` for lack of room,
+    /// after its payload and tag (the refusal drops an open write, so the
+    /// frame must be authentic); the connection stays usable.
+    async fn refuse_write(
+        &mut self,
+        h: &Header,
+        mut tag: Tagger,
+        message: String,
+    ) -> std::result::Result<(), End> {
+        self.read_payload(h, &mut tag, false).await?;
+        self.check_tag(h, &tag).await?;
+        self.write = None;
+        tracing::warn!(addr = %self.shared.addr, peer = %self.peer, message, "peer server: write refused");
+        self.error(h.request_id, ErrorKind::Budget, &message)
+            .await?;
+        Ok(())
+    }
+
+    async fn handle(&mut self, h: Header, raw: [u8; HEADER_LEN]) -> std::result::Result<(), End> {
         let id = h.request_id;
         let open = self.write.is_some();
         match h.opcode {
-            Opcode::Auth => return Err(Self::out_of_order(&h, "after authentication")),
+            Opcode::ClientHello | Opcode::Auth => {
+                return Err(Self::out_of_order(&h, "after the handshake"));
+            }
             Opcode::Hello | Opcode::Ok | Opcode::Err | Opcode::Data | Opcode::Entries => {
                 return Err(refuse(id, ProtocolError::WrongDirection(h.opcode)));
             }
@@ -651,68 +878,68 @@ impl Connection {
             _ if open => return Err(Self::out_of_order(&h, "while a write is open")),
             _ => {}
         }
-        let (raw_path, path) = self.read_path(&h).await?;
+        let mut tag = self.session.recv.next();
+        tag.update(&raw);
+        let (raw_path, path) = self.read_path(&h, &mut tag).await?;
         let store = self.shared.store.clone();
+        let budget = store.budget().clone();
 
-        // Bulk payloads are reserved against the budget before a byte of
-        // them is read; a refused one is discarded as it arrives.
+        // What the request will hold is reserved before a byte of its
+        // payload is read; a refused payload is discarded as it arrives.
+        let charge = match h.opcode {
+            Opcode::Put => Some(store::object_charge(&path, h.payload_len)),
+            Opcode::WriteChunk if h.payload_len > 0 => Some(h.payload_len + CHUNK_OVERHEAD),
+            Opcode::BeginWrite => Some(store::object_charge(&path, 0)),
+            _ => None,
+        };
         let mut reservation = None;
-        if matches!(h.opcode, Opcode::Put | Opcode::WriteChunk) {
-            match store.reserve(h.payload_len) {
+        if let Some(need) = charge {
+            if matches!(h.opcode, Opcode::Put | Opcode::BeginWrite) && !store.has_room_for(&path) {
+                let msg = self.count_message(&path);
+                return self.refuse_write(&h, tag, msg).await;
+            }
+            match budget.reserve(need) {
                 Ok(r) => reservation = Some(r),
                 Err(used) => {
-                    let (target, staged) = match self.write.take() {
-                        Some(w) => (w.path, Some(w.len)),
+                    let (target, staged) = match &self.write {
+                        Some(w) => (w.path.clone(), Some(w.len)),
                         None => (path.clone(), None),
                     };
-                    let msg = self.budget_message(&target, h.payload_len, used, staged);
-                    tracing::warn!(addr = %self.shared.addr, peer = %self.peer, msg, "peer server: write refused");
-                    let io = self.config().io_timeout;
-                    wire::discard_timed(&mut self.rd, h.payload_len, io).await?;
-                    self.error(id, ErrorKind::Budget, &msg).await?;
-                    return Ok(());
+                    let msg = self.budget_message(&target, need, used, staged);
+                    return self.refuse_write(&h, tag, msg).await;
                 }
             }
         }
-        let payload = self.read_payload(h.payload_len).await?;
+        let payload = self.read_payload(&h, &mut tag, true).await?;
+        self.check_tag(&h, &tag).await?;
         let req = Request::decode(&h, &raw_path, payload).map_err(|e| refuse(id, e))?;
         match req {
             Request::Put { path, mode, data } => {
-                let object = Object {
-                    len: data.len() as u64,
-                    chunks: vec![data],
-                };
                 let Some(r) = reservation else {
                     return Err(End::Quiet("internal: no reservation".into()));
                 };
-                if store.publish(path.clone(), object, r, mode) {
-                    self.ok(id, &[]).await?;
-                } else {
-                    self.error(
-                        id,
-                        ErrorKind::AlreadyExists,
-                        &format!("`{path}` already exists"),
-                    )
+                let len = data.len() as u64;
+                let object = Object::new(vec![data], len, r);
+                self.published(id, &path, store.publish(path.clone(), object, mode))
                     .await?;
-                }
             }
             Request::Get { path } => match store.get(&path) {
-                Some(o) => self.send_data(id, &o, 0, o.len).await?,
+                Some(o) => self.send_data(id, &o, 0, o.len()).await?,
                 None => self.not_found(id, &path).await?,
             },
             Request::GetRange { path, start, end } => match store.get(&path) {
-                Some(o) if end <= o.len => self.send_data(id, &o, start, end).await?,
+                Some(o) if end <= o.len() => self.send_data(id, &o, start, end).await?,
                 Some(o) => {
                     let msg = format!(
                         "range {start}..{end} is past the end of `{path}` ({} bytes)",
-                        o.len
+                        o.len()
                     );
                     self.error(id, ErrorKind::OutOfRange, &msg).await?;
                 }
                 None => self.not_found(id, &path).await?,
             },
             Request::Size { path } => match store.get(&path) {
-                Some(o) => self.ok(id, &o.len.to_le_bytes()).await?,
+                Some(o) => self.ok(id, &o.len().to_le_bytes()).await?,
                 None => self.not_found(id, &path).await?,
             },
             Request::List { prefix } => {
@@ -735,23 +962,25 @@ impl Connection {
                 self.ok(id, &[]).await?;
             }
             Request::BeginWrite { path } => {
+                let Some(reservation) = reservation else {
+                    return Err(End::Quiet("internal: no reservation".into()));
+                };
                 self.write = Some(Staged {
                     path,
                     chunks: Vec::new(),
                     len: 0,
-                    reservation: Reservation {
-                        store: store.clone(),
-                        bytes: 0,
-                    },
+                    reservation,
                 });
                 self.ok(id, &[]).await?;
             }
             Request::WriteChunk { data } => {
-                let (Some(w), Some(r)) = (self.write.as_mut(), reservation) else {
-                    return Err(End::Quiet("internal: no write or reservation".into()));
+                let Some(w) = self.write.as_mut() else {
+                    return Err(End::Quiet("internal: no write".into()));
                 };
+                if let Some(r) = reservation {
+                    w.reservation.absorb(r);
+                }
                 w.len += data.len() as u64;
-                w.reservation.absorb(r);
                 if !data.is_empty() {
                     w.chunks.push(data);
                 }
@@ -761,24 +990,38 @@ impl Connection {
                 let Some(w) = self.write.take() else {
                     return Err(End::Quiet("internal: no write".into()));
                 };
-                let object = Object {
-                    chunks: w.chunks,
-                    len: w.len,
-                };
-                if store.publish(w.path.clone(), object, w.reservation, mode) {
-                    self.ok(id, &[]).await?;
-                } else {
-                    let msg = format!("`{}` already exists", w.path);
-                    self.error(id, ErrorKind::AlreadyExists, &msg).await?;
-                }
+                let object = Object::new(w.chunks, w.len, w.reservation);
+                self.published(id, &w.path, store.publish(w.path.clone(), object, mode))
+                    .await?;
             }
             Request::AbortWrite => {
                 self.write = None;
                 self.ok(id, &[]).await?;
             }
-            Request::Auth { .. } => return Err(Self::out_of_order(&h, "after authentication")),
+            Request::ClientHello { .. } | Request::Auth { .. } => {
+                return Err(Self::out_of_order(&h, "after the handshake"));
+            }
         }
         Ok(())
+    }
+
+    async fn published(&mut self, id: u64, path: &str, p: Published) -> std::io::Result<()> {
+        match p {
+            Published::Yes => self.ok(id, &[]).await,
+            Published::Exists => {
+                self.error(
+                    id,
+                    ErrorKind::AlreadyExists,
+                    &format!("`{path}` already exists"),
+                )
+                .await
+            }
+            Published::TooMany => {
+                let msg = self.count_message(path);
+                tracing::warn!(addr = %self.shared.addr, peer = %self.peer, msg, "peer server: write refused");
+                self.error(id, ErrorKind::Budget, &msg).await
+            }
+        }
     }
 
     async fn not_found(&mut self, id: u64, path: &str) -> std::io::Result<()> {
@@ -786,20 +1029,37 @@ impl Connection {
             .await
     }
 
+    /// Sends `start..end` of `o` as a `Data` frame, holding `o` (and so
+    /// its charge) until the last byte is out, at no less than the
+    /// minimum rate.
     async fn send_data(
         &mut self,
         id: u64,
         o: &Object,
         start: u64,
         end: u64,
-    ) -> std::io::Result<()> {
+    ) -> std::result::Result<(), End> {
         let t = self.config().io_timeout;
-        let head = protocol::encode_data_header(id, end - start);
-        wire::write_all_timed(&mut self.wr, &head, t, "sending data").await?;
-        for s in o.slices(start, end) {
-            wire::write_all_timed(&mut self.wr, &s, t, "sending data").await?;
+        let len = end - start;
+        let deadline = self.config().payload_deadline(len);
+        let rate = self.config().min_payload_rate;
+        let head = protocol::encode_data_header(id, len);
+        let mut tag = self.session.send.next();
+        let wr = &mut self.wr;
+        let send = async {
+            wire::write_hashed(wr, &head, t, "sending data", &mut tag).await?;
+            for s in o.slices(start, end) {
+                wire::write_hashed(wr, &s, t, "sending data", &mut tag).await?;
+            }
+            wire::write_all_timed(wr, &tag.finish(), t, "sending data").await?;
+            wire::flush_timed(wr, t, "sending data").await
+        };
+        match tokio::time::timeout(deadline, send).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(End::Quiet(format!(
+                "the reader took {len} bytes slower than {rate} bytes/s"
+            ))),
         }
-        wire::flush_timed(&mut self.wr, t, "sending data").await
     }
 }
 
@@ -808,63 +1068,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn object_slices_cover_exactly_the_range() {
-        let o = Object {
-            chunks: vec![
-                Bytes::from_static(b"abc"),
-                Bytes::new(),
-                Bytes::from_static(b"defg"),
-                Bytes::from_static(b"h"),
-            ],
-            len: 8,
-        };
-        let cat = |s: Vec<Bytes>| s.iter().flat_map(|b| b.to_vec()).collect::<Vec<u8>>();
-        for start in 0..=8 {
-            for end in start..=8 {
-                assert_eq!(
-                    cat(o.slices(start, end)),
-                    b"abcdefgh"[start as usize..end as usize].to_vec()
-                );
-            }
-        }
+    fn identities() {
+        let c = PeerServerConfig::new([7u8; 32], 1);
+        let exact = Identity::of(&c, "10.0.0.5:7070".parse().expect("addr"));
+        assert!(exact.accepts("10.0.0.5:7070"));
+        assert!(!exact.accepts("10.0.0.6:7070") && !exact.accepts("10.0.0.5:7071"));
+        let any = Identity::of(&c, "0.0.0.0:7070".parse().expect("addr"));
+        assert!(any.accepts("10.0.0.5:7070") && any.accepts("[::1]:7070"));
+        assert!(!any.accepts("10.0.0.5:7071") && !any.accepts("host:7070"));
+        let named = Identity::of(
+            &c.clone().with_identity("node-3:7070"),
+            "0.0.0.0:7070".parse().expect("addr"),
+        );
+        assert!(named.accepts("node-3:7070") && !named.accepts("10.0.0.5:7070"));
     }
 
     #[test]
-    fn reservations_release_and_publish() {
-        let store = Arc::new(Store {
-            objects: Mutex::default(),
-            used: AtomicU64::new(0),
-            budget: 100,
-        });
-        let r = store.reserve(60).map_err(|_| ()).expect("fits");
-        assert_eq!(store.reserve(41).err(), Some(60));
-        drop(r);
-        assert_eq!(store.used.load(Ordering::Acquire), 0);
-        let r = store.reserve(10).map_err(|_| ()).expect("fits");
-        let o = Object {
-            chunks: vec![Bytes::from(vec![0u8; 10])],
-            len: 10,
-        };
-        assert!(store.publish("a".into(), o, r, PutMode::Create));
-        assert_eq!(store.used.load(Ordering::Acquire), 10);
-        // Create on an existing object: refused, reservation released.
-        let r = store.reserve(5).map_err(|_| ()).expect("fits");
-        let o = Object {
-            chunks: vec![Bytes::from(vec![1u8; 5])],
-            len: 5,
-        };
-        assert!(!store.publish("a".into(), o, r, PutMode::Create));
-        assert_eq!(store.used.load(Ordering::Acquire), 10);
-        // Overwrite releases the old object's bytes.
-        let r = store.reserve(5).map_err(|_| ()).expect("fits");
-        let o = Object {
-            chunks: vec![Bytes::from(vec![1u8; 5])],
-            len: 5,
-        };
-        assert!(store.publish("a".into(), o, r, PutMode::Overwrite));
-        assert_eq!(store.used.load(Ordering::Acquire), 5);
-        store.delete("a");
-        store.delete("a");
-        assert_eq!(store.used.load(Ordering::Acquire), 0);
+    fn config_is_validated() {
+        let e = PeerServerConfig::new(vec![1u8; 31], 1).validate();
+        assert!(
+            matches!(&e, Err(Error::Config(m)) if m.contains("31 bytes")),
+            "{e:?}"
+        );
+        PeerServerConfig::new(vec![1u8; 32], 1)
+            .validate()
+            .expect("32 bytes");
+        let mut c = PeerServerConfig::new(vec![1u8; 32], 1);
+        c.max_handshakes = 0;
+        assert!(matches!(c.validate(), Err(Error::Config(_))));
+        let c = PeerServerConfig::new(vec![1u8; 32], 1).with_identity("");
+        assert!(matches!(c.validate(), Err(Error::Config(_))));
+        let c = PeerServerConfig::new(vec![1u8; 32], 1);
+        assert_eq!(c.payload_deadline(0), c.io_timeout);
+        assert_eq!(
+            c.payload_deadline(3 << 20),
+            c.io_timeout + Duration::from_secs(3)
+        );
     }
 }
