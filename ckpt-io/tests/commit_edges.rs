@@ -228,11 +228,20 @@ fn a_rank_that_skips_a_save_fails_the_step_at_once_and_tiers_stay_in_step() {
         ckpts[rank].save(&state_of(step, &t)).expect("save")
     };
     let step1: Vec<_> = (0..2).map(|r| save_rank(r, 1)).collect();
-    // Rank 0's flush is quick: its pool is free again for step 2. Rank 1's
-    // is not (its shard is still being written).
-    while !step1[0].is_done() {
+    // Rank 0's flush is quick: its pool is free again for step 2 (its
+    // commit still waits for rank 1). Rank 1's is not (its shard is still
+    // being written).
+    let free = |r: usize| {
+        ckpts[r]
+            .staging_stats()
+            .is_some_and(|s| s.free_blocks == s.blocks)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !free(0) {
+        assert!(Instant::now() < deadline, "rank 0's flush did not finish");
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert!(!free(1), "rank 1's slow flush still holds its pool");
     let t0 = Instant::now();
     let step2: Vec<_> = (0..2).map(|r| save_rank(r, 2)).collect();
     assert!(step2[1].skipped(), "rank 1's pool is still held");
