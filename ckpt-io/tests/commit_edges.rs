@@ -216,10 +216,7 @@ fn a_rank_that_skips_a_save_fails_the_step_at_once_and_tiers_stay_in_step() {
                 .expect("checkpointer")
         })
         .collect();
-    let shard = |rank: u32, step: u64| {
-        let w = weights(step * 10 + u64::from(rank), n);
-        w
-    };
+    let shard = |rank: u32, step: u64| weights(step * 10 + u64::from(rank), n);
     let save_rank = |rank: usize, step: u64| {
         let w = shard(rank as u32, step);
         let spec =
