@@ -42,9 +42,12 @@
 //!   order, until one has the object. **Listings** are the union over all
 //!   servers (by path; the buddy's size wins). **Deletes** go to every
 //!   server.
-//! - A server that cannot be reached (refused, reset, timed out) is
-//!   skipped by reads, listings, deletes and metadata copies, with a
-//!   `tracing` warning. An object on no reachable server is
+//! - A server that cannot be reached (refused, reset, timed out), or
+//!   that fails its handshake (another secret, another identity, another
+//!   protocol version), is skipped by reads, listings, deletes and
+//!   metadata copies, with a `tracing` warning; one that failed its
+//!   handshake is not dialled again for a while (1 s, doubling up to
+//!   30 s). An object on no reachable server is
 //!   [`Error::NotFound`](ckpt_core::Error::NotFound); if no server at all
 //!   answers, the error is a retryable
 //!   [`Error::Backend`](ckpt_core::Error::Backend). Writes of data
@@ -72,16 +75,25 @@
 //! protects nothing and is logged as a warning.
 //!
 //! Old replicas are removed only through deletes (ckpt-core's retention);
-//! a server never evicts. A stale copy on a server that was unreachable
+//! a server never evicts. Size each server's budget for `keep_last + 1`
+//! steps of the shards it holds: the next step's shard arrives before
+//! retention deletes the oldest. A stale copy on a server that was unreachable
 //! during a delete comes back in listings when the server does, and is
 //! deleted by the next retention pass.
 //!
 //! # Security
 //!
-//! Every connection is authenticated both ways with HMAC-SHA256 over
-//! random nonces and a shared secret that never travels; traffic is not
-//! encrypted. Bind servers to a private network. See [`protocol`] for the
-//! wire format and what a server rejects.
+//! The group shares a secret of at least 32 bytes that never travels.
+//! Each connection starts with a handshake in which the server proves
+//! first that it holds the secret, bound to this session and to the
+//! address the client dialled; then the client proves it. Every later
+//! frame in either direction carries a keyed-BLAKE3 tag under a
+//! per-direction session key and an implicit sequence number, checked
+//! before anything is stored or returned: an on-path attacker cannot
+//! alter, inject, replay, reorder or drop frames unnoticed, nor pass for
+//! a server. Traffic is not encrypted: bind servers to a private network.
+//! See [`protocol`] for the wire format, the threat model in
+//! `docs/peer.md`, and what a server rejects.
 //!
 //! ```
 //! use std::sync::Arc;
