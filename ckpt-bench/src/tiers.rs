@@ -55,7 +55,7 @@ pub fn open(
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let secret = b"ckpt-bench-peer-secret".to_vec();
+            let secret = b"ckpt-bench-peer-secret-32-bytes!".to_vec();
             let server = {
                 let _g = rt.enter();
                 ckpt_io::peer::PeerServer::spawn(ckpt_io::peer::PeerServerConfig::new(

@@ -26,7 +26,7 @@ use crate::tier::{PutMode, Tier};
 
 /// How the ranks of a job exchange what they can restore: an all-gather.
 /// Implement it over the job's collective (NCCL, MPI, gloo) to agree
-/// without touching storage; the default, [`StorageAgreement`], goes
+/// without touching storage; the default (a storage agreement) goes
 /// through a tier every rank reaches.
 pub trait Agreement: Send + Sync + std::fmt::Debug {
     /// Every rank calls this with the same `round` (unique within an
