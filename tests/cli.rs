@@ -171,8 +171,10 @@ fn ls_inspect_verify_export_gc_on_a_directory() {
     ls_inspect_verify_export_gc(&loc);
     // Shard files are valid safetensors files, readable by the reference
     // crate as they are.
-    let shard = std::path::Path::new(&loc.loc)
-        .join("quickstart/step-00000000000000000030/rank-00000.safetensors");
+    let shard = common::shard_file(
+        &std::path::Path::new(&loc.loc).join("quickstart/step-00000000000000000030"),
+        0,
+    );
     let bytes = std::fs::read(&shard).expect("shard");
     let st =
         safetensors::SafeTensors::deserialize(&bytes).expect("shard is a valid safetensors file");
@@ -192,9 +194,7 @@ fn verify_names_the_file_and_chunk_of_a_corruption() {
     let loc = Loc::dir();
     let dir = loc._dir.as_ref().expect("a directory");
     write_checkpoints(&loc);
-    let shard = dir
-        .path()
-        .join("quickstart/step-00000000000000000020/rank-00000.safetensors");
+    let shard = common::shard_file(&dir.path().join("quickstart/step-00000000000000000020"), 0);
     let mut bytes = std::fs::read(&shard).expect("shard");
     let at = bytes.len() - 100;
     bytes[at] ^= 0xff;
@@ -211,7 +211,8 @@ fn verify_names_the_file_and_chunk_of_a_corruption() {
     );
     let text = String::from_utf8_lossy(&verify.stdout);
     assert!(text.contains("FAILED quickstart step 20"), "{text}");
-    assert!(text.contains("rank-00000.safetensors, chunk"), "{text}");
+    let name = shard.file_name().expect("name").to_string_lossy();
+    assert!(text.contains(&format!("{name}, chunk")), "{text}");
     assert!(
         text.contains("ok     quickstart step 30"),
         "other steps still verify: {text}"
@@ -219,9 +220,7 @@ fn verify_names_the_file_and_chunk_of_a_corruption() {
 
     // The quickstart resumes from step 30 (intact): corruption of an older
     // step does not matter; then corrupt 30 and it falls back to 10.
-    let newest = dir
-        .path()
-        .join("quickstart/step-00000000000000000030/rank-00000.safetensors");
+    let newest = common::shard_file(&dir.path().join("quickstart/step-00000000000000000030"), 0);
     let mut b = std::fs::read(&newest).expect("shard");
     b.truncate(b.len() - 10);
     std::fs::write(&newest, &b).expect("truncate");
@@ -351,12 +350,24 @@ fn flip_text(path: &std::path::Path, from: &str, to: &str) {
 /// One byte flipped in step 30's `file` (so that it still parses) must fail
 /// `ckpt verify`, and the quickstart must resume from step 20 instead and
 /// end bit-exact.
+/// Flips `from` to `to` in `file` of step 30 (`SHARD` for rank 0's shard
+/// file, whatever its attempt's name), and checks that verify names
+/// `names` (where `SHARD` stands for the shard's name too).
 fn one_flipped_byte_is_caught(file: &str, from: &str, to: &str, names: &str) {
     let loc = Loc::dir();
     write_checkpoints(&loc);
-    let path = std::path::Path::new(&loc.loc)
-        .join("quickstart/step-00000000000000000030")
-        .join(file);
+    let dir = std::path::Path::new(&loc.loc).join("quickstart/step-00000000000000000030");
+    let path = match file {
+        "SHARD" => common::shard_file(&dir, 0),
+        _ => dir.join(file),
+    };
+    let shard_name = common::shard_file(&dir, 0)
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let names = names.replace("SHARD", &shard_name);
+    let names = names.as_str();
     flip_text(&path, from, to);
 
     let verify = loc.ckpt(&["verify", "--all"]);
@@ -407,9 +418,9 @@ fn a_flipped_byte_in_a_manifest_tensor_name_is_caught() {
 fn a_flipped_byte_in_a_shard_header_is_caught() {
     // `"dtype"` becomes `"dType"`: Python's safetensors refuses such a file.
     one_flipped_byte_is_caught(
-        "rank-00000.safetensors",
+        "SHARD",
         "\"dtype\"",
         "\"dType\"",
-        "corrupt safetensors header of quickstart/step-00000000000000000030/rank-00000.safetensors",
+        "corrupt safetensors header of quickstart/step-00000000000000000030/SHARD",
     );
 }

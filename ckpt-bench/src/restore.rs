@@ -48,12 +48,20 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         let views = synth::views(&tensors);
         ckpt.save(&synth::state(&views, 1)?)?.wait()?;
     }
-    let shard = a
-        .state
-        .dir
-        .join(layout::step_dir(&run, 1))
-        .join(layout::rank_data_file(0));
     let local = a.target.tier == crate::tiers::TierKind::Local;
+    // The shard file's name carries its save attempt.
+    let step_dir = a.state.dir.join(layout::step_dir(&run, 1));
+    let shard = match local {
+        true => std::fs::read_dir(&step_dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| layout::is_rank_data_file(&n.to_string_lossy(), 0))
+            })
+            .ok_or_else(|| format!("no shard file in {}", step_dir.display()))?,
+        false => step_dir,
+    };
     let mut outs: Vec<Vec<u8>> = tensors.iter().map(|t| vec![0u8; t.len()]).collect();
     let (mut restore, mut raw, mut rawp, mut rawd) = (vec![], vec![], vec![], vec![]);
     for _ in 0..a.state.iters {

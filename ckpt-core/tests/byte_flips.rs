@@ -173,9 +173,10 @@ fn every_manifest_and_header_byte_is_covered() {
     let f = fixture();
     let mut counts = std::collections::BTreeMap::<(String, &str), usize>::new();
     for (path, bytes) in f.pristine.clone() {
-        let name = path.rsplit('/').next().unwrap_or_default().to_string();
+        let mut name = path.rsplit('/').next().unwrap_or_default().to_string();
         // Manifests: every byte. Shard file: every header byte.
         let span = if name.ends_with(".safetensors") {
+            name = "shard".to_string();
             let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
             8 + n as usize
         } else {
@@ -196,7 +197,11 @@ fn every_manifest_and_header_byte_is_covered() {
     }
     eprintln!("{counts:?}");
     // Every byte the restore reads is detected when flipped.
-    for name in ["MANIFEST.json", "rank-00000.safetensors"] {
+    for name in ["MANIFEST.json", "shard"] {
+        assert!(
+            counts.contains_key(&(name.to_string(), "detected")),
+            "no flip of {name} was tried: {counts:?}"
+        );
         assert!(
             !counts.contains_key(&(name.to_string(), "harmless")),
             "a flip in {name} went unnoticed: {counts:?}"

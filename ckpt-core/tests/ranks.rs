@@ -440,11 +440,14 @@ fn agreement_case(lost: &[[[bool; 2]; 8]; 6], incarnation: &str) {
         for (r, per_tier) in per_rank.iter().enumerate() {
             for (t, gone) in per_tier.iter().enumerate() {
                 if *gone {
-                    let path = format!(
-                        "{}/{}",
-                        layout::step_dir(RUN, s as u64 + 1),
-                        layout::rank_data_file(r as u32)
-                    );
+                    let path = rt
+                        .block_on(ckpt_core::store::shard_file(
+                            &tiers[t],
+                            RUN,
+                            s as u64 + 1,
+                            r as u32,
+                        ))
+                        .expect("shard file");
                     rt.block_on(tiers[t].delete(&path)).expect("delete");
                 }
             }

@@ -1,7 +1,9 @@
 //! Edge cases of the commit and the restore: a lost reply to the commit's
 //! create, a failed restore leaving no unverified bytes behind, a manifest
 //! naming a path outside its step, a shard too large for an object store's
-//! part limit, and a rank that skips a save in a job of two.
+//! part limit, a rank that skips a save in a job of two, a writer left
+//! over from an earlier incarnation, and a shard file gone before the
+//! commit.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +15,9 @@ use ckpt_core::{
     BusyPolicy, Checkpointer, PutMode, RestoreOptions, TensorMut, TensorRef, Tier, TierPolicy,
     TrainingState,
 };
-use ckpt_io::{Fault, FaultTier, MemoryTier, ObjectTier, ObjectTierConfig};
+use ckpt_io::{Fault, FaultTier, MemoryTier};
+#[cfg(feature = "s3")]
+use ckpt_io::{ObjectTier, ObjectTierConfig};
 
 const RUN: &str = "edges";
 
@@ -84,7 +88,7 @@ fn a_failed_restore_leaves_zeros_not_unverified_bytes() {
     let ckpt = one_tier(tier.clone());
     save(&ckpt, 1, n).wait().expect("step 1");
     // Corrupt the only checkpoint's data.
-    let path = format!("{}/{}", layout::step_dir(RUN, 1), layout::rank_data_file(0));
+    let path = block_on(ckpt_core::store::shard_file(tier.as_ref(), RUN, 1, 0)).expect("shard");
     let mut bytes = block_on(tier.get(&path)).expect("shard").to_vec();
     let at = bytes.len() - 10;
     bytes[at] ^= 0xff;
@@ -139,6 +143,7 @@ fn a_manifest_naming_a_path_outside_its_step_is_a_data_fault() {
     );
 }
 
+#[cfg(feature = "s3")]
 #[test]
 fn a_shard_too_large_for_the_part_limit_fails_that_tier_at_once() {
     // 5 MiB parts, at most 2 of them: objects of up to 10 MiB.
@@ -263,4 +268,125 @@ fn a_rank_that_skips_a_save_fails_the_step_at_once_and_tiers_stay_in_step() {
     }
     let on_b = block_on(ckpt_core::store::committed_steps(b.as_ref(), RUN)).expect("list");
     assert_eq!(on_b, vec![1, 3]);
+}
+
+#[test]
+fn a_writer_left_over_from_an_earlier_incarnation_cannot_touch_a_committed_step() {
+    // Incarnation 1 starts step 5 and stalls mid-flush; incarnation 2
+    // (the restarted job) commits step 5. The stalled writer then wakes
+    // and finishes its shard: a file of its own attempt, which no
+    // manifest names.
+    let tier = Arc::new(MemoryTier::new());
+    let n = 64 << 10;
+    let builder = |inc: &str| {
+        Checkpointer::builder(RUN)
+            .incarnation(inc)
+            .tier(tier.clone(), TierPolicy::keep_last(5))
+            .build()
+            .expect("checkpointer")
+    };
+    let stale = block_on(async {
+        let path = format!(
+            "{}/{}",
+            layout::step_dir(RUN, 5),
+            layout::rank_data_file(0, &layout::new_attempt("1", 5))
+        );
+        let mut w = tier.create(&path).await.expect("stale create");
+        w.write(Bytes::from(vec![0xAB; 4096])).await.expect("write");
+        (path, w)
+    });
+    let second = builder("2");
+    save(&second, 5, n).wait().expect("step 5 commits");
+    let (stale_path, mut w) = stale;
+    block_on(async {
+        w.write(Bytes::from(vec![0xCD; n])).await.expect("write");
+        w.finish().await.expect("the stale writer finishes")
+    });
+    let m = block_on(ckpt_core::store::load_manifest(tier.as_ref(), RUN, 5)).expect("manifest");
+    assert_ne!(
+        format!("{}/{}", layout::step_dir(RUN, 5), m.ranks[0].file),
+        stale_path,
+        "the committed step names its own attempt's file"
+    );
+    let mut out = vec![0u8; n];
+    let r = second
+        .restore_with(
+            &mut [&mut TensorMut::new(
+                "w",
+                ckpt_core::DType::U8,
+                &[n as u64],
+                &mut out,
+            )],
+            &RestoreOptions::default(),
+        )
+        .expect("restore")
+        .expect("a checkpoint");
+    assert_eq!(r.step, 5);
+    assert!(out == weights(5, n), "step 5 restores bit-exact");
+    let report = block_on(ckpt_core::store::verify_step(tier.as_ref(), &m));
+    assert!(report.is_ok(), "{report:?}");
+}
+
+#[test]
+fn the_coordinator_commits_only_when_every_shard_file_is_there() {
+    // Rank 0's shard is slow; meanwhile rank 1's shard file disappears
+    // after its rank manifest was written (a tier that lost it, a
+    // cleanup). The coordinator checks every file before the commit.
+    let mem = Arc::new(MemoryTier::new());
+    let n = 256 << 10;
+    let ckpts: Vec<Checkpointer> = (0..2u32)
+        .map(|rank| {
+            let f = FaultTier::new(mem.clone());
+            if rank == 0 {
+                f.inject_times(
+                    Fault::Latency {
+                        suffix: ".safetensors".into(),
+                        delay: Duration::from_millis(800),
+                    },
+                    1,
+                );
+            }
+            Checkpointer::builder(RUN)
+                .rank(rank, 2)
+                .incarnation("1")
+                .commit_timeout(Duration::from_secs(20))
+                .tier(Arc::new(f), TierPolicy::keep_last(5))
+                .build()
+                .expect("checkpointer")
+        })
+        .collect();
+    let handles: Vec<_> = (0..2u32)
+        .map(|rank| {
+            let w = weights(u64::from(rank), n);
+            let spec = ckpt_core::ShardSpec::split(vec![2 * n as u64], 0, 2, u64::from(rank))
+                .expect("spec");
+            let t = TensorRef::new("w", ckpt_core::DType::U8, &spec.shape, &w).with_shard(spec);
+            ckpts[rank as usize].save(&state_of(1, &t)).expect("save")
+        })
+        .collect();
+    let rank1 = format!(
+        "{}/{}",
+        layout::step_dir(RUN, 1),
+        layout::rank_manifest_file(1)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while block_on(mem.size(&rank1)).is_err() {
+        assert!(Instant::now() < deadline, "rank 1 never wrote its manifest");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let shard = block_on(ckpt_core::store::shard_file(mem.as_ref(), RUN, 1, 1)).expect("shard");
+    block_on(mem.delete(&shard)).expect("delete");
+    for (r, h) in handles.into_iter().enumerate() {
+        let e = h.wait().expect_err("step 1 must not commit");
+        let text = e.to_string();
+        assert!(
+            text.contains("rank 1's shard file is missing"),
+            "rank {r}: {text}"
+        );
+    }
+    assert!(
+        block_on(ckpt_core::store::committed_steps(mem.as_ref(), RUN))
+            .expect("list")
+            .is_empty()
+    );
 }

@@ -138,7 +138,15 @@ impl Store {
     }
 
     fn shard(&self, step: u64) -> PathBuf {
-        self.step_dir(step).join(layout::rank_data_file(0))
+        let path = rt()
+            .block_on(ckpt_core::store::shard_file(
+                self.tier.as_ref(),
+                RUN,
+                step,
+                0,
+            ))
+            .expect("shard file");
+        self.root.join(path)
     }
 
     fn manifest_file(&self, step: u64) -> PathBuf {
@@ -193,7 +201,16 @@ fn assert_fell_back_from_3(s: &Store, why: impl Fn(&Error) -> bool) {
 
 /// Whether `path` is step 3's shard file.
 fn is_shard_3(path: &str) -> bool {
-    path.ends_with("step-00000000000000000003/rank-00000.safetensors")
+    path.rsplit_once('/').is_some_and(|(dir, name)| {
+        dir.ends_with("step-00000000000000000003") && layout::is_rank_data_file(name, 0)
+    })
+}
+
+/// Whether `path` (a file or a tier path) is a shard file of rank 0.
+fn is_shard(path: impl AsRef<std::path::Path>) -> bool {
+    path.as_ref()
+        .file_name()
+        .is_some_and(|n| layout::is_rank_data_file(&n.to_string_lossy(), 0))
 }
 
 #[test]
@@ -207,10 +224,7 @@ fn corrupted_byte_in_a_shard_is_located_and_restore_falls_back() {
 
     match s.read_step(3) {
         Err(Error::Corrupt { path, chunk, .. }) => {
-            assert_eq!(
-                path,
-                format!("{}/rank-00000.safetensors", layout::step_dir(RUN, 3))
-            );
+            assert!(is_shard_3(&path), "{path}");
             assert_eq!(chunk, 2);
         }
         other => panic!("expected Corrupt in chunk 2, got {other:?}"),
@@ -232,10 +246,7 @@ fn truncated_shard_is_incomplete_and_restore_falls_back() {
         .expect("truncate");
     match s.read_step(3) {
         Err(Error::Incomplete { path, reason }) => {
-            assert!(
-                path.ends_with("step-00000000000000000003/rank-00000.safetensors"),
-                "{path}"
-            );
+            assert!(is_shard_3(&path), "{path}");
             assert!(reason.contains(&format!("{}", len - 100)), "{reason}");
         }
         other => panic!("expected Incomplete, got {other:?}"),
@@ -252,10 +263,7 @@ fn missing_shard_is_not_found_and_restore_falls_back() {
     fs::remove_file(s.shard(3)).expect("remove shard");
     match s.read_step(3) {
         Err(Error::NotFound { path }) => {
-            assert!(
-                path.ends_with("step-00000000000000000003/rank-00000.safetensors"),
-                "{path}"
-            )
+            assert!(is_shard_3(&path), "{path}")
         }
         other => panic!("expected NotFound, got {other:?}"),
     }
@@ -370,7 +378,7 @@ fn manifest_with_a_piece_past_the_file_falls_back() {
     s.manifest(3).expect("a consistent manifest parses");
     match s.read_step(3) {
         Err(Error::Incomplete { path, reason }) => {
-            assert!(path.ends_with("rank-00000.safetensors"), "{path}");
+            assert!(is_shard(&path), "{path}");
             assert!(reason.contains(&file_len.to_string()), "{reason}");
         }
         other => panic!("expected Incomplete, got {other:?}"),
@@ -420,7 +428,7 @@ fn assert_create_denied(s: &Store, step: u64) {
     let path = format!(
         "{}/{}",
         layout::step_dir(RUN, step),
-        layout::rank_data_file(0)
+        layout::rank_data_file(0, "a1b2c3d4e5f6")
     );
     match rt().block_on(s.tier.create(&path)) {
         Err(Error::Io { path: p, source })
@@ -682,7 +690,7 @@ fn full_disk_during_flush_fails_the_save_and_keeps_checkpoints() {
         let failure = only_failure(&err, 3);
         assert!(failure.is_storage_full(), "{failure:?}");
         assert!(
-            matches!(failure, Error::Io { path, .. } if path.ends_with("rank-00000.safetensors")),
+            matches!(failure, Error::Io { path, .. } if is_shard(path)),
             "{failure:?}"
         );
         assert!(err.to_string().contains("disk full"), "{err}");

@@ -375,11 +375,9 @@ fn checkpoint_round_trip_and_corruption_falls_back() {
     assert_eq!(r.loop_state.data_loader::<u64>().expect("loader"), 64);
 
     // Flip one byte of step 2's shard behind ckpt's back.
-    let shard = format!(
-        "{}/{}",
-        layout::step_dir("run", 2),
-        layout::rank_data_file(0)
-    );
+    let shard = rt()
+        .block_on(ckpt_core::store::shard_file(&t, "run", 2, 0))
+        .expect("shard of step 2");
     let key = t.object_key(&shard).expect("key");
     rt().block_on(async {
         let mut bytes = t
@@ -411,7 +409,7 @@ fn checkpoint_round_trip_and_corruption_falls_back() {
     assert_eq!(r.skipped.len(), 1, "{:?}", r.skipped);
     assert_eq!(r.skipped[0].step, Some(2));
     assert!(
-        matches!(&r.skipped[0].error, Error::Corrupt { path, .. } if path.ends_with("rank-00000.safetensors")),
+        matches!(&r.skipped[0].error, Error::Corrupt { path, .. } if *path == shard),
         "{:?}",
         r.skipped[0].error
     );
@@ -678,4 +676,68 @@ fn conformance_suite() {
         vec![]
     };
     rt().block_on(ckpt_io::conformance::run_all_except(tier, &skip));
+}
+
+#[test]
+fn error_codes_in_a_path_do_not_change_how_errors_are_classified() {
+    // Errors are classified from the typed error and the response, never
+    // from text that includes the object path: a run and a prefix named
+    // after S3 error codes save, list and restore like any other.
+    let Some(env) = s3_env("error_codes_in_a_path_do_not_change_how_errors_are_classified") else {
+        return;
+    };
+    // (Short names: s3s-fs keeps a temporary file named after the key.)
+    let prefix = format!("{}/NoSuchKey-412", unique_prefix("codes"));
+    let t = tier(&env, &prefix, config(&env));
+    let run = "NoSuchBucket-AccessDenied-503";
+    let ckpt = Checkpointer::builder(run)
+        .tier(Arc::new(t.clone()), TierPolicy::keep_last(3))
+        .build()
+        .expect("checkpointer");
+    let (n, m) = (4096, 10);
+    let (w1, om) = (floats(n, 7), floats(m, 8));
+    let report = save_step(&ckpt, 1, &w1, &om)
+        .wait()
+        .expect("step 1 durable");
+    assert!(report.is_durable(), "{report:?}");
+    let (r, w) = restore_w(&ckpt, n, m);
+    assert_eq!(r.step, 1);
+    assert!(w == w1);
+    // A missing object there is NotFound, not a missing bucket.
+    let missing = format!("{}/NoSuchBucket.json", layout::step_dir(run, 1));
+    match rt().block_on(t.get(&missing)) {
+        Err(Error::NotFound { path }) => assert_eq!(path, missing),
+        other => panic!("want NotFound for {missing}: {other:?}"),
+    }
+    assert_eq!(
+        rt().block_on(ckpt_core::store::committed_steps(&t, run))
+            .expect("list"),
+        vec![1]
+    );
+    // Two words the S3 client reads as a failure in any response body
+    // (which echoes keys): refused up front, naming the word, not a save
+    // that uploads everything and then fails.
+    for word in ["InternalError", "SlowDown"] {
+        let bad = format!("{}/{word}", unique_prefix("codes"));
+        match ObjectTier::from_url(&format!("s3://{}/{bad}", env.bucket), config(&env)) {
+            Err(Error::InvalidPath { path, reason }) => {
+                assert_eq!(path, bad);
+                assert!(reason.contains(word), "{reason}");
+            }
+            other => panic!("prefix {bad}: {other:?}"),
+        }
+        let run = format!("run-{word}");
+        let ckpt = Checkpointer::builder(run.as_str())
+            .tier(Arc::new(t.clone()), TierPolicy::keep_last(3))
+            .build()
+            .expect("checkpointer");
+        let e = save_step(&ckpt, 1, &w1, &om)
+            .wait()
+            .expect_err("a run named after an echoed error word");
+        assert!(
+            e.to_string()
+                .contains(&format!("must not contain `{word}`")),
+            "{e}"
+        );
+    }
 }

@@ -171,3 +171,21 @@ pub fn seed_from_env(var: &str) -> u64 {
     eprintln!("{var}={seed}");
     seed
 }
+
+/// The shard file of `rank` in a step directory on disk (its name carries
+/// the save attempt that wrote it); panics unless there is exactly one.
+pub fn shard_file(step_dir: &std::path::Path, rank: u32) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(step_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", step_dir.display()))
+        .filter_map(|e| e.ok())
+        .filter(|e| ckpt::format::layout::is_rank_data_file(&e.file_name().to_string_lossy(), rank))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one shard file of rank {rank} in {}: {found:?}",
+        step_dir.display()
+    );
+    found.into_iter().next().expect("one")
+}

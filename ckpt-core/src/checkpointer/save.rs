@@ -192,6 +192,7 @@ impl Checkpointer {
             rank: s.rank,
             world_size: s.world_size,
             incarnation: s.incarnation.clone(),
+            attempt: crate::format::layout::new_attempt(&s.incarnation, state.step()),
             chunk_size: s.chunk_size,
             created_unix_ms: unix_ms(),
             parent: lock(&self.last_step).replace(state.step()),

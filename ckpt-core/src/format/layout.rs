@@ -1,6 +1,12 @@
 //! Where things live inside a tier: the one place that knows the naming
 //! scheme `<run>/step-<20 digits>/{MANIFEST.json, rank-<r>.json,
-//! rank-<r>.safetensors}`.
+//! rank-<r>.<attempt>.safetensors}`.
+//!
+//! A shard's file name carries the save attempt that wrote it (12 hex
+//! digits, fresh for every save), and the manifests record it: a writer
+//! left over from an earlier incarnation, still flushing the same step,
+//! writes a file no manifest names, and can never overwrite the bytes a
+//! committed step points at.
 
 use crate::error::{Error, Result};
 
@@ -49,9 +55,42 @@ pub fn manifest_path(run: &str, step: u64) -> String {
     format!("{}/{MANIFEST}", step_dir(run, step))
 }
 
-/// File name of a rank's shard (relative to the step directory).
-pub fn rank_data_file(rank: u32) -> String {
-    format!("rank-{rank:05}.safetensors")
+/// File name of a rank's shard written by save attempt `attempt`
+/// (relative to the step directory).
+pub fn rank_data_file(rank: u32, attempt: &str) -> String {
+    format!("rank-{rank:05}.{}.safetensors", path_component(attempt))
+}
+
+/// The `file` a rank manifest records for a replica it holds but does
+/// not write: the writer's file, whose name the merge takes from the
+/// writer's own manifest.
+pub fn held_piece_file(writer: u32) -> String {
+    format!("rank-{writer:05}.held")
+}
+
+/// Whether `name` (a file name in a step directory) is a shard file of
+/// `rank`, written by any attempt.
+pub fn is_rank_data_file(name: &str, rank: u32) -> bool {
+    name.strip_prefix(&format!("rank-{rank:05}."))
+        .and_then(|rest| rest.strip_suffix(".safetensors"))
+        .is_some_and(|attempt| !attempt.is_empty() && !attempt.contains(['/', '.']))
+}
+
+/// A fresh save-attempt id: 12 hex digits from the incarnation, the step,
+/// the process, the clock and a process-wide counter.
+pub fn new_attempt(incarnation: &str, step: u64) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    h.update(incarnation.as_bytes());
+    h.update(&step.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.update(&nanos.to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    h.finalize().to_hex()[..12].to_string()
 }
 
 /// File name of a rank's own manifest (relative to the step directory).
@@ -111,5 +150,18 @@ mod tests {
         assert!(validate_run("../etc").is_err());
         assert!(validate_run("a/b").is_err());
         validate_run("llama-7b_v2.1").expect("valid run name");
+    }
+
+    #[test]
+    fn data_files_name_their_attempt() {
+        let a = new_attempt("inc", 7);
+        let b = new_attempt("inc", 7);
+        assert_ne!(a, b, "two attempts at one step get two names");
+        assert_eq!(a.len(), 12);
+        let f = rank_data_file(3, &a);
+        assert!(is_rank_data_file(&f, 3), "{f}");
+        assert!(!is_rank_data_file(&f, 4), "{f}");
+        assert!(!is_rank_data_file("rank-00003.json", 3));
+        assert!(!is_rank_data_file("rank-00003.safetensors", 3));
     }
 }

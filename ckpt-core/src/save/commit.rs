@@ -9,7 +9,8 @@
 //!    multipart complete);
 //! 4. write `rank-<r>.json` (the rank's piece, with checksums);
 //! 5. the coordinator (rank 0) waits until every rank's manifest of this
-//!    incarnation is present, merges and validates them, and creates
+//!    incarnation is present, merges and validates them, checks that every
+//!    shard file they name is there at its length, and creates
 //!    `MANIFEST.json` with a conditional create: the commit point;
 //!    other ranks wait until they see it;
 //! 6. retention (coordinator only), deleting only older steps.
@@ -150,6 +151,7 @@ async fn run_tier(
     if ctx.rank == 0 {
         let gathered = async {
             let mut m = gather(tier, ctx, &rank_manifest).await?;
+            check_shard_files(tier, &m).await?;
             m.lineage = store::lineage::for_commit(tier, &ctx.run, &ctx.lineage).await?;
             Ok::<_, Error>(m)
         };
@@ -300,6 +302,42 @@ where
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Before the commit, every shard file the merged manifest names must be
+/// on the tier at its recorded length: a rank manifest can outlive its
+/// data (a tier that lost a file, an operator's cleanup).
+async fn check_shard_files(tier: &dyn Tier, m: &Manifest) -> Result<()> {
+    let dir = layout::step_dir(&m.run, m.step);
+    let wanted: Vec<(String, u32, u64)> = m
+        .ranks
+        .iter()
+        .map(|r| (format!("{dir}/{}", r.file), r.rank, r.file_len))
+        .collect();
+    for batch in wanted.chunks(32) {
+        futures::future::try_join_all(
+            batch
+                .iter()
+                .map(|(path, rank, want)| check_shard_file(tier, path.clone(), *rank, *want)),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn check_shard_file(tier: &dyn Tier, path: String, rank: u32, want: u64) -> Result<()> {
+    match tier.size(&path).await {
+        Ok(len) if len == want => Ok(()),
+        Ok(len) => Err(Error::Incomplete {
+            reason: format!("rank {rank}'s shard file is {len} bytes, its manifest says {want}"),
+            path,
+        }),
+        Err(Error::NotFound { .. }) => Err(Error::Incomplete {
+            reason: format!("rank {rank}'s shard file is missing"),
+            path,
+        }),
+        Err(e) => Err(e),
     }
 }
 

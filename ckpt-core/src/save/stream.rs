@@ -29,6 +29,8 @@ pub(crate) struct SaveCtx {
     pub rank: u32,
     pub world_size: u32,
     pub incarnation: String,
+    /// This save attempt's id, in its shard file's name.
+    pub attempt: String,
     pub chunk_size: u64,
     pub created_unix_ms: u64,
     /// The step this process restored or saved before this one.
@@ -85,7 +87,7 @@ impl SaveCtx {
         format!(
             "{}/{}",
             layout::step_dir(&self.run, self.step),
-            layout::rank_data_file(self.rank)
+            layout::rank_data_file(self.rank, &self.attempt)
         )
     }
     pub(crate) fn rank_manifest_path(&self, rank: u32) -> String {
@@ -230,7 +232,7 @@ fn dispatch_inner(
         reorder.recv()?;
     }
     let staged_crcs = reorder.crcs.take().unwrap_or_default();
-    let file = layout::rank_data_file(ctx.rank);
+    let file = layout::rank_data_file(ctx.rank, &ctx.attempt);
     let mut tensors = Vec::with_capacity(ctx.tensors.len());
     for ((t, shared), blake3) in ctx.tensors.iter().zip(shared_crcs).zip(hashes) {
         let crc32c = match (shared, t.staged_index) {
@@ -255,7 +257,9 @@ fn dispatch_inner(
             }
         };
         let (rank, file) = match &t.replication {
-            Some(r) if r.writer != ctx.rank => (r.writer, layout::rank_data_file(r.writer)),
+            // Held here, written by the writer into its own file, which
+            // the merge takes the piece from: the name only says whose.
+            Some(r) if r.writer != ctx.rank => (r.writer, layout::held_piece_file(r.writer)),
             _ => (ctx.rank, file.clone()),
         };
         tensors.push(RankTensor {

@@ -80,6 +80,42 @@ pub async fn load_manifest(tier: &dyn Tier, run: &str, step: u64) -> Result<Mani
     Ok(m)
 }
 
+/// Path of `rank`'s shard file of `step`: the one its MANIFEST names if
+/// the step is committed, else the one shard file of that rank in the
+/// step directory (an uncommitted step's, for inspection and repair).
+/// [`Error::NotFound`] if there is none, [`Error::Incomplete`] if an
+/// uncommitted step holds several (attempts of several incarnations).
+pub async fn shard_file(tier: &dyn Tier, run: &str, step: u64, rank: u32) -> Result<String> {
+    let dir = layout::step_dir(run, step);
+    if let Ok(m) = load_manifest(tier, run, step).await
+        && let Some(r) = m.ranks.iter().find(|r| r.rank == rank)
+    {
+        return Ok(format!("{dir}/{}", r.file));
+    }
+    let mut found: Vec<String> = tier
+        .list(&format!("{dir}/"))
+        .await?
+        .into_iter()
+        .filter(|o| {
+            o.path
+                .rsplit('/')
+                .next()
+                .is_some_and(|name| layout::is_rank_data_file(name, rank))
+        })
+        .map(|o| o.path)
+        .collect();
+    match found.len() {
+        0 => Err(Error::NotFound {
+            path: format!("{dir}/rank-{rank:05}.*.safetensors"),
+        }),
+        1 => Ok(found.remove(0)),
+        _ => Err(Error::Incomplete {
+            path: dir,
+            reason: format!("rank {rank} has {} shard files: {found:?}", found.len()),
+        }),
+    }
+}
+
 /// Checks that every shard file the manifest names exists with the length
 /// the manifest recorded, and that its header matches its recorded crc32c.
 pub async fn check_files(tier: &dyn Tier, m: &Manifest) -> Result<()> {

@@ -18,6 +18,6 @@ pub use gc::{GcReport, abandon_steps, delete_step, gc};
 pub(crate) use listing::committed_in;
 pub use listing::{
     StepEvent, StepNote, check_files, check_header, check_rank_files, committed_steps,
-    load_manifest, runs, step_notes,
+    load_manifest, runs, shard_file, step_notes,
 };
 pub use reader::CheckpointStore;

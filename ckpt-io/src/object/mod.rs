@@ -464,6 +464,7 @@ impl ObjectTier {
                 path: prefix.clone(),
                 reason: format!("not a valid object key prefix: {e}"),
             })?;
+            check_echo_safe(&prefix, "prefix")?;
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -589,6 +590,7 @@ impl Inner {
         } else {
             format!("{}/{path}", self.prefix)
         };
+        check_echo_safe(path, "object key")?;
         Path::parse(&full).map_err(|e| Error::InvalidPath {
             path: path.to_string(),
             reason: format!("not a valid object key on {}: {e}", self.location),
@@ -737,6 +739,28 @@ impl Inner {
             }
         }
         Ok(())
+    }
+}
+
+/// Words that `object_store` reads as a failure anywhere in the body of a
+/// `200 OK` (its retry layer's check for S3's in-body errors), and that a
+/// bulk delete or a multipart completion echo back with the key: a key
+/// containing one fails every such request.
+const ECHOED_ERROR_WORDS: [&str; 2] = ["InternalError", "SlowDown"];
+
+/// Refuses a key or prefix that would make successful requests look
+/// failed (see [`ECHOED_ERROR_WORDS`]), naming the word.
+fn check_echo_safe(path: &str, what: &str) -> Result<()> {
+    match ECHOED_ERROR_WORDS.iter().find(|w| path.contains(*w)) {
+        Some(word) => Err(Error::InvalidPath {
+            path: path.to_string(),
+            reason: format!(
+                "an {what} on an object store must not contain `{word}`: the S3 client reads \
+                 that word in a response body (which echoes the key) as a failed request; \
+                 rename the run, prefix or incarnation"
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
