@@ -184,9 +184,7 @@ export AWS_ENDPOINT_URL=$endpoint
 export AWS_ALLOW_HTTP=true
 export CKPT_S3S_FS=$bin
 export CKPT_TEST_S3_PID=$SERVER_PID
-# s3s-fs honours If-None-Match but not atomically under concurrent writers;
-# the conformance race check is skipped (with a printed reason) against it.
-export CKPT_TEST_S3_CREATE_RACY=1
+export CKPT_TEST_S3_SERVER=s3s-fs-$S3S_FS_VERSION
 export CKPT_TEST_S3_DATA_DIR=$DATA_DIR
 EOF
     echo "s3s-fs $S3S_FS_VERSION (pid $SERVER_PID) serves bucket $BUCKET at $endpoint; data in $DATA_DIR" >&2

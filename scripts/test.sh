@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it, on a fresh machine:
-#   - installs (first run only) and starts a local S3-compatible server on
-#     127.0.0.1 for the object-store tests, and stops it afterwards;
+#   - installs (first run only) and starts two local S3-compatible servers
+#     on 127.0.0.1 for the object-store tests, s3s-fs and Garage (a
+#     production store), and stops them afterwards;
 #   - checks formatting, lints, docs (warnings are errors), and that the
 #     library builds with no features and with each feature alone;
-#   - runs every test of the workspace with all features.
+#   - runs every test of the workspace with all features (the S3 tests
+#     against s3s-fs), then the S3 tests, the CLI's and the examples'
+#     S3 runs again against Garage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,14 +31,40 @@ for features in "" s3 peer conformance; do
   cargo check -p ckpt-io --lib --no-default-features --features "${features}"
 done
 
-if [ -x scripts/s3-server.sh ]; then
-  echo "== S3 test server"
-  scripts/s3-server.sh start
-  trap 'scripts/s3-server.sh stop || true' EXIT
+echo "== S3 test servers: s3s-fs now, Garage built in the background"
+scripts/s3-server.sh start
+cleanup() {
+  scripts/s3-server.sh stop || true
+  scripts/garage-server.sh stop || true
+}
+trap cleanup EXIT
+# Compile every test first, then build Garage (if not installed yet) at
+# low priority while the suite runs: much of the suite waits on timers,
+# processes and sockets, so the build mostly uses idle CPU.
+cargo test --workspace --all-features --no-run
+mkdir -p target
+nice -n 19 scripts/garage-server.sh install >target/garage-install.log 2>&1 &
+garage_install=$!
+
+echo "== tests (S3 tests against s3s-fs)"
+(
   # shellcheck disable=SC1091
   source target/s3-test-server.env
   export CKPT_REQUIRE_S3=1
-fi
+  cargo test --workspace --all-features --no-fail-fast
+)
 
-echo "== tests"
-cargo test --workspace --all-features --no-fail-fast
+echo "== S3 tests against Garage"
+if ! wait "$garage_install"; then
+  tail -n 30 target/garage-install.log >&2
+  echo "installing Garage failed" >&2
+  exit 1
+fi
+scripts/garage-server.sh start
+(
+  # shellcheck disable=SC1091
+  source target/garage-test-server.env
+  export CKPT_REQUIRE_S3=1
+  cargo test --all-features --no-fail-fast -p ckpt-io --test s3 \
+    -p ckpt --test cli --test quickstart_resume --test multi_rank_commit
+)

@@ -74,6 +74,22 @@ fn stdout(out: &std::process::Output) -> String {
 }
 
 /// The README's commands, in order, on one location.
+/// What `ckpt ls` must report for the location's conditional create: a
+/// directory's `link(2)` is atomic; the test servers are what their start
+/// scripts name (`CKPT_TEST_S3_SERVER`, see docs/s3.md).
+fn expected_guarantee(loc: &Loc) -> &'static str {
+    if loc.s3.is_none() {
+        return "atomic";
+    }
+    let server = std::env::var("CKPT_TEST_S3_SERVER").unwrap_or_default();
+    common::s3s::expected_guarantee(&server).unwrap_or_else(|| {
+        panic!(
+            "CKPT_TEST_S3_SERVER={server:?}: set it to the server under test (docs/s3.md lists \
+             what each guarantees)"
+        )
+    })
+}
+
 fn ls_inspect_verify_export_gc(loc: &Loc) {
     write_checkpoints(loc);
 
@@ -83,10 +99,28 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
         "{}",
         String::from_utf8_lossy(&ls.stderr)
     );
-    let rows: Vec<serde_json::Value> = stdout(&ls)
+    let lines: Vec<serde_json::Value> = stdout(&ls)
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
+    let (rows, location): (Vec<_>, Vec<_>) = lines
+        .into_iter()
+        .partition(|r| r.get("create_guarantee").is_none());
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| r.get("step").is_some())
+        .collect();
+    // The location's commit guarantee, probed where it is a server's.
+    let want = expected_guarantee(loc);
+    assert_eq!(location.len(), 1, "{location:?}");
+    assert_eq!(location[0]["create_guarantee"], want, "{location:?}");
+    assert_eq!(
+        location[0]["location"]
+            .as_str()
+            .map(|l| l.starts_with(&loc.loc) || loc.loc.starts_with(l)),
+        Some(true),
+        "{location:?}"
+    );
     assert_eq!(
         rows.iter()
             .map(|r| r["step"].as_u64().expect("step"))
@@ -98,6 +132,14 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
         && r["bytes"].as_u64().expect("bytes") > 1 << 20));
     let table = loc.ckpt(&["ls"]);
     assert!(table.status.success());
+    let want = format!(
+        "conditional create {}",
+        match expected_guarantee(loc) {
+            "atomic" => "honoured (atomic)",
+            other => other,
+        }
+    );
+    assert!(stdout(&table).contains(&want), "{}", stdout(&table));
     assert_eq!(
         stdout(&table)
             .lines()
@@ -118,6 +160,17 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
     let text = loc.ckpt(&["inspect"]);
     assert!(
         stdout(&text).contains("run quickstart  step 30"),
+        "{}",
+        stdout(&text)
+    );
+    assert!(
+        stdout(&text).contains(&format!(
+            "conditional create {}",
+            match expected_guarantee(loc) {
+                "atomic" => "honoured (atomic)",
+                other => other,
+            }
+        )),
         "{}",
         stdout(&text)
     );
@@ -161,8 +214,10 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
         String::from_utf8_lossy(&gc.stderr)
     );
     let ls = loc.ckpt(&["ls", "--json"]);
-    assert_eq!(stdout(&ls).lines().count(), 1);
-    assert!(stdout(&ls).contains("\"step\":30"), "{}", stdout(&ls));
+    let listed = stdout(&ls);
+    let steps: Vec<&str> = listed.lines().filter(|l| l.contains("\"step\"")).collect();
+    assert_eq!(steps.len(), 1, "{}", stdout(&ls));
+    assert!(steps[0].contains("\"step\":30"), "{}", stdout(&ls));
 }
 
 #[test]

@@ -255,7 +255,7 @@ fn killed_rank_restarts_the_job_from_s3_and_it_ends_bit_exact() {
         &[
             ("AWS_ENDPOINT_URL", &s3.endpoint),
             ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_REGION", "us-east-1"),
+            ("AWS_REGION", &s3.region()),
         ],
     );
     assert!(out.status.success(), "killed run failed\n{}", text(&out));

@@ -51,6 +51,17 @@ pub enum Error {
         path: String,
     },
 
+    /// Another coordinator's commit of the same step won: on a store that
+    /// does not make conditional creates atomic, the MANIFEST read back
+    /// after the create is not the one this commit wrote.
+    #[error("lost the commit of {path}: {reason}")]
+    CommitConflict {
+        /// The MANIFEST's path.
+        path: String,
+        /// Whose commit is there instead.
+        reason: String,
+    },
+
     /// Stored bytes do not match their checksum.
     #[error(
         "corrupt data in {path}, chunk {chunk}: expected crc32c {expected:#010x}, found {found:#010x}"
@@ -353,6 +364,7 @@ impl Error {
         match self {
             Error::NotFound { .. } => "NotFound",
             Error::AlreadyExists { .. } => "AlreadyExists",
+            Error::CommitConflict { .. } => "CommitConflict",
             Error::Corrupt { .. } => "Corrupt",
             Error::CorruptHeader { .. } => "CorruptHeader",
             Error::Incomplete { .. } => "Incomplete",

@@ -130,4 +130,6 @@ pub use save::pool::StagingStats;
 pub use store::retention::Retention;
 pub use store::{CheckpointStore, GcReport, VerifyReport};
 pub use tier::memory::MemoryTier;
-pub use tier::{Capabilities, ObjectMeta, PutMode, Tier, TierWriter};
+pub use tier::{
+    Capabilities, CreateGuarantee, ObjectMeta, PROBE_DIR, PutMode, Tier, TierWriter, probe_create,
+};

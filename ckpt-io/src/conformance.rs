@@ -101,6 +101,8 @@ pub async fn run_all_except(tier: Arc<dyn Tier>, skip: &[(&str, &str)]) {
     }
     let skipped = |name: &str| skip.iter().any(|(c, _)| *c == name);
     let t = tier.as_ref();
+    let guarantee = t.create_guarantee().await;
+    eprintln!("conformance on {}: {guarantee}", t.location());
     put_get_size(t, &unique_prefix("put_get_size")).await;
     list_is_recursive_and_prefix_filtered(t, &unique_prefix("list")).await;
     delete_semantics(t, &unique_prefix("delete")).await;
@@ -111,6 +113,9 @@ pub async fn run_all_except(tier: Arc<dyn Tier>, skip: &[(&str, &str)]) {
     ranged_reads(t, &unique_prefix("ranges")).await;
     if !skipped("race") {
         concurrent_commit_has_one_winner(&tier, &unique_prefix("race")).await;
+    }
+    if !skipped("racing_coordinators") {
+        racing_coordinators_commit_once(&tier, &unique_prefix("coordinators")).await;
     }
     retention_gc(&tier, &unique_prefix("gc")).await;
     checkpoint_round_trip(&tier, &unique_prefix("roundtrip")).await;
@@ -350,9 +355,13 @@ pub async fn delete_semantics(tier: &dyn Tier, prefix: &str) {
 
 /// `put(Create)` on an existing object fails with
 /// [`Error::AlreadyExists`] naming it, and the first content stays; it
-/// leaves nothing else behind.
+/// leaves nothing else behind. Every tier, whatever its
+/// [`Tier::create_guarantee`] (asked first: a tier that probes its backend
+/// falls back to check-then-write where the backend ignores the
+/// condition); only the race is allowed to differ.
 pub async fn create_is_exclusive(tier: &dyn Tier, prefix: &str) {
     const C: &str = "create";
+    let _ = tier.create_guarantee().await;
     let path = format!("{prefix}/step/MANIFEST.json");
     put(tier, C, &path, b"first", PutMode::Create).await;
     for data in [&b"second"[..], b"", &pattern(100_000, 9)] {
@@ -681,15 +690,14 @@ pub async fn ranged_reads(tier: &dyn Tier, prefix: &str) {
 
 /// N tasks racing `put(path, .., Create)` on the same commit marker:
 /// exactly one succeeds, every other fails with [`Error::AlreadyExists`],
-/// and the stored object is the winner's. Skipped for tiers without
-/// `atomic_create`.
+/// and the stored object is the winner's. Skipped, saying so, for tiers
+/// whose [`Tier::create_guarantee`] is not atomic (the probe found the
+/// race); [`racing_coordinators_commit_once`] holds on those too.
 pub async fn concurrent_commit_has_one_winner(tier: &Arc<dyn Tier>, prefix: &str) {
     const C: &str = "race";
-    if !tier.capabilities().atomic_create {
-        eprintln!(
-            "conformance `{C}` skipped on {}: the tier does not claim atomic_create",
-            tier.location()
-        );
+    let g = tier.create_guarantee().await;
+    if !g.is_atomic() {
+        eprintln!("conformance `{C}` skipped on {}: {g}", tier.location());
         return;
     }
     const TASKS: usize = 16;
@@ -732,6 +740,100 @@ pub async fn concurrent_commit_has_one_winner(tier: &Arc<dyn Tier>, prefix: &str
         fail(tier.as_ref(), C, "racing creates left other objects behind");
     }
     cleanup(tier.as_ref(), C, prefix).await;
+}
+
+/// 16 coordinators (one-rank jobs of 16 incarnations, as after a
+/// split brain) save the same step of one run at once, on any tier,
+/// whatever its [`Tier::create_guarantee`]: exactly one reports the step
+/// committed, and the MANIFEST there is that one's (its incarnation and
+/// data); every other one reports `AlreadyExists` or `CommitConflict`.
+pub async fn racing_coordinators_commit_once(tier: &Arc<dyn Tier>, run: &str) {
+    const C: &str = "racing_coordinators";
+    const RACERS: usize = 16;
+    let t = tier.as_ref();
+    let barrier = Arc::new(std::sync::Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let (tier, run, barrier) = (tier.clone(), run.to_string(), barrier.clone());
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let ckpt = Checkpointer::builder(run.as_str())
+                    .tier(tier, TierPolicy::keep_last(3))
+                    .incarnation(format!("racer-{i}"))
+                    .chunk_size(4096)
+                    .block_size(8192)
+                    .staging_capacity(64 << 10)
+                    .runtime(handle)
+                    .build()?;
+                let w = pattern(20_000, 1000 + i as u64);
+                let tensor = TensorRef::new("w", ckpt_core::DType::U8, &[20_000], &w);
+                let state = TrainingState::builder(1)
+                    .model([&tensor as &dyn ckpt_core::TensorView])
+                    .without_optimizer()
+                    .rng(&(i as u64))
+                    .data_loader(&(i as u64))
+                    .lr_schedule(&0.1f64)
+                    .build()?;
+                barrier.wait();
+                let handle = ckpt.save(&state)?;
+                let _ = handle.wait();
+                let report = handle.report();
+                drop(ckpt);
+                Ok::<_, Error>((i, report))
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (i, report) = match task.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => fail(t, C, format!("a racer could not save: {e}")),
+            Err(e) => fail(t, C, format!("a racer panicked: {e}")),
+        };
+        let tr = report
+            .tiers
+            .first()
+            .unwrap_or_else(|| fail(t, C, format!("racer {i}: no tier report")));
+        match (&tr.committed, &tr.error) {
+            (true, _) => winners.push(i),
+            (false, Some(Error::AlreadyExists { .. } | Error::CommitConflict { .. })) => {}
+            (false, e) => fail(t, C, format!("racer {i} failed otherwise: {e:?}")),
+        }
+    }
+    if winners.len() != 1 {
+        fail(
+            t,
+            C,
+            format!(
+                "{} of {RACERS} racing coordinators report the commit: {winners:?}",
+                winners.len()
+            ),
+        );
+    }
+    let m = ok(t, C, "load manifest", store::load_manifest(t, run, 1).await);
+    let winner = winners[0];
+    if m.incarnation != format!("racer-{winner}") {
+        fail(
+            t,
+            C,
+            format!(
+                "racer {winner} reports the commit, the MANIFEST is {}'s",
+                m.incarnation
+            ),
+        );
+    }
+    if m.ranks[0].loop_state.data_loader::<u64>().ok() != Some(winner as u64) {
+        fail(t, C, "the MANIFEST's loop state is not the winner's");
+    }
+    let verified = store::verify_step(t, &m).await;
+    if !verified.is_ok() {
+        fail(
+            t,
+            C,
+            format!("the winner's step does not verify: {verified:?}"),
+        );
+    }
+    cleanup(t, C, run).await;
 }
 
 /// The tensors the checkpointer checks save at `step`.

@@ -503,6 +503,10 @@ impl Tier for FaultTier {
         self.inner.capabilities()
     }
 
+    fn create_guarantee(&self) -> BoxFuture<'_, ckpt_core::CreateGuarantee> {
+        self.inner.create_guarantee()
+    }
+
     fn create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {
         Box::pin(async move {
             pause(self.enter(OpKind::Create, path)).await;

@@ -189,6 +189,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", String::from_utf8_lossy(&m.to_json()?));
             } else {
                 print_manifest(&m);
+                print_guarantee(&store, false)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -270,7 +271,25 @@ fn ls(target: &Target, json: bool) -> Result<ExitCode> {
         }
         print_step_notes(&store, &r, json)?;
     }
+    print_guarantee(&store, json)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the location's commits rest on: whether its conditional create is
+/// atomic (an S3 server is probed once).
+fn print_guarantee(store: &CheckpointStore, json: bool) -> Result<()> {
+    let g = store.create_guarantee()?;
+    let location = store.tier().location();
+    if json {
+        println!(
+            "{}",
+            json!({"location": location, "create_guarantee": g.name(), "detail": g.to_string(),
+                "commits": g.consequence()})
+        );
+    } else {
+        println!("location {location}: {g}: {}", g.consequence());
+    }
+    Ok(())
 }
 
 /// The saves of `run` the coordinator refused (replicas that differed, a

@@ -165,6 +165,24 @@ impl Bundled {
     pub fn env(&self, cmd: &mut Command) {
         cmd.env("AWS_ENDPOINT_URL", &self.endpoint)
             .env("AWS_ALLOW_HTTP", "true")
-            .env("AWS_REGION", "us-east-1");
+            .env("AWS_REGION", self.region());
+    }
+
+    /// The server's region (`AWS_REGION` of its env file; Garage names its
+    /// own), `us-east-1` if unset.
+    pub fn region(&self) -> String {
+        std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into())
+    }
+}
+
+/// What the conditional create of the server named `server`
+/// (`CKPT_TEST_S3_SERVER`: `s3s-fs-0.14.1`, `garage-2.5.0`, `minio`, `aws`)
+/// guarantees, as `CreateGuarantee::name` spells it (docs/s3.md).
+pub fn expected_guarantee(server: &str) -> Option<&'static str> {
+    match server {
+        s if s.starts_with("s3s-fs") => Some("racy"),
+        s if s.starts_with("garage") => Some("ignored"),
+        s if s.starts_with("minio") || s.starts_with("aws") => Some("atomic"),
+        _ => None,
     }
 }

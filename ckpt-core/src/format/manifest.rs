@@ -232,6 +232,11 @@ pub struct Manifest {
     /// before it, by the coordinator's process), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<u64>,
+    /// The commit's own nonce (the coordinator's save attempt): on a store
+    /// whose conditional create is not atomic, the coordinator reads the
+    /// MANIFEST back and knows it is its own by this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 fn check_header(path: &str, format: u32, chunk_size: u64, world_size: u32) -> Result<()> {
@@ -886,6 +891,7 @@ impl Manifest {
             ranks: entries,
             lineage: 0,
             parent,
+            commit: None,
         };
         m.validate(&path)?;
         Ok(m)

@@ -164,7 +164,18 @@ async fn run_tier(
                 return Err(e);
             }
         };
+        let guarantee = tier.create_guarantee().await;
+        let mut manifest = manifest;
+        manifest.commit = Some(ctx.attempt.clone());
         let json = Bytes::from(manifest.to_json()?);
+        let put_start = Instant::now();
+        if !guarantee.is_atomic() && tier.size(&manifest_path).await.is_ok() {
+            // The single-writer rule: look before writing where the create
+            // itself does not refuse.
+            return Err(Error::AlreadyExists {
+                path: manifest_path,
+            });
+        }
         match tier
             .put(&manifest_path, json.clone(), PutMode::Create)
             .await
@@ -182,6 +193,9 @@ async fn run_tier(
                 );
             }
             Err(e) => return Err(e),
+        }
+        if !guarantee.is_atomic() {
+            confirm_commit(tier, ctx, &manifest_path, &json, put_start.elapsed()).await?;
         }
         *committed_at = Some(start.elapsed());
         crate::phase("gc", ctx.step);
@@ -303,6 +317,46 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(250));
     }
+}
+
+/// On a store whose conditional create is not atomic, a racing
+/// coordinator may have written the MANIFEST too (the last write wins):
+/// wait until every create that could have raced ours has landed (several
+/// times the create's own latency, 250 ms to 5 s), read the MANIFEST back,
+/// and own the commit only if it is byte for byte ours.
+async fn confirm_commit(
+    tier: &dyn Tier,
+    ctx: &SaveCtx,
+    path: &str,
+    ours: &Bytes,
+    put_took: Duration,
+) -> Result<()> {
+    let settle = (put_took * 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    tokio::time::sleep(settle).await;
+    let found = tier.get(path).await?;
+    if found == *ours {
+        return Ok(());
+    }
+    let theirs = Manifest::parse(path, &found)
+        .map(|m| {
+            format!(
+                "incarnation {}, commit {}",
+                m.incarnation,
+                m.commit.as_deref().unwrap_or("-")
+            )
+        })
+        .unwrap_or_else(|e| format!("an unreadable MANIFEST ({e})"));
+    Err(Error::CommitConflict {
+        path: path.to_string(),
+        reason: format!(
+            "{} does not make conditional creates atomic and another coordinator's MANIFEST \
+             is there ({theirs}), not this one's (incarnation {}, commit {}): run one \
+             coordinator per run on this store",
+            tier.location(),
+            ctx.incarnation,
+            ctx.attempt
+        ),
+    })
 }
 
 /// Before the commit, every shard file the merged manifest names must be

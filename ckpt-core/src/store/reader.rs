@@ -110,6 +110,13 @@ impl CheckpointStore {
         self.block_on(crate::store::events::read(self.tier.as_ref(), run))?
     }
 
+    /// What the location's conditional create guarantees (an object store
+    /// is probed once, with objects under [`crate::PROBE_DIR`] that are
+    /// removed again; see [`Tier::create_guarantee`]).
+    pub fn create_guarantee(&self) -> Result<crate::tier::CreateGuarantee> {
+        self.block_on(self.tier.create_guarantee())
+    }
+
     /// The verified manifest of `run`'s step `step`.
     pub fn manifest(&self, run: &str, step: u64) -> Result<Manifest> {
         self.block_on(crate::store::load_manifest(self.tier.as_ref(), run, step))?

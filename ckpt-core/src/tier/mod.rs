@@ -7,6 +7,9 @@
 //! ckpt-core on top of it, identical for every tier.
 
 pub(crate) mod memory;
+mod probe;
+
+pub use probe::{CreateGuarantee, PROBE_DIR, probe_create};
 
 use std::fmt::Debug;
 use std::ops::Range;
@@ -117,6 +120,23 @@ pub trait Tier: Send + Sync + Debug + 'static {
 
     /// What this tier guarantees.
     fn capabilities(&self) -> Capabilities;
+
+    /// What a `put(.., PutMode::Create)` guarantees here, as observed: the
+    /// commit relies on it. The default trusts
+    /// [`Capabilities::atomic_create`] (a tier that does not claim it is
+    /// [`CreateGuarantee::Ignored`]); a tier whose backend may not honour
+    /// what it is asked (an S3-compatible server) probes it with
+    /// [`probe_create`] once and remembers the answer.
+    fn create_guarantee(&self) -> BoxFuture<'_, CreateGuarantee> {
+        let claimed = self.capabilities().atomic_create;
+        Box::pin(async move {
+            if claimed {
+                CreateGuarantee::Atomic
+            } else {
+                CreateGuarantee::Ignored
+            }
+        })
+    }
 
     /// Starts a new object at `path`, written front to back with
     /// [`TierWriter::write`]. It must not become readable under `path`

@@ -106,7 +106,9 @@ use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore, RetryConfig};
 
 use ckpt_core::ErrorSource as Source;
-use ckpt_core::{Capabilities, Error, ObjectMeta, PutMode, Result, Tier, TierWriter};
+use ckpt_core::{
+    Capabilities, CreateGuarantee, Error, ObjectMeta, PutMode, Result, Tier, TierWriter,
+};
 
 pub use object_store;
 
@@ -335,6 +337,9 @@ struct Inner {
     /// `endpoint …, bucket …` or the store's own description, for errors.
     target: Target,
     config: ObjectTierConfig,
+    /// What the server's conditional create turned out to guarantee
+    /// (probed once, at the first commit or `ckpt ls`).
+    create_guarantee: tokio::sync::OnceCell<CreateGuarantee>,
 }
 
 #[derive(Debug)]
@@ -473,6 +478,7 @@ impl ObjectTier {
                 location,
                 target,
                 config,
+                create_guarantee: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -850,6 +856,39 @@ impl Tier for ObjectTier {
                 (c.part_size as u64).saturating_mul(c.max_parts_in_flight as u64 + 1),
             )
             .with_max_object(Some((c.part_size as u64).saturating_mul(c.max_parts)))
+    }
+
+    /// With conditional puts on (the default), the server's answer is
+    /// probed once ([`ckpt_core::probe_create`], 16 racers under
+    /// `.ckpt-probe/`) and a server that does not honour them is named in
+    /// one warning; with them off, [`CreateGuarantee::Ignored`]. A probe
+    /// that could not run (an outage) is tried again next time.
+    fn create_guarantee(&self) -> BoxFuture<'_, CreateGuarantee> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            if !inner.config.conditional_put {
+                return CreateGuarantee::Ignored;
+            }
+            if let Some(g) = inner.create_guarantee.get() {
+                return g.clone();
+            }
+            let nonce = ckpt_core::format::layout::new_attempt("probe", 0);
+            let g = ckpt_core::probe_create(self, &nonce, 16).await;
+            if matches!(g, CreateGuarantee::Unknown { .. }) {
+                return g;
+            }
+            let g = inner.create_guarantee.get_or_init(|| async { g }).await;
+            if !g.is_atomic() {
+                tracing::warn!(
+                    tier = %inner.location,
+                    server = %inner.target,
+                    guarantee = %g,
+                    "this S3 server does not make conditional creates atomic: {}",
+                    g.consequence()
+                );
+            }
+            g.clone()
+        })
     }
 
     fn create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {

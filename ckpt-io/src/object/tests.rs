@@ -372,3 +372,17 @@ async fn conformance_suite_on_in_memory_store() {
     let (_store, tier) = mem_tier(true);
     crate::conformance::run_all(Arc::new(tier)).await;
 }
+
+/// `InMemory` honours conditional puts under a race: the probe says so,
+/// leaves nothing behind, and is asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_finds_in_memory_atomic() {
+    let (store, tier) = mem_tier(true);
+    assert_eq!(tier.create_guarantee().await, CreateGuarantee::Atomic);
+    assert!(tier.list("").await.expect("list").is_empty());
+    let listed = store.list(None).count().await;
+    assert_eq!(listed, 0, "probe objects left in the store");
+    assert_eq!(tier.create_guarantee().await, CreateGuarantee::Atomic);
+    let (_, off) = mem_tier(false);
+    assert_eq!(off.create_guarantee().await, CreateGuarantee::Ignored);
+}

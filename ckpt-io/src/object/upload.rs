@@ -21,7 +21,18 @@ pub(super) async fn put(inner: &Inner, path: &str, data: Bytes, mode: PutMode) -
     let key = inner.key(path)?;
     let store_mode = match mode {
         PutMode::Overwrite => StorePutMode::Overwrite,
-        PutMode::Create if inner.config.conditional_put => StorePutMode::Create,
+        // A server the probe found to ignore `If-None-Match` gets the
+        // single-writer fallback too (and still the conditional header,
+        // in case it honours it for some requests).
+        PutMode::Create
+            if inner.config.conditional_put
+                && !matches!(
+                    inner.create_guarantee.get(),
+                    Some(ckpt_core::CreateGuarantee::Ignored)
+                ) =>
+        {
+            StorePutMode::Create
+        }
         PutMode::Create => {
             // Single-writer fallback: check, then write.
             match super::download::size(inner, path).await {
@@ -30,6 +41,7 @@ pub(super) async fn put(inner: &Inner, path: &str, data: Bytes, mode: PutMode) -
                         path: path.to_string(),
                     });
                 }
+                Err(Error::NotFound { .. }) if inner.config.conditional_put => StorePutMode::Create,
                 Err(Error::NotFound { .. }) => StorePutMode::Overwrite,
                 Err(e) => return Err(e),
             }
