@@ -456,6 +456,7 @@ impl CheckpointerBuilder {
                 tier,
                 policy,
                 previous: Mutex::new(None),
+                base: Default::default(),
             })
             .collect();
         Ok(Checkpointer {

@@ -79,6 +79,8 @@ struct TierSlot {
     /// Completion of the previous save to this tier.
     previous: Mutex<Option<oneshot::Receiver<()>>>,
     health: Arc<Health>,
+    /// The previous save committed here, for incremental saves.
+    base: crate::save::incremental::BaseCell,
 }
 
 /// Saves and restores one rank's training state through a list of tiers.
@@ -206,6 +208,11 @@ impl Checkpointer {
         opts: &RestoreOptions,
     ) -> Result<Option<Restored>> {
         let handle = self.handle()?.clone();
+        // The next save is whole on every tier: after a restore (perhaps of
+        // an older step, a rollback) nothing saved before may be a base.
+        for slot in &self.tiers {
+            *lock(&slot.base) = None;
+        }
         let tiers = self.tiers();
         let mut opts = opts.clone();
         if opts.threads == 0 {

@@ -320,6 +320,7 @@ impl Checkpointer {
             manifest,
             previous,
             done,
+            base: slot.base.clone(),
         }
     }
 

@@ -70,6 +70,40 @@ pub struct Piece {
     /// piece one rank holds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<u32>,
+    /// Where each chunk is, when the chunks are not back to back at
+    /// `offset` of `file`: one entry per chunk (an incremental save points
+    /// unchanged chunks at the older step that holds them). Empty: the
+    /// piece is contiguous.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<ChunkLoc>,
+}
+
+/// Where one chunk of a [`Piece`] is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkLoc {
+    /// The older step whose directory holds the bytes; absent: this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+    /// The file in that step's directory.
+    pub file: String,
+    /// Byte offset of the chunk in the file.
+    pub offset: u64,
+}
+
+/// A run of consecutive chunks of a piece stored back to back in one
+/// file: what one read fetches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    /// Path of the file, relative to the tier root.
+    pub path: String,
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Index (in the piece) of the span's first chunk.
+    pub first_chunk: usize,
+    /// Byte offset of the span within the piece.
+    pub piece_offset: u64,
 }
 
 impl Piece {
@@ -80,6 +114,56 @@ impl Piece {
             offsets: self.global_offsets.clone(),
             shape: self.shape.clone(),
         }
+    }
+
+    /// The reads that fetch bytes `start..end` of the piece (both multiples
+    /// of `chunk_size`, or `end` the piece's length) of step `step` of
+    /// `run`: one span when the piece is contiguous, else one per run of
+    /// chunks that lie back to back in one file.
+    pub fn spans(&self, run: &str, step: u64, chunk_size: u64, start: u64, end: u64) -> Vec<Span> {
+        let end = end.min(self.length);
+        if start >= end {
+            return Vec::new();
+        }
+        let here = layout::step_dir(run, step);
+        if self.chunks.is_empty() {
+            return vec![Span {
+                path: format!("{here}/{}", self.file),
+                offset: self.offset + start,
+                len: end - start,
+                first_chunk: (start / chunk_size) as usize,
+                piece_offset: start,
+            }];
+        }
+        let mut out: Vec<Span> = Vec::new();
+        let first = (start / chunk_size) as usize;
+        let last = end.div_ceil(chunk_size) as usize;
+        for (i, loc) in self.chunks.iter().enumerate().take(last).skip(first) {
+            let at = i as u64 * chunk_size;
+            let len = chunk_size.min(end - at);
+            let path = match loc.step {
+                Some(s) => format!("{}/{}", layout::step_dir(run, s), loc.file),
+                None => format!("{here}/{}", loc.file),
+            };
+            match out.last_mut() {
+                Some(prev) if prev.path == path && prev.offset + prev.len == loc.offset => {
+                    prev.len += len;
+                }
+                _ => out.push(Span {
+                    path,
+                    offset: loc.offset,
+                    len,
+                    first_chunk: i,
+                    piece_offset: at,
+                }),
+            }
+        }
+        out
+    }
+
+    /// The older steps this piece's chunks point into.
+    pub fn referenced_steps(&self) -> impl Iterator<Item = u64> + '_ {
+        self.chunks.iter().filter_map(|c| c.step)
     }
 }
 
@@ -306,6 +390,41 @@ fn check_header_sum(
     }
 }
 
+/// A piece's chunk map: one entry per chunk, plain file names, chunks of
+/// this step inside its file (chunks of older steps are checked when they
+/// are read: their files' lengths are in those steps' manifests).
+fn check_chunk_map(
+    path: &str,
+    name: &str,
+    piece: &Piece,
+    chunk_size: u64,
+    file_len: u64,
+) -> Result<()> {
+    let bad = |reason: String| Error::manifest(path, format!("tensor `{name}`: {reason}"));
+    let want = chunk_count(piece.length, chunk_size);
+    if piece.chunks.len() as u64 != want {
+        return Err(bad(format!(
+            "chunk map of {} entries for {want} chunks",
+            piece.chunks.len()
+        )));
+    }
+    for (i, c) in piece.chunks.iter().enumerate() {
+        check_file_name(path, &c.file)?;
+        let len = chunk_size.min(piece.length - i as u64 * chunk_size);
+        let end = c
+            .offset
+            .checked_add(len)
+            .ok_or_else(|| bad(format!("chunk {i}: offset + length overflows")))?;
+        if c.step.is_none() && (c.file != piece.file || end > file_len) {
+            return Err(bad(format!(
+                "chunk {i} ({} at {}..{end}) is not inside this step's file {} ({file_len} bytes)",
+                c.file, c.offset, piece.file
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_piece(
     path: &str,
     name: &str,
@@ -336,11 +455,14 @@ fn check_piece(
         .offset
         .checked_add(piece.length)
         .ok_or_else(|| bad("offset + length overflows".into()))?;
-    if end > file_len {
+    if piece.chunks.is_empty() && end > file_len {
         return Err(bad(format!(
             "piece ends at byte {end}, past the end of {} ({file_len} bytes)",
             piece.file
         )));
+    }
+    if !piece.chunks.is_empty() {
+        check_chunk_map(path, name, piece, chunk_size, file_len)?;
     }
     if piece.crc32c.len() as u64 != chunk_count(piece.length, chunk_size) {
         return Err(bad(format!(
@@ -793,6 +915,20 @@ impl Manifest {
                     self.chunk_size,
                     rank.file_len,
                 )?;
+            }
+            if let Some(s) = t
+                .pieces
+                .iter()
+                .flat_map(Piece::referenced_steps)
+                .find(|s| *s >= self.step)
+            {
+                return Err(Error::manifest(
+                    path,
+                    format!(
+                        "tensor `{name}` refers to step {s}, not older than this step {}",
+                        self.step
+                    ),
+                ));
             }
             check_tiling(path, name, &t.shape, &t.pieces)?;
         }

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 use crate::format::checksum::verify_chunks;
-use crate::format::layout;
-use crate::format::manifest::{Manifest, Piece};
+use crate::format::manifest::{Manifest, Piece, Span};
 use crate::model::{ShardSpec, TensorViewMut, checked_nbytes};
 use crate::restore::block_on;
 use crate::restore::reshard::plan_runs;
@@ -27,10 +26,9 @@ const READ_UNIT: u64 = 8 << 20;
 
 enum Unit<'a> {
     Direct {
-        path: String,
-        offset: u64,
+        /// Where the bytes are: one span for a contiguous piece.
+        spans: Vec<Span>,
         buf: &'a mut [u8],
-        first_chunk: usize,
         crcs: &'a [u32],
     },
     Scatter {
@@ -141,7 +139,6 @@ fn units<'a>(
     targets: &'a mut [&mut dyn TensorViewMut],
     regions: Vec<ShardSpec>,
 ) -> Result<Vec<Unit<'a>>> {
-    let dir = layout::step_dir(&m.run, m.step);
     let mut units: Vec<Unit<'a>> = Vec::new();
     for (t, region) in targets.iter_mut().zip(regions) {
         let name = t.name().to_string();
@@ -160,15 +157,13 @@ fn units<'a>(
             .iter()
             .find(|p| p.global_offsets == region.offsets && p.shape == region.shape);
         if let Some(p) = exact {
-            let path = format!("{dir}/{}", p.file);
             let unit = READ_UNIT.max(m.chunk_size) / m.chunk_size * m.chunk_size;
             for (i, part) in buf.chunks_mut(unit as usize).enumerate() {
                 let rel = i as u64 * unit;
+                let spans = p.spans(&m.run, m.step, m.chunk_size, rel, rel + part.len() as u64);
                 units.push(Unit::Direct {
-                    path: path.clone(),
-                    offset: p.offset + rel,
+                    spans,
                     buf: part,
-                    first_chunk: (rel / m.chunk_size) as usize,
                     crcs: &p.crc32c,
                 });
             }
@@ -189,18 +184,10 @@ fn units<'a>(
         });
     }
     units.sort_by(|a, b| match (a, b) {
-        (
-            Unit::Direct {
-                path: pa,
-                offset: oa,
-                ..
-            },
-            Unit::Direct {
-                path: pb,
-                offset: ob,
-                ..
-            },
-        ) => (pa, oa).cmp(&(pb, ob)),
+        (Unit::Direct { spans: sa, .. }, Unit::Direct { spans: sb, .. }) => {
+            let key = |s: &[Span]| s.first().map(|s| (s.path.clone(), s.offset));
+            key(sa).cmp(&key(sb))
+        }
         (Unit::Direct { .. }, Unit::Scatter { .. }) => std::cmp::Ordering::Less,
         (Unit::Scatter { .. }, Unit::Direct { .. }) => std::cmp::Ordering::Greater,
         (Unit::Scatter { buf: x, .. }, Unit::Scatter { buf: y, .. }) => y.len().cmp(&x.len()),
@@ -221,7 +208,6 @@ fn read_pool<'a>(
     units: Vec<Unit<'a>>,
     threads: usize,
 ) -> Result<u64> {
-    let dir = layout::step_dir(&m.run, m.step);
     let queue = Mutex::new(units);
     let total = Mutex::new(0u64);
     let threads = threads.clamp(1, 64);
@@ -242,7 +228,7 @@ fn read_pool<'a>(
             let Ok(v) = lock(&verify_rx).recv() else {
                 return Ok(());
             };
-            if let Err(e) = verify_chunks(&v.path, v.buf, chunk_size, v.first_chunk, v.crcs) {
+            if let Err(e) = verify_spans(&v.spans, v.buf, chunk_size, v.crcs) {
                 return fail(e);
             }
         }
@@ -252,10 +238,11 @@ fn read_pool<'a>(
             let Some(unit) = lock(&queue).pop() else {
                 return Ok(());
             };
-            let (n, verify) = match handle.block_on(run_unit(tier, &dir, unit, chunk_size)) {
-                Ok(x) => x,
-                Err(e) => return fail(e),
-            };
+            let (n, verify) =
+                match handle.block_on(run_unit(tier, &m.run, m.step, unit, chunk_size)) {
+                    Ok(x) => x,
+                    Err(e) => return fail(e),
+                };
             *lock(&total) += n;
             // The verifiers outlive every reader, so the send only fails if
             // one of them failed already.
@@ -290,10 +277,37 @@ fn read_pool<'a>(
 
 /// A buffer read but not yet verified.
 struct Verify<'a> {
-    path: String,
+    spans: Vec<Span>,
     buf: &'a mut [u8],
-    first_chunk: usize,
     crcs: &'a [u32],
+}
+
+/// Reads `spans` (of one piece, in order, starting at the first span's
+/// piece offset) into `buf`, back to back.
+async fn read_spans(tier: &dyn Tier, spans: &[Span], buf: &mut [u8]) -> Result<()> {
+    let base = spans.first().map_or(0, |s| s.piece_offset);
+    for s in spans {
+        let at = (s.piece_offset - base) as usize;
+        let dst = buf
+            .get_mut(at..at + s.len as usize)
+            .ok_or_else(|| Error::Internal(format!("span of {} outside its buffer", s.path)))?;
+        tier.read_into(&s.path, s.offset, dst).await?;
+    }
+    Ok(())
+}
+
+/// Verifies `buf` (read by [`read_spans`]) chunk by chunk, naming the file
+/// each chunk came from.
+fn verify_spans(spans: &[Span], buf: &[u8], chunk_size: u64, crcs: &[u32]) -> Result<()> {
+    let base = spans.first().map_or(0, |s| s.piece_offset);
+    for s in spans {
+        let at = (s.piece_offset - base) as usize;
+        let data = buf
+            .get(at..at + s.len as usize)
+            .ok_or_else(|| Error::Internal(format!("span of {} outside its buffer", s.path)))?;
+        verify_chunks(&s.path, data, chunk_size, s.first_chunk, crcs)?;
+    }
+    Ok(())
 }
 
 /// Reads one unit. A direct read is returned for verification by the
@@ -301,29 +315,16 @@ struct Verify<'a> {
 /// pieces are copied out of the scratch buffer.
 async fn run_unit<'a>(
     tier: &dyn Tier,
-    dir: &str,
+    run: &str,
+    step: u64,
     unit: Unit<'a>,
     chunk_size: u64,
 ) -> Result<(u64, Option<Verify<'a>>)> {
     match unit {
-        Unit::Direct {
-            path,
-            offset,
-            buf,
-            first_chunk,
-            crcs,
-        } => {
-            tier.read_into(&path, offset, buf).await?;
+        Unit::Direct { spans, buf, crcs } => {
+            read_spans(tier, &spans, buf).await?;
             let n = buf.len() as u64;
-            Ok((
-                n,
-                Some(Verify {
-                    path,
-                    buf,
-                    first_chunk,
-                    crcs,
-                }),
-            ))
+            Ok((n, Some(Verify { spans, buf, crcs })))
         }
         Unit::Scatter {
             name,
@@ -346,10 +347,9 @@ async fn run_unit<'a>(
                 let start = c0 * chunk_size;
                 let end = (hi.div_ceil(chunk_size) * chunk_size).min(p.length);
                 let mut scratch = vec![0u8; (end - start) as usize];
-                let path = format!("{dir}/{}", p.file);
-                tier.read_into(&path, p.offset + start, &mut scratch)
-                    .await?;
-                verify_chunks(&path, &scratch, chunk_size, c0 as usize, &p.crc32c)?;
+                let spans = p.spans(run, step, chunk_size, start, end);
+                read_spans(tier, &spans, &mut scratch).await?;
+                verify_spans(&spans, &scratch, chunk_size, &p.crc32c)?;
                 read += scratch.len() as u64;
                 for r in runs {
                     let s = (r.src * elem - start) as usize;

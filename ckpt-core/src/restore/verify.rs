@@ -55,42 +55,52 @@ pub async fn verify_step(tier: &dyn Tier, m: &Manifest) -> VerifyReport {
         report.failures.push(e.to_string());
         return report;
     }
-    let dir = layout::step_dir(&m.run, m.step);
     let unit = VERIFY_UNIT.max(m.chunk_size) / m.chunk_size * m.chunk_size;
     for (name, t) in &m.tensors {
         for p in &t.pieces {
-            let path = format!("{dir}/{}", p.file);
+            let mut whole = p.blake3.as_ref().map(|_| blake3::Hasher::new());
             let mut off = 0u64;
-            while off < p.length {
+            'piece: while off < p.length {
                 let n = unit.min(p.length - off);
-                match tier
-                    .get_range(&path, p.offset + off..p.offset + off + n)
-                    .await
-                {
-                    Ok(bytes) => {
-                        let first = (off / m.chunk_size) as usize;
-                        match verify_chunks(&path, &bytes, m.chunk_size, first, &p.crc32c) {
-                            Ok(()) => report.chunks_ok += n.div_ceil(m.chunk_size),
-                            Err(e) => report.failures.push(format!("tensor `{name}`: {e}")),
+                for span in p.spans(&m.run, m.step, m.chunk_size, off, off + n) {
+                    match tier
+                        .get_range(&span.path, span.offset..span.offset + span.len)
+                        .await
+                    {
+                        Ok(bytes) => {
+                            match verify_chunks(
+                                &span.path,
+                                &bytes,
+                                m.chunk_size,
+                                span.first_chunk,
+                                &p.crc32c,
+                            ) {
+                                Ok(()) => report.chunks_ok += span.len.div_ceil(m.chunk_size),
+                                Err(e) => report.failures.push(format!("tensor `{name}`: {e}")),
+                            }
+                            if let Some(h) = whole.as_mut() {
+                                h.update(&bytes);
+                            }
+                            report.bytes += bytes.len() as u64;
                         }
-                        report.bytes += bytes.len() as u64;
-                    }
-                    Err(e) => {
-                        report.failures.push(format!("tensor `{name}`: {e}"));
-                        break;
+                        Err(e) => {
+                            report.failures.push(format!("tensor `{name}`: {e}"));
+                            whole = None;
+                            break 'piece;
+                        }
                     }
                 }
                 off += n;
             }
-            if let Some(want) = &p.blake3 {
-                // Identity check over the whole piece, when recorded.
-                if let Ok(bytes) = tier.get_range(&path, p.offset..p.offset + p.length).await {
-                    let got = crate::format::checksum::blake3_hex(&bytes);
-                    if &got != want {
-                        report.failures.push(format!(
-                            "tensor `{name}` in {path}: blake3 {got}, expected {want}"
-                        ));
-                    }
+            // Identity check over the whole piece, when recorded.
+            if let (Some(want), Some(h)) = (&p.blake3, whole) {
+                let got = h.finalize().to_hex().to_string();
+                if &got != want {
+                    report.failures.push(format!(
+                        "tensor `{name}` in {}/{}: blake3 {got}, expected {want}",
+                        layout::step_dir(&m.run, m.step),
+                        p.file
+                    ));
                 }
             }
         }

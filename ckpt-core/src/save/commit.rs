@@ -41,6 +41,9 @@ pub(crate) struct TierJob {
     /// in order, so retention never races an older in-flight save.
     pub previous: Option<oneshot::Receiver<()>>,
     pub done: oneshot::Sender<()>,
+    /// What the previous save committed on this tier holds (incremental
+    /// saves compare against it; replaced after this one commits).
+    pub base: crate::save::incremental::BaseCell,
 }
 
 pub(crate) async fn flush_tier(ctx: Arc<SaveCtx>, mut job: TierJob) -> TierReport {
@@ -111,11 +114,23 @@ async fn run_tier(
     let mut writer = tier.create(&data_path).await?;
     let mut written: u64 = 0;
     let rate_start = Instant::now();
+    let mut dedup = job.policy.incremental.map(|full_every| {
+        let base = crate::sync::lock(&job.base)
+            .clone()
+            .filter(|b| b.chain + 1 < full_every);
+        crate::save::incremental::Dedup::new(ctx, base)
+    });
     while let Some(b) = job.data.recv().await {
-        written += b.len() as u64;
-        if let Err(e) = writer.write(b).await {
-            let _ = writer.abort().await;
-            return Err(e);
+        let parts = match dedup.as_mut() {
+            Some(d) => d.push(b),
+            None => vec![b],
+        };
+        for b in parts {
+            written += b.len() as u64;
+            if let Err(e) = writer.write(b).await {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
         }
         if let Some(rate) = job.policy.rate_limit {
             let due = Duration::from_secs_f64(written as f64 / rate as f64);
@@ -132,13 +147,26 @@ async fn run_tier(
             return Err(e);
         }
     };
-    if written != rank_manifest.file_len {
+    let received = dedup.as_ref().map_or(written, |d| d.received());
+    if received != rank_manifest.file_len {
         let _ = writer.abort().await;
         return Err(Error::Incomplete {
             path: data_path,
-            reason: format!("wrote {written} of {} bytes", rank_manifest.file_len),
+            reason: format!("wrote {received} of {} bytes", rank_manifest.file_len),
         });
     }
+    // Where chunks were skipped, this tier's manifest has chunk maps and
+    // the file's own length.
+    let (rank_manifest, next_base) = match dedup {
+        Some(d) => match d.finish(&rank_manifest) {
+            Ok((m, b)) => (Arc::new(m), Some(b)),
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        },
+        None => (rank_manifest, None),
+    };
     writer.finish().await?;
     *flush = start.elapsed();
     crate::phase("commit", ctx.step);
@@ -239,6 +267,9 @@ async fn run_tier(
         )
         .await?;
         *committed_at = Some(start.elapsed());
+    }
+    if let Some(b) = next_base {
+        *crate::sync::lock(&job.base) = Some(Arc::new(b));
     }
     Ok(())
 }

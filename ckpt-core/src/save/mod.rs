@@ -7,7 +7,8 @@
 //! 4. [`copy`]: the copy engine (the math-stop);
 //! 5. [`stream`]: the dispatcher turning staged blocks into each shard
 //!    file's byte stream, and this rank's manifest;
-//! 6. [`commit`]: per tier, write, make durable, commit (the protocol);
+//! 6. [`commit`]: per tier, write, make durable, commit (the protocol),
+//!    through [`incremental`] where the tier takes incremental saves;
 //! 7. [`handle`]: what the caller holds: math-stop now, outcome later;
 //! 8. [`health`]: tiers that fail transiently are left out and probed.
 
@@ -15,6 +16,7 @@ pub(crate) mod commit;
 pub(crate) mod copy;
 pub(crate) mod handle;
 pub(crate) mod health;
+pub(crate) mod incremental;
 pub(crate) mod plan;
 pub(crate) mod policy;
 pub(crate) mod pool;

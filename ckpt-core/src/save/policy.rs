@@ -31,6 +31,12 @@ pub struct TierPolicy {
     /// Delay before rank `r` starts writing: `r × stagger`, so N ranks do not
     /// hit shared storage at the same instant.
     pub stagger: Duration,
+    /// Incremental saves: a chunk whose content (blake3) equals the same
+    /// chunk of the previous save committed on this tier is not written
+    /// again, the manifest points at the bytes already there; every
+    /// `full_every`-th save is written whole, so chains stay short.
+    /// `None`: every save is whole.
+    pub incremental: Option<u32>,
 }
 
 impl Default for TierPolicy {
@@ -40,6 +46,7 @@ impl Default for TierPolicy {
             retention: Retention::default(),
             rate_limit: None,
             stagger: Duration::ZERO,
+            incremental: None,
         }
     }
 }
@@ -77,6 +84,21 @@ impl TierPolicy {
         self
     }
 
+    /// Writes only the chunks that changed since the previous save on this
+    /// tier, and a whole save after `full_every - 1` incremental ones (at
+    /// least 2). The first save of a process, and the first after a
+    /// restore, is whole.
+    ///
+    /// ```
+    /// use ckpt_core::TierPolicy;
+    /// let p = TierPolicy::keep_last(3).incremental(8);
+    /// assert_eq!(p.incremental, Some(8));
+    /// ```
+    pub fn incremental(mut self, full_every: u32) -> Self {
+        self.incremental = Some(full_every);
+        self
+    }
+
     /// Whether save number `index` (counting from 0) goes to this tier.
     pub(crate) fn takes(&self, index: u64) -> bool {
         index.is_multiple_of(self.every)
@@ -87,6 +109,9 @@ impl TierPolicy {
         let bad = |m: String| Err(Error::Config(format!("tier {location}: {m}")));
         if self.every == 0 {
             return bad("`every` must be at least 1".into());
+        }
+        if matches!(self.incremental, Some(n) if n < 2) {
+            return bad("incremental saves need a whole save at most every 2 or more saves".into());
         }
         if self.rate_limit == Some(0) {
             return bad("a rate limit of 0 bytes/s would never write".into());

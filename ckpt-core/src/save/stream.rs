@@ -277,6 +277,7 @@ fn dispatch_inner(
                 crc32c,
                 blake3,
                 replicas: Vec::new(),
+                chunks: Vec::new(),
             },
             replication: t.replication.clone(),
         });

@@ -32,6 +32,9 @@ pub struct GcReport {
     pub removed_leftovers: Vec<u64>,
     /// Committed steps kept.
     pub kept_steps: Vec<u64>,
+    /// Of those, the ones retention would have deleted but a kept step's
+    /// chunks point into (incremental saves).
+    pub kept_for_references: Vec<u64>,
     /// Files of earlier incarnations' restore agreements removed (only by
     /// the coordinator's retention after a commit, which knows the
     /// incarnation that is running).
@@ -81,9 +84,36 @@ pub(crate) async fn gc_running(
         }
     }
     let newest = committed.last().copied();
-    let (kept_steps, deleted_steps) = retention.select(&committed);
+    let (mut kept_steps, mut deleted_steps) = retention.select(&committed);
+    // A step whose files a kept step's chunks point into stays (whole, and
+    // committed: it is still a checkpoint of its own); so does, in turn,
+    // nothing else: references always name the file holding the bytes.
+    let mut referenced = std::collections::BTreeSet::new();
+    for &k in &kept_steps {
+        match crate::store::load_manifest(tier, run, k).await {
+            Ok(m) => referenced.extend(
+                m.tensors
+                    .values()
+                    .flat_map(|t| t.pieces.iter().flat_map(|p| p.referenced_steps())),
+            ),
+            // An unreadable kept step refers to nothing restore would use.
+            Err(e) if e.is_data_fault() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut kept_for_references = Vec::new();
+    deleted_steps.retain(|s| {
+        let keep = referenced.contains(s);
+        if keep {
+            kept_for_references.push(*s);
+        }
+        !keep
+    });
+    kept_steps.extend(&kept_for_references);
+    kept_steps.sort_unstable();
     let mut report = GcReport {
         kept_steps,
+        kept_for_references,
         ..Default::default()
     };
     for s in deleted_steps {

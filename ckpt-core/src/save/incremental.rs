@@ -1,0 +1,264 @@
+//! Incremental saves, per tier: a chunk whose content equals the same chunk
+//! of the previous save committed on this tier is not written again.
+//!
+//! The tier's byte stream (the shard file: header, then every tensor this
+//! rank writes, back to back) is cut into the manifest's checksum chunks.
+//! Each chunk's blake3 is compared with the same chunk (same tensor, same
+//! piece of it, same index) of the tier's [`Base`]; an equal one is
+//! skipped and recorded as a [`ChunkLoc`] pointing at the file that holds
+//! its bytes (references always name that file directly, never a step
+//! that itself refers on). The shard file then holds the header and the
+//! chunks this save wrote, in order, and each piece that is not contiguous
+//! carries a chunk map. Identity is blake3 over the chunk plus its length:
+//! never crc32c alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::format::manifest::{ChunkLoc, RankManifest};
+use crate::save::stream::SaveCtx;
+
+/// One chunk as saved: its content hash, length and where its bytes are.
+type Saved = (blake3::Hash, u64, ChunkLoc);
+
+/// What a tier holds of the previous save committed on it: per piece
+/// (tensor, offsets in the global tensor), each chunk's hash and where
+/// its bytes are.
+#[derive(Debug, Default)]
+pub(crate) struct Base {
+    /// Incremental saves since the last whole one.
+    pub chain: u32,
+    pieces: HashMap<(String, Vec<u64>), Vec<Saved>>,
+}
+
+/// A tier's base, shared between its saves.
+pub(crate) type BaseCell = Arc<std::sync::Mutex<Option<Arc<Base>>>>;
+
+/// One run of the stream: bytes outside any chunk (the header) or one
+/// whole chunk of a tensor.
+enum Seg {
+    Raw(Bytes),
+    Chunk {
+        tensor: usize,
+        index: usize,
+        parts: Vec<Bytes>,
+    },
+}
+
+/// Cuts a tier's stream into [`Seg`]s and decides, chunk by chunk,
+/// whether it is written.
+pub(crate) struct Dedup<'a> {
+    ctx: &'a SaveCtx,
+    base: Option<Arc<Base>>,
+    /// The tensors in the stream, in file order: (index in ctx.tensors,
+    /// file offset, length).
+    order: Vec<(usize, u64, u64)>,
+    /// Position in the stream.
+    pos: u64,
+    /// The chunk being gathered: its tensor (position in `order`), index,
+    /// start and end in the file, and its parts so far.
+    current: Option<(usize, usize, u64, u64, Vec<Bytes>)>,
+    /// Bytes written to the tier's file so far.
+    pub written: u64,
+    /// Bytes of chunks skipped (their bytes are in older files).
+    pub referenced: u64,
+    /// Per tensor of `order`: each chunk's hash, length and location.
+    chunks: Vec<Vec<Saved>>,
+    file: String,
+}
+
+impl<'a> Dedup<'a> {
+    /// A stream to cut against `base` (`None`: a whole save, which still
+    /// records the hashes for the next one).
+    pub fn new(ctx: &'a SaveCtx, base: Option<Arc<Base>>) -> Self {
+        let mut order: Vec<(usize, u64, u64)> = ctx
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.written_by(ctx.rank))
+            .map(|(i, t)| (i, t.offset, t.len))
+            .collect();
+        order.sort_by_key(|o| o.1);
+        let chunks = order.iter().map(|_| Vec::new()).collect();
+        Self {
+            ctx,
+            base,
+            order,
+            pos: 0,
+            current: None,
+            written: 0,
+            referenced: 0,
+            chunks,
+            file: crate::format::layout::rank_data_file(ctx.rank, &ctx.attempt),
+        }
+    }
+
+    /// The chunk (tensor position in `order`, index, start, end) that the
+    /// stream position `pos` falls in, if any.
+    fn chunk_at(&self, pos: u64) -> Option<(usize, usize, u64, u64)> {
+        let cs = self.ctx.chunk_size;
+        let k = self
+            .order
+            .partition_point(|(_, off, _)| *off <= pos)
+            .checked_sub(1)?;
+        let (_, off, len) = self.order[k];
+        if pos >= off + len {
+            return None;
+        }
+        let index = (pos - off) / cs;
+        let start = off + index * cs;
+        Some((k, index as usize, start, (start + cs).min(off + len)))
+    }
+
+    /// Feeds the next bytes of the stream; returns the segments completed.
+    fn feed(&mut self, mut b: Bytes, out: &mut Vec<Seg>) {
+        while !b.is_empty() {
+            if self.current.is_none() {
+                match self.chunk_at(self.pos) {
+                    Some((k, index, start, end)) => {
+                        self.current = Some((k, index, start, end, Vec::new()));
+                    }
+                    None => {
+                        // Outside every tensor: up to the next tensor's start.
+                        let next = self
+                            .order
+                            .iter()
+                            .map(|o| o.1)
+                            .find(|off| *off > self.pos)
+                            .unwrap_or(u64::MAX);
+                        let n = (next - self.pos).min(b.len() as u64) as usize;
+                        self.pos += n as u64;
+                        out.push(Seg::Raw(b.split_to(n)));
+                        continue;
+                    }
+                }
+            }
+            let Some((k, index, _, end, parts)) = self.current.as_mut() else {
+                continue;
+            };
+            let n = (*end - self.pos).min(b.len() as u64) as usize;
+            parts.push(b.split_to(n));
+            self.pos += n as u64;
+            if self.pos == *end {
+                let (tensor, index) = (*k, *index);
+                let parts = std::mem::take(parts);
+                self.current = None;
+                out.push(Seg::Chunk {
+                    tensor,
+                    index,
+                    parts,
+                });
+            }
+        }
+    }
+
+    /// Feeds `b`; returns what is to be written, in order (chunks are
+    /// held back until whole, then written or skipped).
+    pub fn push(&mut self, b: Bytes) -> Vec<Bytes> {
+        let mut segs = Vec::new();
+        self.feed(b, &mut segs);
+        let mut out = Vec::new();
+        for seg in segs {
+            match seg {
+                Seg::Raw(b) => {
+                    self.written += b.len() as u64;
+                    out.push(b);
+                }
+                Seg::Chunk {
+                    tensor,
+                    index,
+                    parts,
+                } => {
+                    let mut h = blake3::Hasher::new();
+                    let mut len = 0u64;
+                    for p in &parts {
+                        h.update(p);
+                        len += p.len() as u64;
+                    }
+                    let hash = h.finalize();
+                    let t = &self.ctx.tensors[self.order[tensor].0];
+                    let same = self
+                        .base
+                        .as_ref()
+                        .and_then(|b| b.pieces.get(&(t.name.clone(), t.global_offsets.clone())))
+                        .and_then(|chunks| chunks.get(index))
+                        .filter(|(h, l, _)| *h == hash && *l == len)
+                        .map(|(_, _, loc)| loc.clone());
+                    let loc = match same {
+                        Some(loc) => {
+                            self.referenced += len;
+                            loc
+                        }
+                        None => {
+                            let loc = ChunkLoc {
+                                step: Some(self.ctx.step),
+                                file: self.file.clone(),
+                                offset: self.written,
+                            };
+                            for p in parts {
+                                self.written += p.len() as u64;
+                                out.push(p);
+                            }
+                            loc
+                        }
+                    };
+                    self.chunks[tensor].push((hash, len, loc));
+                }
+            }
+        }
+        out
+    }
+
+    /// The stream has ended: the bytes it carried (header and every
+    /// tensor, as the shard file's layout has them).
+    pub fn received(&self) -> u64 {
+        self.pos
+    }
+
+    /// The rank manifest as this tier stores it (pieces with chunk maps
+    /// where chunks moved or were skipped, the file's real length), and the
+    /// base the next save on this tier compares against.
+    pub fn finish(self, full: &RankManifest) -> Result<(RankManifest, Base)> {
+        if self.current.is_some() {
+            return Err(Error::Internal("the stream ended inside a chunk".into()));
+        }
+        let mut m = full.clone();
+        m.file_len = self.written;
+        let mut base = Base {
+            chain: match &self.base {
+                Some(b) if self.referenced > 0 => b.chain + 1,
+                _ => 0,
+            },
+            pieces: HashMap::new(),
+        };
+        for ((i, _, _), chunks) in self.order.iter().zip(self.chunks) {
+            let t = &self.ctx.tensors[*i];
+            let entry = m
+                .tensors
+                .iter_mut()
+                .find(|e| e.name == t.name && e.piece.global_offsets == t.global_offsets)
+                .ok_or_else(|| {
+                    Error::Internal(format!("tensor `{}` not in its manifest", t.name))
+                })?;
+            let contiguous = chunks.iter().enumerate().all(|(k, (_, _, loc))| {
+                loc.step == Some(self.ctx.step)
+                    && loc.offset == entry.piece.offset + k as u64 * self.ctx.chunk_size
+            });
+            if !contiguous {
+                entry.piece.chunks = chunks
+                    .iter()
+                    .map(|(_, _, loc)| ChunkLoc {
+                        step: loc.step.filter(|s| *s != self.ctx.step),
+                        ..loc.clone()
+                    })
+                    .collect();
+            }
+            base.pieces
+                .insert((t.name.clone(), t.global_offsets.clone()), chunks);
+        }
+        Ok((m, base))
+    }
+}

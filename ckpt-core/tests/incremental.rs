@@ -1,0 +1,238 @@
+//! Incremental saves: only changed chunks are written, restore, resharding
+//! and verification follow the chunk maps, retention keeps what kept steps
+//! point into, and damage to referenced bytes is caught and named.
+
+use std::sync::Arc;
+
+use ckpt_core::format::layout;
+use ckpt_core::{
+    Checkpointer, Error, MemoryTier, RestoreOptions, Retention, ShardSpec, TensorMut, TensorRef,
+    Tier, TierPolicy, TrainingState, store,
+};
+
+const RUN: &str = "inc";
+const CHUNK: u64 = 4096;
+/// Frozen parameters: 64 chunks that never change.
+const FROZEN: usize = 64 * CHUNK as usize;
+/// Trained parameters: 8 chunks that change every step.
+const TRAINED: usize = 8 * CHUNK as usize;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn checkpointer(tier: &MemoryTier, policy: TierPolicy) -> Checkpointer {
+    Checkpointer::builder(RUN)
+        .tier(Arc::new(tier.clone()), policy)
+        .chunk_size(CHUNK)
+        .block_size(8192)
+        .build()
+        .expect("checkpointer")
+}
+
+fn frozen() -> Vec<u8> {
+    ckpt_core::rng::pattern(FROZEN, 1)
+}
+
+fn trained(step: u64) -> Vec<u8> {
+    ckpt_core::rng::pattern(TRAINED, 100 + step)
+}
+
+/// Saves step `step`; returns the bytes of the shard file on the tier.
+fn save(ckpt: &Checkpointer, tier: &MemoryTier, step: u64) -> u64 {
+    let (f, t) = (frozen(), trained(step));
+    let tf = TensorRef::new("frozen", ckpt_core::DType::U8, &[FROZEN as u64], &f);
+    let tt = TensorRef::new("trained", ckpt_core::DType::U8, &[TRAINED as u64], &t);
+    let state = TrainingState::builder(step)
+        .model([&tf as &dyn ckpt_core::TensorView, &tt])
+        .without_optimizer()
+        .rng(&step)
+        .data_loader(&step)
+        .lr_schedule(&0.5)
+        .build()
+        .expect("state");
+    let report = ckpt.save(&state).expect("save").wait().expect("durable");
+    assert!(report.is_durable(), "{report:?}");
+    let shard = rt()
+        .block_on(store::shard_file(tier, RUN, step, 0))
+        .expect("shard");
+    rt().block_on(tier.size(&shard)).expect("size")
+}
+
+/// Restores `step` (or the newest) and checks it bit for bit.
+fn restore(ckpt: &Checkpointer, step: Option<u64>) -> ckpt_core::Result<ckpt_core::Restored> {
+    let (mut f, mut t) = (vec![0u8; FROZEN], vec![0u8; TRAINED]);
+    let mut opts = RestoreOptions::default();
+    if let Some(s) = step {
+        opts = opts.step(s);
+    }
+    let r = ckpt
+        .restore_with(
+            &mut [
+                &mut TensorMut::new("frozen", ckpt_core::DType::U8, &[FROZEN as u64], &mut f),
+                &mut TensorMut::new("trained", ckpt_core::DType::U8, &[TRAINED as u64], &mut t),
+            ],
+            &opts,
+        )?
+        .expect("a checkpoint");
+    assert!(f == frozen(), "frozen bytes of step {}", r.step);
+    assert!(t == trained(r.step), "trained bytes of step {}", r.step);
+    Ok(r)
+}
+
+#[test]
+fn only_changed_chunks_are_written_and_every_step_restores_bit_exact() {
+    let tier = MemoryTier::new();
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(10).incremental(4));
+    let sizes: Vec<u64> = (1..=6).map(|s| save(&ckpt, &tier, s)).collect();
+    eprintln!("shard bytes per save: {sizes:?}");
+    let full = sizes[0];
+    assert!(full > (FROZEN + TRAINED) as u64, "{sizes:?}");
+    // Saves 2..4 write the trained chunks only; save 5 is whole again
+    // (a whole save every 4), save 6 incremental on it.
+    for (i, &size) in sizes.iter().enumerate() {
+        let step = i + 1;
+        let whole = step == 1 || step == 5;
+        if whole {
+            assert_eq!(size, full, "step {step}: {sizes:?}");
+        } else {
+            assert!(
+                size < (TRAINED as u64) + 16 * CHUNK,
+                "step {step} wrote {size} bytes: {sizes:?}"
+            );
+        }
+    }
+    for s in 1..=6 {
+        let r = restore(&ckpt, Some(s)).expect("restore");
+        assert_eq!((r.step, r.fell_back()), (s, false));
+        let m = rt()
+            .block_on(store::load_manifest(&tier, RUN, s))
+            .expect("manifest");
+        let v = rt().block_on(store::verify_step(&tier, &m));
+        assert!(v.is_ok(), "step {s}: {v:?}");
+        assert_eq!(
+            v.bytes,
+            (FROZEN + TRAINED) as u64,
+            "verify reads referenced bytes too"
+        );
+    }
+    // Step 4 points into step 1 (frozen), not into steps 2 or 3.
+    let m4 = rt()
+        .block_on(store::load_manifest(&tier, RUN, 4))
+        .expect("manifest");
+    let refs: std::collections::BTreeSet<u64> = m4.tensors["frozen"]
+        .pieces
+        .iter()
+        .flat_map(|p| p.referenced_steps())
+        .collect();
+    assert_eq!(refs, [1].into());
+    assert!(
+        m4.tensors["trained"].pieces[0]
+            .referenced_steps()
+            .next()
+            .is_none()
+    );
+}
+
+#[test]
+fn a_resharded_restore_reads_through_the_chunk_map() {
+    let tier = MemoryTier::new();
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(10).incremental(8));
+    for s in 1..=3 {
+        save(&ckpt, &tier, s);
+    }
+    // Half of `frozen` as rank 1 of 2 would ask for it.
+    let spec = ShardSpec::split(vec![FROZEN as u64], 0, 2, 1).expect("spec");
+    let mut half = vec![0u8; FROZEN / 2];
+    let mut t = vec![0u8; TRAINED];
+    let r = ckpt
+        .restore(&mut [
+            &mut TensorMut::new("frozen", ckpt_core::DType::U8, &spec.shape, &mut half)
+                .with_shard(spec),
+            &mut TensorMut::new("trained", ckpt_core::DType::U8, &[TRAINED as u64], &mut t),
+        ])
+        .expect("restore")
+        .expect("a checkpoint");
+    assert_eq!(r.step, 3);
+    assert!(half == frozen()[FROZEN / 2..]);
+    assert!(t == trained(3));
+}
+
+#[test]
+fn retention_keeps_the_steps_kept_steps_point_into() {
+    let tier = MemoryTier::new();
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(1).incremental(100));
+    for s in 1..=4 {
+        save(&ckpt, &tier, s);
+    }
+    // keep_last(1) keeps 4, and 1, whose file holds 4's frozen chunks; 2
+    // and 3 are gone.
+    let steps = rt()
+        .block_on(store::committed_steps(&tier, RUN))
+        .expect("list");
+    assert_eq!(steps, vec![1, 4]);
+    let retention = Retention::keep_last(1);
+    let report = rt()
+        .block_on(store::gc(&tier, RUN, &retention))
+        .expect("gc");
+    assert_eq!(report.kept_for_references, vec![1]);
+    assert_eq!(restore(&ckpt, None).expect("restore").step, 4);
+}
+
+#[test]
+fn a_corrupt_referenced_chunk_is_named_and_restore_falls_back() {
+    let tier = MemoryTier::new();
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(10).incremental(100));
+    for s in 1..=3 {
+        save(&ckpt, &tier, s);
+    }
+    // Flip a byte of chunk 5 of `frozen` in step 1's file: steps 2 and 3
+    // read it from there too.
+    let m1 = rt()
+        .block_on(store::load_manifest(&tier, RUN, 1))
+        .expect("manifest");
+    let p = &m1.tensors["frozen"].pieces[0];
+    let path = format!("{}/{}", layout::step_dir(RUN, 1), p.file);
+    assert!(tier.tamper(&path, |v| v[(p.offset + 5 * CHUNK + 3) as usize] ^= 1));
+    let e = restore(&ckpt, None).expect_err("every step shares the damaged chunk");
+    let text = e.to_string();
+    assert!(text.contains(&path) && text.contains("chunk 5"), "{text}");
+    // Step 3 alone (its trained chunks are its own) names the same place.
+    let m3 = rt()
+        .block_on(store::load_manifest(&tier, RUN, 3))
+        .expect("manifest");
+    let v = rt().block_on(store::verify_step(&tier, &m3));
+    assert!(
+        v.failures
+            .iter()
+            .any(|f| f.contains(&path) && f.contains("chunk 5")),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_deleted_referenced_step_is_a_typed_error_and_restore_falls_back() {
+    let tier = MemoryTier::new();
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(10).incremental(4));
+    for s in 1..=5 {
+        save(&ckpt, &tier, s);
+    }
+    // Step 1 deleted by hand: 2, 3 and 4 point into it; 5 is whole.
+    rt().block_on(store::delete_step(&tier, RUN, 1))
+        .expect("delete");
+    let r = restore(&ckpt, None).expect("step 5 is whole");
+    assert_eq!(r.step, 5);
+    let e = restore(&ckpt, Some(4)).expect_err("step 4's frozen chunks are gone");
+    let text = e.to_string();
+    assert!(
+        text.contains(&layout::step_dir(RUN, 1)) && text.contains("gone"),
+        "{text}"
+    );
+    assert!(
+        matches!(&e, Error::NotCommitted { .. } | Error::Incomplete { .. }),
+        "{e:?}"
+    );
+}
