@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use ckpt::rng::Rng;
 use ckpt::schedule::{Policy, SchedulerConfig, parse_duration};
-use ckpt::{BusyPolicy, Checkpointer, SaveHandle, TierPolicy};
+use ckpt::{BusyPolicy, Checkpointer, SaveHandle, TensorMut, TensorRef, TierPolicy};
 use clap::Parser;
 
 mod common;
@@ -55,6 +55,14 @@ struct Args {
     /// so saves move a realistic amount of state.
     #[arg(long, default_value_t = 64)]
     state_mb: u64,
+    /// Frozen parameter megabytes (`frozen.tower`: a model tensor training
+    /// never changes, as in fine-tuning), saved with everything else.
+    #[arg(long, default_value_t = 0)]
+    frozen_mb: u64,
+    /// Incremental saves: each tier writes only the chunks that changed
+    /// since its previous save (a whole save every 8).
+    #[arg(long)]
+    incremental: bool,
     /// Abort the process right after this step, as a killed job would.
     #[arg(long)]
     crash_at_step: Option<u64>,
@@ -149,16 +157,24 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .with_min_interval(std::time::Duration::from_millis(500));
     let mut rng = Rng::seed_from_u64(42);
     let mut model = Shard::new(0, 1, args.state_mb)?;
+    let mut frozen = frozen_tower(args.frozen_mb);
+    let tier_policy = |p: TierPolicy| {
+        if args.incremental {
+            p.incremental(8)
+        } else {
+            p
+        }
+    };
     let mut builder = Checkpointer::builder(args.run.clone())
-        .tier(tier, TierPolicy::keep_last(args.keep))
+        .tier(tier, tier_policy(TierPolicy::keep_last(args.keep)))
         .schedule(schedule)
         .when_busy(busy)
         // Allocated, pre-faulted and locked once, here, not inside a save.
-        .staging_capacity(model.nbytes());
+        .staging_capacity(model.nbytes() + 4 * frozen.len() as u64);
     if let Some(m) = &args.mirror {
         builder = builder.tier(
             ckpt::open_location(m)?,
-            TierPolicy::keep_last(args.keep).every(args.mirror_every),
+            tier_policy(TierPolicy::keep_last(args.keep).every(args.mirror_every)),
         );
     }
     let ckpt = builder.build()?;
@@ -184,6 +200,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Resume from the newest verified checkpoint, if any.
     {
         let mut targets = model.targets();
+        let frozen_len = frozen.len() as u64;
+        if frozen_len > 0 {
+            targets.push(TensorMut::from_slice(
+                "frozen.tower",
+                &[frozen_len],
+                &mut frozen,
+            ));
+        }
         let mut refs = as_targets(&mut targets);
         let t0 = Instant::now();
         if let Some(r) = ckpt.restore(&mut refs)? {
@@ -251,7 +275,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         if due || step == args.steps {
             let views = model.views();
-            let state = Shard::state(&views, step, &rng, &loader, &sched)?;
+            let tower = TensorRef::from_slice("frozen.tower", &[frozen.len() as u64], &frozen);
+            let state = Shard::state_with_frozen(
+                &views,
+                (!frozen.is_empty()).then_some(&tower),
+                step,
+                &rng,
+                &loader,
+                &sched,
+            )?;
             let h = ckpt.save(&state)?;
             let r = h.report();
             out.say(format!(
@@ -284,7 +316,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         report_durable(&h, &out, None);
     }
     ckpt.close();
-    let digest = model.digest(&(&rng, &loader));
+    let mut digest = model.digest(&(&rng, &loader));
+    if !frozen.is_empty() {
+        let mut h = blake3::Hasher::new();
+        h.update(digest.as_bytes());
+        h.update(ckpt::as_bytes(&frozen));
+        digest = h.finalize().to_hex().to_string();
+    }
     println!("final-state-blake3: {digest}");
     out.event("final", serde_json::json!({"step": step, "digest": digest}));
     Ok(())
@@ -304,6 +342,8 @@ fn report_durable(h: &SaveHandle, out: &Out, schedule: Option<&Checkpointer>) {
                 "flush_ms": ms(t.flush),
                 "commit_ms": ms(t.commit),
                 "durable_ms": ms(r.math_stop + t.flush + t.commit),
+                "written": t.written,
+                "referenced": t.referenced,
                 "error": t.error.as_ref().map(ToString::to_string),
                 "error_kind": t.error.as_ref().map(ckpt::Error::kind),
                 "storage_full": t.error.as_ref().is_some_and(ckpt::Error::is_storage_full),
@@ -322,11 +362,20 @@ fn report_durable(h: &SaveHandle, out: &Out, schedule: Option<&Checkpointer>) {
             for t in &r.tiers {
                 match &t.error {
                     None => out.say(format!(
-                        "step {:>5}  durable on {}: flush {:.1} ms, commit {:.1} ms",
+                        "step {:>5}  durable on {}: flush {:.1} ms, commit {:.1} ms, wrote {:.1} MiB{}",
                         r.step,
                         t.tier,
                         ms(t.flush),
-                        ms(t.commit)
+                        ms(t.commit),
+                        t.written as f64 / (1 << 20) as f64,
+                        if t.referenced > 0 {
+                            format!(
+                                " ({:.1} MiB unchanged, not written again)",
+                                t.referenced as f64 / (1 << 20) as f64
+                            )
+                        } else {
+                            String::new()
+                        }
                     )),
                     Some(e) => out.say(format!("step {:>5}  not saved on {}: {e}", r.step, t.tier)),
                 }
@@ -337,4 +386,13 @@ fn report_durable(h: &SaveHandle, out: &Out, schedule: Option<&Checkpointer>) {
     if let Some(c) = schedule {
         out.say(format!("             schedule: {}", c.explain_schedule()));
     }
+}
+
+/// `mb` megabytes of frozen parameters, the same in every run.
+fn frozen_tower(mb: u64) -> Vec<f32> {
+    let n = (mb << 20) / 4;
+    let mut z = 0xF0_2E_17u64;
+    (0..n)
+        .map(|_| ((ckpt::rng::splitmix64(&mut z) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02)
+        .collect()
 }

@@ -114,3 +114,124 @@ fn crash_and_resume_is_bit_exact_on_s3() {
     );
     assert_eq!(digest(&resumed), want, "resumed run diverged");
 }
+
+/// Incremental saves (`--incremental`) with frozen parameters: after the
+/// first whole save each save writes only what changed, the run crashes
+/// (SIGKILL-like abort) and resumes bit-exact against an uninterrupted run
+/// that saved everything every time; `ckpt verify` reads every step back,
+/// referenced chunks included; `ckpt gc` keeps the step the newest one
+/// points into.
+#[test]
+fn incremental_saves_write_only_changes_and_resume_bit_exact() {
+    let qs = example("quickstart");
+    let args = [
+        "--steps",
+        "90",
+        "--every",
+        "10",
+        "--state-mb",
+        "2",
+        "--frozen-mb",
+        "24",
+        "--keep",
+        "2",
+    ];
+    let clean = tempfile::tempdir().expect("tempdir");
+    let want = digest(&run(Command::new(&qs)
+        .arg("--dir")
+        .arg(clean.path())
+        .args(args)
+        .arg("--quiet")));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = run(Command::new(&qs)
+        .arg("--dir")
+        .arg(dir.path())
+        .args(args)
+        .args(["--incremental", "--json", "--crash-at-step", "57"]));
+    assert!(!first.status.success(), "the crashing run must die");
+    // Per save: bytes written and bytes left in place.
+    let durable: Vec<(u64, u64, u64)> = String::from_utf8_lossy(&first.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "durable")
+        .map(|v| {
+            let t = &v["tiers"][0];
+            (
+                v["step"].as_u64().expect("step"),
+                t["written"].as_u64().expect("written"),
+                t["referenced"].as_u64().expect("referenced"),
+            )
+        })
+        .collect();
+    assert!(durable.len() >= 3, "{durable:?}");
+    let (_, full, none) = durable[0];
+    assert_eq!(none, 0, "the first save is whole: {durable:?}");
+    for &(step, written, referenced) in &durable[1..] {
+        // 24 MiB frozen of ~30 MiB: at most a quarter is written again.
+        assert!(
+            written * 4 < full && referenced >= 24 << 20,
+            "step {step}: wrote {written} of {full}, referenced {referenced}: {durable:?}"
+        );
+    }
+
+    let resumed = run(Command::new(&qs)
+        .arg("--dir")
+        .arg(dir.path())
+        .args(args)
+        .arg("--incremental"));
+    assert!(
+        resumed.status.success(),
+        "resumed run failed: {}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(digest(&resumed), want, "the incremental run diverged");
+
+    let ckpt = |a: &[&str]| {
+        run(Command::new(env!("CARGO_BIN_EXE_ckpt"))
+            .args(a)
+            .arg(dir.path()))
+    };
+    let verify = ckpt(&["verify", "--all"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    // keep 2: the newest two, and the whole save they point into.
+    let ls = String::from_utf8_lossy(&ckpt(&["ls"]).stdout).into_owned();
+    let steps: Vec<u64> = ls
+        .lines()
+        .filter(|l| l.starts_with("quickstart "))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(steps.len(), 3, "{ls}");
+    assert_eq!(&steps[1..], &[80, 90], "{ls}");
+    // What changed from 80 to 90: everything but the frozen tower.
+    let diff =
+        String::from_utf8_lossy(&ckpt(&["diff", "--from", "80", "--to", "90"]).stdout).into_owned();
+    assert!(
+        diff.contains("emb.table") && !diff.contains("frozen.tower"),
+        "{diff}"
+    );
+    let inspect = String::from_utf8_lossy(&ckpt(&["inspect"]).stdout).into_owned();
+    assert!(
+        inspect.contains(&format!("bytes referenced in steps [{}]", steps[0])),
+        "{inspect}"
+    );
+    // Export assembles the referenced bytes into one standard file.
+    let out = dir.path().join("export.safetensors");
+    let export = run(Command::new(env!("CARGO_BIN_EXE_ckpt"))
+        .args(["export", "--out"])
+        .arg(&out)
+        .arg(dir.path()));
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let bytes = std::fs::read(&out).expect("export");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let tower = st.tensor("frozen.tower").expect("frozen.tower");
+    assert_eq!(tower.shape(), &[24 << 18]);
+}

@@ -195,8 +195,26 @@ impl Shard {
         loader: &impl Serialize,
         lr: &impl Serialize,
     ) -> ckpt::Result<TrainingState<'a>> {
+        Self::state_with_frozen(views, None, step, rng, loader, lr)
+    }
+
+    /// [`Shard::state`] with frozen parameters too (a model tensor that
+    /// training never changes, and that has no optimizer state).
+    pub fn state_with_frozen<'a>(
+        views: &'a [[TensorRef<'a>; 3]],
+        frozen: Option<&'a TensorRef<'a>>,
+        step: u64,
+        rng: &impl Serialize,
+        loader: &impl Serialize,
+        lr: &impl Serialize,
+    ) -> ckpt::Result<TrainingState<'a>> {
         TrainingState::builder(step)
-            .model(views.iter().map(|[p, _, _]| p as &dyn TensorView))
+            .model(
+                views
+                    .iter()
+                    .map(|[p, _, _]| p as &dyn TensorView)
+                    .chain(frozen.map(|f| f as &dyn TensorView)),
+            )
             .optimizer(
                 views
                     .iter()

@@ -108,6 +108,20 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Which tensors and chunks changed between two steps (by checksum).
+    Diff {
+        #[command(flatten)]
+        target: Target,
+        /// The older step.
+        #[arg(long)]
+        from: u64,
+        /// The newer step.
+        #[arg(long)]
+        to: u64,
+        /// One JSON object per tensor.
+        #[arg(long)]
+        json: bool,
+    },
     /// Assemble a checkpoint's global tensors into one safetensors file.
     Export {
         #[command(flatten)]
@@ -221,9 +235,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "kept {:?}, deleted {:?}, removed leftovers {:?}",
                     r.kept_steps, r.deleted_steps, r.removed_leftovers
                 );
+                if !r.kept_for_references.is_empty() {
+                    println!(
+                        "kept {:?} because kept steps point into their files (incremental saves)",
+                        r.kept_for_references
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Diff {
+            target,
+            from,
+            to,
+            json,
+        } => diff(&target, from, to, json),
         Cmd::Export { target, step, out } => {
             export(&target, step, &out)?;
             Ok(ExitCode::SUCCESS)
@@ -343,6 +369,85 @@ fn print_step_notes(store: &CheckpointStore, run: &str, json: bool) -> Result<()
     Ok(())
 }
 
+/// Per tensor of `to`: the chunks whose checksum differs from the same
+/// piece and chunk of `from` (a piece that moved or is new counts whole).
+fn diff(target: &Target, from: u64, to: u64, json: bool) -> Result<ExitCode> {
+    let store = target.open()?;
+    let run = target.run(&store)?;
+    let (a, b) = (store.manifest(&run, from)?, store.manifest(&run, to)?);
+    if a.chunk_size != b.chunk_size {
+        return Err(ckpt::Error::InvalidInput(format!(
+            "steps {from} and {to} use different chunk sizes ({} and {}): every chunk differs",
+            a.chunk_size, b.chunk_size
+        )));
+    }
+    let mut changed_total = 0usize;
+    for (name, t) in &b.tensors {
+        let old = a.tensors.get(name);
+        let (mut changed, mut chunks) = (Vec::new(), 0usize);
+        for p in &t.pieces {
+            let prev = old.and_then(|o| {
+                o.pieces
+                    .iter()
+                    .find(|q| q.global_offsets == p.global_offsets && q.shape == p.shape)
+            });
+            for (i, crc) in p.crc32c.iter().enumerate() {
+                if prev.and_then(|q| q.crc32c.get(i)) != Some(crc) {
+                    changed.push((p.global_offsets.clone(), i));
+                }
+            }
+            chunks += p.crc32c.len();
+        }
+        changed_total += changed.len();
+        let status = match (old, changed.len()) {
+            (None, _) => "new",
+            (Some(_), 0) => "same",
+            (Some(_), n) if n == chunks => "changed",
+            _ => "partly changed",
+        };
+        if json {
+            println!(
+                "{}",
+                json!({"tensor": name, "status": status, "chunks": chunks,
+                    "changed": changed.iter().map(|(o, i)| json!({"piece": o, "chunk": i})).collect::<Vec<_>>()})
+            );
+        } else if status != "same" {
+            let list: Vec<String> = changed
+                .iter()
+                .take(16)
+                .map(|(_, i)| i.to_string())
+                .collect();
+            println!(
+                "{name:<40} {status:<15} {}/{chunks} chunks{}",
+                changed.len(),
+                if changed.is_empty() || status == "changed" || status == "new" {
+                    String::new()
+                } else {
+                    format!(
+                        ": {}{}",
+                        list.join(","),
+                        if changed.len() > 16 { ",..." } else { "" }
+                    )
+                }
+            );
+        }
+    }
+    for name in a.tensors.keys().filter(|n| !b.tensors.contains_key(*n)) {
+        if json {
+            println!("{}", json!({"tensor": name, "status": "removed"}));
+        } else {
+            println!("{name:<40} removed");
+        }
+    }
+    if !json {
+        println!(
+            "{changed_total} chunks of {} changed from step {from} to step {to}",
+            b.chunk_size
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn verify(target: &Target, step: Option<u64>, all: bool, json: bool) -> Result<ExitCode> {
     let store = target.open()?;
     let run = target.run(&store)?;
@@ -404,6 +509,20 @@ fn print_manifest(m: &Manifest) {
         m.data_bytes(),
         m.chunk_size
     );
+    let referenced = m.referenced_bytes();
+    if referenced > 0 {
+        let mut steps: Vec<u64> = m
+            .tensors
+            .values()
+            .flat_map(|t| t.pieces.iter().flat_map(|p| p.referenced_steps()))
+            .collect();
+        steps.sort_unstable();
+        steps.dedup();
+        println!(
+            "incremental: {} bytes written by this step, {referenced} bytes referenced in steps {steps:?}",
+            m.written_bytes()
+        );
+    }
     println!();
     let replicated = m
         .tensors

@@ -1046,6 +1046,29 @@ impl Manifest {
             .map(|p| p.length)
             .sum()
     }
+
+    /// Bytes of tensor data this step's own files hold (the rest is in
+    /// older steps' files: [`Manifest::referenced_bytes`]).
+    pub fn written_bytes(&self) -> u64 {
+        self.data_bytes() - self.referenced_bytes()
+    }
+
+    /// Bytes of tensor data an incremental save left in older steps'
+    /// files.
+    pub fn referenced_bytes(&self) -> u64 {
+        let cs = self.chunk_size;
+        self.tensors
+            .values()
+            .flat_map(|t| &t.pieces)
+            .flat_map(|p| {
+                p.chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.step.is_some())
+                    .map(move |(i, _)| cs.min(p.length - i as u64 * cs))
+            })
+            .sum()
+    }
 }
 
 /// A run's rollbacks (`<run>/LINEAGE.json`): each time a job resumed from a

@@ -54,7 +54,16 @@ pub(crate) async fn flush_tier(ctx: Arc<SaveCtx>, mut job: TierJob) -> TierRepor
     let start = Instant::now();
     let mut flush = Duration::ZERO;
     let mut committed_at = None;
-    let result = run_tier(&ctx, &mut job, start, &mut flush, &mut committed_at).await;
+    let mut bytes = (0, 0);
+    let result = run_tier(
+        &ctx,
+        &mut job,
+        start,
+        &mut flush,
+        &mut committed_at,
+        &mut bytes,
+    )
+    .await;
     let total = start.elapsed();
     let _ = job.done.send(());
     let durable = committed_at.unwrap_or(total);
@@ -63,6 +72,8 @@ pub(crate) async fn flush_tier(ctx: Arc<SaveCtx>, mut job: TierJob) -> TierRepor
         flush,
         commit: durable.saturating_sub(flush),
         retention: total.saturating_sub(durable),
+        written: bytes.0,
+        referenced: bytes.1,
         committed: result.is_ok(),
         error: result.err(),
     };
@@ -96,6 +107,7 @@ async fn run_tier(
     start: Instant,
     flush: &mut Duration,
     committed_at: &mut Option<Duration>,
+    bytes: &mut (u64, u64),
 ) -> Result<()> {
     let tier = job.tier.as_ref();
     let manifest_path = layout::manifest_path(&ctx.run, ctx.step);
@@ -148,6 +160,7 @@ async fn run_tier(
         }
     };
     let received = dedup.as_ref().map_or(written, |d| d.received());
+    *bytes = (written, dedup.as_ref().map_or(0, |d| d.referenced));
     if received != rank_manifest.file_len {
         let _ = writer.abort().await;
         return Err(Error::Incomplete {

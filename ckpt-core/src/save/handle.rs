@@ -22,6 +22,11 @@ pub struct TierReport {
     /// Time spent applying retention after the commit (not part of the
     /// time to durable).
     pub retention: Duration,
+    /// Bytes of this rank's shard file written to the tier.
+    pub written: u64,
+    /// Bytes of this rank's data the tier already held (an incremental
+    /// save's unchanged chunks), not written again.
+    pub referenced: u64,
     /// Whether this rank's data and the step's commit marker are durable on
     /// the tier. For a rank other than the coordinator: its own piece.
     pub committed: bool,
@@ -66,6 +71,8 @@ impl TierReport {
             flush: Duration::ZERO,
             commit: Duration::ZERO,
             retention: Duration::ZERO,
+            written: 0,
+            referenced: 0,
             committed: false,
             error: Some(error),
         }
