@@ -6,6 +6,7 @@
 mod fingerprint;
 mod floors;
 mod flush;
+mod incremental;
 mod plan;
 mod plot;
 mod restore;
@@ -54,6 +55,9 @@ enum Command {
     Flush(flush::FlushArgs),
     /// Cold restore with verification vs a raw cold read.
     Restore(restore::RestoreArgs),
+    /// Incremental vs whole saves: bytes written and time to durable, for
+    /// a fine-tuning shape and for full training.
+    Incremental(incremental::IncrementalArgs),
     /// Staging pool capacity sweep: math-stop and waited/skipped saves for
     /// saves arriving at a fixed interval.
     StagingSize(staging_size::StagingSizeArgs),
@@ -73,6 +77,9 @@ fn main() -> ExitCode {
         }
         Command::Flush(args) => flush::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Restore(args) => restore::run(&args).map_err(|e| CliError::io(e.to_string())),
+        Command::Incremental(args) => {
+            incremental::run(&args).map_err(|e| CliError::io(e.to_string()))
+        }
         Command::StagingSize(args) => {
             staging_size::run(&args).map_err(|e| CliError::io(e.to_string()))
         }
