@@ -125,7 +125,7 @@ pub use model::*;
 pub use restore::{Agreement, RestoreOptions, Restored, Skipped};
 pub use save::handle::{SaveHandle, SaveReport, TierReport};
 pub use save::health::{ProbeBackoff, TierStatus};
-pub use save::policy::{BusyPolicy, TierPolicy};
+pub use save::policy::{BusyPolicy, Compression, TierPolicy};
 pub use save::pool::StagingStats;
 pub use store::retention::Retention;
 pub use store::{CheckpointStore, GcReport, VerifyReport};

@@ -236,3 +236,124 @@ fn a_deleted_referenced_step_is_a_typed_error_and_restore_falls_back() {
         "{e:?}"
     );
 }
+
+/// f32 weights of small magnitude, as a trained layer's are: the exponent
+/// bytes repeat, the mantissas do not.
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut z = seed;
+    (0..n)
+        .map(|_| {
+            ((ckpt_core::rng::splitmix64(&mut z) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.05
+        })
+        .collect()
+}
+
+#[test]
+fn compressed_chunks_decode_alone_and_restore_bit_exact() {
+    let tier = MemoryTier::new();
+    // Chunks of 64 KiB: each its own zstd frame.
+    let ckpt = Checkpointer::builder(RUN)
+        .tier(
+            Arc::new(tier.clone()),
+            TierPolicy::keep_last(10)
+                .incremental(8)
+                .compression(ckpt_core::Compression::On),
+        )
+        .chunk_size(64 << 10)
+        .block_size(1 << 20)
+        .build()
+        .expect("checkpointer");
+    let n = 256 * 1024; // 1 MiB of f32: 16 chunks
+    let (w1, w2) = (weights(n, 1), weights(n, 2));
+    let frozen = vec![0u8; 8 << 16]; // 8 chunks that compress to nothing
+    let save_w = |step: u64, w: &[f32]| {
+        let tw = TensorRef::from_slice("w", &[n as u64], w);
+        let tz = TensorRef::new(
+            "zeros",
+            ckpt_core::DType::U8,
+            &[frozen.len() as u64],
+            &frozen,
+        );
+        let state = TrainingState::builder(step)
+            .model([&tw as &dyn ckpt_core::TensorView, &tz])
+            .without_optimizer()
+            .rng(&step)
+            .data_loader(&step)
+            .lr_schedule(&0.5)
+            .build()
+            .expect("state");
+        let r = ckpt.save(&state).expect("save").wait().expect("durable");
+        (r.tiers[0].written, r.tiers[0].referenced)
+    };
+    let (written1, _) = save_w(1, &w1);
+    let (written2, referenced2) = save_w(2, &w2);
+    let raw = (n * 4 + frozen.len()) as u64;
+    eprintln!(
+        "raw {raw}, step 1 wrote {written1}, step 2 wrote {written2} (referenced {referenced2})"
+    );
+    // Grouped by byte plane, small f32 weights lose their exponent bytes'
+    // entropy: well under 90% of raw; zeros vanish.
+    assert!(written1 * 10 < raw * 8, "{written1} of {raw}");
+    // Step 2: `zeros` unchanged, only `w` (compressed) written.
+    assert_eq!(referenced2, frozen.len() as u64);
+    for (step, want) in [(1u64, &w1), (2, &w2)] {
+        let mut out = vec![0f32; n];
+        let mut z = vec![1u8; frozen.len()];
+        let r = ckpt
+            .restore_with(
+                &mut [
+                    &mut TensorMut::from_slice("w", &[n as u64], &mut out),
+                    &mut TensorMut::new("zeros", ckpt_core::DType::U8, &[z.len() as u64], &mut z),
+                ],
+                &RestoreOptions::default().step(step),
+            )
+            .expect("restore")
+            .expect("a checkpoint");
+        assert_eq!(r.step, step);
+        assert!(out == *want, "step {step}: w differs");
+        assert!(z.iter().all(|b| *b == 0));
+        let m = rt()
+            .block_on(store::load_manifest(&tier, RUN, step))
+            .expect("manifest");
+        let v = rt().block_on(store::verify_step(&tier, &m));
+        assert!(v.is_ok(), "{v:?}");
+    }
+    // A slice of `w` reads (and decodes) only its chunks.
+    let spec = ShardSpec::split(vec![n as u64], 0, 4, 3).expect("spec");
+    let mut quarter = vec![0f32; n / 4];
+    let mut z = vec![0u8; frozen.len()];
+    let r = ckpt
+        .restore(&mut [
+            &mut TensorMut::from_slice("w", &spec.shape, &mut quarter).with_shard(spec),
+            &mut TensorMut::new("zeros", ckpt_core::DType::U8, &[z.len() as u64], &mut z),
+        ])
+        .expect("restore")
+        .expect("a checkpoint");
+    assert!(quarter == w2[3 * n / 4..]);
+    assert!(
+        r.bytes_read < (n * 4 + frozen.len()) as u64,
+        "read {} bytes",
+        r.bytes_read
+    );
+    // A damaged frame in step 2: restore says which chunk and falls back.
+    let m2 = rt()
+        .block_on(store::load_manifest(&tier, RUN, 2))
+        .expect("manifest");
+    let c = &m2.tensors["w"].pieces[0].chunks[10];
+    let at = (c.offset + c.zstd.expect("compressed") / 2) as usize;
+    let path = format!("{}/{}", layout::step_dir(RUN, 2), c.file);
+    assert!(tier.tamper(&path, |v| v[at] ^= 0x55));
+    let mut out = vec![0f32; n];
+    let mut z = vec![0u8; frozen.len()];
+    let r = ckpt
+        .restore(&mut [
+            &mut TensorMut::from_slice("w", &[n as u64], &mut out),
+            &mut TensorMut::new("zeros", ckpt_core::DType::U8, &[z.len() as u64], &mut z),
+        ])
+        .expect("restore")
+        .expect("a checkpoint");
+    assert_eq!(r.step, 1, "{:?}", r.skipped);
+    assert!(out == w1);
+    let why = r.skipped[0].error.to_string();
+    assert!(why.contains(&path) && why.contains("chunk 10"), "{why}");
+}

@@ -749,8 +749,17 @@ fn the_probe_reports_what_this_server_guarantees() {
     };
     let server = std::env::var("CKPT_TEST_S3_SERVER").unwrap_or_default();
     let t = tier(&env, &unique_prefix("probe"), config(&env));
-    let g = rt().block_on(t.create_guarantee());
+    let mut g = rt().block_on(t.create_guarantee());
     eprintln!("{server}: {g}");
+    // A race shows only when it happens: a racy server gets up to five
+    // probes (fresh tiers) to show one.
+    for _ in 0..4 {
+        if s3s::expected_guarantee(&server) != Some("racy") || g.name() == "racy" {
+            break;
+        }
+        g = rt().block_on(tier(&env, &unique_prefix("probe"), config(&env)).create_guarantee());
+        eprintln!("{server}, probed again: {g}");
+    }
     match s3s::expected_guarantee(&server) {
         Some("racy") => {
             assert!(

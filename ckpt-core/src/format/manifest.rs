@@ -88,6 +88,19 @@ pub struct ChunkLoc {
     pub file: String,
     /// Byte offset of the chunk in the file.
     pub offset: u64,
+    /// Bytes stored when the chunk is a zstd frame (it decodes to the
+    /// chunk's length, checked before its crc32c); absent: raw bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zstd: Option<u64>,
+    /// Byte planes the chunk was grouped into before compression (the
+    /// element size of 2- and 4-byte dtypes: byte `k` of every element
+    /// together); 0 or 1: none.
+    #[serde(default, skip_serializing_if = "is_zero_u8")]
+    pub planes: u8,
+}
+
+fn is_zero_u8(v: &u8) -> bool {
+    *v == 0
 }
 
 /// A run of consecutive chunks of a piece stored back to back in one
@@ -104,6 +117,9 @@ pub struct Span {
     pub first_chunk: usize,
     /// Byte offset of the span within the piece.
     pub piece_offset: u64,
+    /// A compressed chunk (a span of one chunk): its stored length and
+    /// byte planes.
+    pub zstd: Option<(u64, u8)>,
 }
 
 impl Piece {
@@ -133,6 +149,7 @@ impl Piece {
                 len: end - start,
                 first_chunk: (start / chunk_size) as usize,
                 piece_offset: start,
+                zstd: None,
             }];
         }
         let mut out: Vec<Span> = Vec::new();
@@ -145,8 +162,14 @@ impl Piece {
                 Some(s) => format!("{}/{}", layout::step_dir(run, s), loc.file),
                 None => format!("{here}/{}", loc.file),
             };
+            let zstd = loc.zstd.map(|z| (z, loc.planes));
             match out.last_mut() {
-                Some(prev) if prev.path == path && prev.offset + prev.len == loc.offset => {
+                Some(prev)
+                    if zstd.is_none()
+                        && prev.zstd.is_none()
+                        && prev.path == path
+                        && prev.offset + prev.len == loc.offset =>
+                {
                     prev.len += len;
                 }
                 _ => out.push(Span {
@@ -155,6 +178,7 @@ impl Piece {
                     len,
                     first_chunk: i,
                     piece_offset: at,
+                    zstd,
                 }),
             }
         }
@@ -411,9 +435,22 @@ fn check_chunk_map(
     for (i, c) in piece.chunks.iter().enumerate() {
         check_file_name(path, &c.file)?;
         let len = chunk_size.min(piece.length - i as u64 * chunk_size);
+        let stored = match c.zstd {
+            // A frame is at most a little larger than its input.
+            Some(z) if z == 0 || z > zstd_bound(len) => {
+                return Err(bad(format!(
+                    "chunk {i}: a zstd frame of {z} bytes for {len} bytes of data"
+                )));
+            }
+            Some(z) => z,
+            None => len,
+        };
+        if !matches!(c.planes, 0 | 1 | 2 | 4 | 8) {
+            return Err(bad(format!("chunk {i}: {} byte planes", c.planes)));
+        }
         let end = c
             .offset
-            .checked_add(len)
+            .checked_add(stored)
             .ok_or_else(|| bad(format!("chunk {i}: offset + length overflows")))?;
         if c.step.is_none() && (c.file != piece.file || end > file_len) {
             return Err(bad(format!(
@@ -423,6 +460,17 @@ fn check_chunk_map(
         }
     }
     Ok(())
+}
+
+/// The most bytes zstd can need for `len` bytes of input
+/// (`ZSTD_COMPRESSBOUND`).
+pub fn zstd_bound(len: u64) -> u64 {
+    len + (len >> 8)
+        + if len < (128 << 10) {
+            ((128 << 10) - len) >> 11
+        } else {
+            0
+        }
 }
 
 fn check_piece(

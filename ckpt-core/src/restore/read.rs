@@ -291,7 +291,40 @@ async fn read_spans(tier: &dyn Tier, spans: &[Span], buf: &mut [u8]) -> Result<(
         let dst = buf
             .get_mut(at..at + s.len as usize)
             .ok_or_else(|| Error::Internal(format!("span of {} outside its buffer", s.path)))?;
-        tier.read_into(&s.path, s.offset, dst).await?;
+        read_span_into(tier, s, dst).await?;
+    }
+    Ok(())
+}
+
+/// Reads one span into `dst` (`s.len` bytes): straight from the file, or,
+/// for a compressed chunk, its frame decoded into `dst` (never more than
+/// `dst` holds: a frame claiming more is refused before it can grow) and
+/// its byte planes put back.
+pub(crate) async fn read_span_into(tier: &dyn Tier, s: &Span, dst: &mut [u8]) -> Result<()> {
+    let Some((stored, planes)) = s.zstd else {
+        return tier.read_into(&s.path, s.offset, dst).await;
+    };
+    let frame = tier.get_range(&s.path, s.offset..s.offset + stored).await?;
+    let bad = |why: String| Error::Incomplete {
+        path: s.path.clone(),
+        reason: format!("chunk {}: {why}", s.first_chunk),
+    };
+    let mut plain = vec![0u8; dst.len()];
+    let n = zstd::bulk::decompress_to_buffer(&frame, &mut plain).map_err(|e| {
+        bad(format!(
+            "zstd frame of {stored} bytes does not decode into {} bytes: {e}",
+            dst.len()
+        ))
+    })?;
+    if n != dst.len() {
+        return Err(bad(format!(
+            "zstd frame decodes to {n} bytes, the chunk has {}",
+            dst.len()
+        )));
+    }
+    match planes {
+        2 | 4 | 8 => crate::save::incremental::from_planes(&plain, planes as usize, dst),
+        _ => dst.copy_from_slice(&plain),
     }
     Ok(())
 }
@@ -364,5 +397,65 @@ async fn run_unit<'a>(
             }
             Ok((read, None))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tier::PutMode;
+    use crate::tier::memory::MemoryTier;
+    use bytes::Bytes;
+
+    fn span(stored: u64, len: u64) -> Span {
+        Span {
+            path: "r/f".into(),
+            offset: 0,
+            len,
+            first_chunk: 3,
+            piece_offset: 0,
+            zstd: Some((stored, 1)),
+        }
+    }
+
+    #[test]
+    fn frames_that_claim_more_or_less_than_their_chunk_are_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let tier = MemoryTier::new();
+        // 64 MiB of zeros in a frame of a few KiB: decoding is bounded by
+        // the chunk's length, never by what the frame claims.
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).expect("compress");
+        let stored = bomb.len() as u64;
+        rt.block_on(tier.put("r/f", Bytes::from(bomb), PutMode::Overwrite))
+            .expect("put");
+        let mut dst = vec![0u8; 4096];
+        match rt.block_on(read_span_into(&tier, &span(stored, 4096), &mut dst)) {
+            Err(Error::Incomplete { path, reason }) => {
+                assert_eq!(path, "r/f");
+                assert!(reason.contains("chunk 3"), "{reason}");
+            }
+            other => panic!("a bomb frame must be refused: {other:?}"),
+        }
+        // A frame shorter than its chunk.
+        let short = zstd::bulk::compress(&[7u8; 1000], 1).expect("compress");
+        let stored = short.len() as u64;
+        rt.block_on(tier.put("r/f", Bytes::from(short), PutMode::Overwrite))
+            .expect("put");
+        let e = rt
+            .block_on(read_span_into(&tier, &span(stored, 4096), &mut dst))
+            .expect_err("short frame");
+        assert!(e.to_string().contains("decodes to 1000 bytes"), "{e}");
+        // A truncated frame.
+        let whole = zstd::bulk::compress(&[9u8; 4096], 1).expect("compress");
+        let cut = Bytes::copy_from_slice(&whole[..whole.len() - 3]);
+        let stored = cut.len() as u64;
+        rt.block_on(tier.put("r/f", cut, PutMode::Overwrite))
+            .expect("put");
+        let e = rt
+            .block_on(read_span_into(&tier, &span(stored, 4096), &mut dst))
+            .expect_err("truncated frame");
+        assert!(e.is_data_fault(), "{e:?}");
     }
 }

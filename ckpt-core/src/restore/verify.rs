@@ -63,9 +63,10 @@ pub async fn verify_step(tier: &dyn Tier, m: &Manifest) -> VerifyReport {
             'piece: while off < p.length {
                 let n = unit.min(p.length - off);
                 for span in p.spans(&m.run, m.step, m.chunk_size, off, off + n) {
-                    match tier
-                        .get_range(&span.path, span.offset..span.offset + span.len)
+                    let mut buf = vec![0u8; span.len as usize];
+                    match crate::restore::read::read_span_into(tier, &span, &mut buf)
                         .await
+                        .map(|()| buf)
                     {
                         Ok(bytes) => {
                             match verify_chunks(

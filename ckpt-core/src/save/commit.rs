@@ -126,12 +126,19 @@ async fn run_tier(
     let mut writer = tier.create(&data_path).await?;
     let mut written: u64 = 0;
     let rate_start = Instant::now();
-    let mut dedup = job.policy.incremental.map(|full_every| {
-        let base = crate::sync::lock(&job.base)
-            .clone()
-            .filter(|b| b.chain + 1 < full_every);
-        crate::save::incremental::Dedup::new(ctx, base)
-    });
+    let compression = job.policy.compression;
+    let mut dedup = (job.policy.incremental.is_some()
+        || compression != crate::save::policy::Compression::Off)
+        .then(|| {
+            let base = crate::sync::lock(&job.base).clone();
+            // A whole save every `full_every`: no base to skip against
+            // (its write rate still counts for Auto).
+            let skip = job
+                .policy
+                .incremental
+                .is_some_and(|n| base.as_ref().is_none_or(|b| b.chain + 1 < n));
+            crate::save::incremental::Dedup::new(ctx, base, skip, compression)
+        });
     while let Some(b) = job.data.recv().await {
         let parts = match dedup.as_mut() {
             Some(d) => d.push(b),
@@ -235,7 +242,24 @@ async fn run_tier(
             }
             Err(e) => return Err(e),
         }
-        if !guarantee.is_atomic() {
+        if guarantee.is_atomic() {
+            // The probe can only find a race by seeing one: read the
+            // MANIFEST back once anyway (one small get), which catches a
+            // racer that overwrote it before now.
+            if let Ok(found) = tier.get(&manifest_path).await
+                && found != json
+            {
+                return Err(Error::CommitConflict {
+                    path: manifest_path,
+                    reason: format!(
+                        "another coordinator's MANIFEST replaced this one's on {} (incarnation {}, commit {})",
+                        tier.location(),
+                        ctx.incarnation,
+                        ctx.attempt
+                    ),
+                });
+            }
+        } else {
             confirm_commit(tier, ctx, &manifest_path, &json, put_start.elapsed()).await?;
         }
         *committed_at = Some(start.elapsed());
@@ -281,7 +305,9 @@ async fn run_tier(
         .await?;
         *committed_at = Some(start.elapsed());
     }
-    if let Some(b) = next_base {
+    if let Some(mut b) = next_base {
+        let secs = flush.as_secs_f64();
+        b.write_bps = (secs > 0.0 && bytes.0 > 0).then(|| bytes.0 as f64 / secs);
         *crate::sync::lock(&job.base) = Some(Arc::new(b));
     }
     Ok(())

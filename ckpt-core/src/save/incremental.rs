@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{ChunkLoc, RankManifest};
+use crate::save::policy::Compression;
 use crate::save::stream::SaveCtx;
 
 /// One chunk as saved: its content hash, length and where its bytes are.
@@ -31,6 +32,9 @@ type Saved = (blake3::Hash, u64, ChunkLoc);
 pub(crate) struct Base {
     /// Incremental saves since the last whole one.
     pub chain: u32,
+    /// The tier's write rate on that save (bytes written over the time to
+    /// durable), for [`Compression::Auto`].
+    pub write_bps: Option<f64>,
     pieces: HashMap<(String, Vec<u64>), Vec<Saved>>,
 }
 
@@ -68,12 +72,26 @@ pub(crate) struct Dedup<'a> {
     /// Per tensor of `order`: each chunk's hash, length and location.
     chunks: Vec<Vec<Saved>>,
     file: String,
+    /// Whether unchanged chunks are skipped (else every chunk is written:
+    /// a tier that only compresses).
+    dedup: bool,
+    compression: Compression,
+    /// Per tensor of `order`, under `Auto`: whether its chunks are
+    /// compressed, decided on its first chunk.
+    auto: Vec<Option<bool>>,
+    /// Bytes of chunks stored compressed, and their compressed size.
+    pub compressed: (u64, u64),
 }
 
 impl<'a> Dedup<'a> {
     /// A stream to cut against `base` (`None`: a whole save, which still
     /// records the hashes for the next one).
-    pub fn new(ctx: &'a SaveCtx, base: Option<Arc<Base>>) -> Self {
+    pub fn new(
+        ctx: &'a SaveCtx,
+        base: Option<Arc<Base>>,
+        dedup: bool,
+        compression: Compression,
+    ) -> Self {
         let mut order: Vec<(usize, u64, u64)> = ctx
             .tensors
             .iter()
@@ -83,6 +101,7 @@ impl<'a> Dedup<'a> {
             .collect();
         order.sort_by_key(|o| o.1);
         let chunks = order.iter().map(|_| Vec::new()).collect();
+        let auto = order.iter().map(|_| None).collect();
         Self {
             ctx,
             base,
@@ -93,6 +112,10 @@ impl<'a> Dedup<'a> {
             referenced: 0,
             chunks,
             file: crate::format::layout::rank_data_file(ctx.rank, &ctx.attempt),
+            dedup,
+            compression,
+            auto,
+            compressed: (0, 0),
         }
     }
 
@@ -183,6 +206,7 @@ impl<'a> Dedup<'a> {
                     let same = self
                         .base
                         .as_ref()
+                        .filter(|_| self.dedup)
                         .and_then(|b| b.pieces.get(&(t.name.clone(), t.global_offsets.clone())))
                         .and_then(|chunks| chunks.get(index))
                         .filter(|(h, l, _)| *h == hash && *l == len)
@@ -193,14 +217,29 @@ impl<'a> Dedup<'a> {
                             loc
                         }
                         None => {
-                            let loc = ChunkLoc {
+                            let mut loc = ChunkLoc {
                                 step: Some(self.ctx.step),
                                 file: self.file.clone(),
                                 offset: self.written,
+                                zstd: None,
+                                planes: 0,
                             };
-                            for p in parts {
-                                self.written += p.len() as u64;
-                                out.push(p);
+                            let planes = t.dtype.size() as u8;
+                            match self.compress(tensor, &parts, len, planes) {
+                                Some(frame) => {
+                                    loc.zstd = Some(frame.len() as u64);
+                                    loc.planes = planes;
+                                    self.compressed.0 += len;
+                                    self.compressed.1 += frame.len() as u64;
+                                    self.written += frame.len() as u64;
+                                    out.push(frame);
+                                }
+                                None => {
+                                    for p in parts {
+                                        self.written += p.len() as u64;
+                                        out.push(p);
+                                    }
+                                }
                             }
                             loc
                         }
@@ -210,6 +249,36 @@ impl<'a> Dedup<'a> {
             }
         }
         out
+    }
+
+    /// The chunk as a zstd frame, if this tier compresses it and it
+    /// shrinks to under 90%.
+    fn compress(&mut self, tensor: usize, parts: &[Bytes], len: u64, planes: u8) -> Option<Bytes> {
+        let decided = match self.compression {
+            Compression::Off => return None,
+            Compression::On => true,
+            Compression::Auto => match self.auto[tensor] {
+                Some(d) => d,
+                None => {
+                    // Decide on the first chunk: compressing pays when it
+                    // saves more write time than it costs,
+                    // c * (1 - ratio) > write rate.
+                    let t0 = std::time::Instant::now();
+                    let frame = encode(parts, len, planes);
+                    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                    let ratio = frame.as_ref().map_or(1.0, |f| f.len() as f64 / len as f64);
+                    let speed = len as f64 / secs;
+                    let worth = self
+                        .base
+                        .as_ref()
+                        .and_then(|b| b.write_bps)
+                        .is_some_and(|w| speed * (1.0 - ratio) > w);
+                    self.auto[tensor] = Some(worth);
+                    return frame.filter(|f| worth && f.len() as u64 * 10 < len * 9);
+                }
+            },
+        };
+        encode(parts, len, planes).filter(|f| decided && (f.len() as u64) * 10 < len * 9)
     }
 
     /// The stream has ended: the bytes it carried (header and every
@@ -232,6 +301,7 @@ impl<'a> Dedup<'a> {
                 Some(b) if self.referenced > 0 => b.chain + 1,
                 _ => 0,
             },
+            write_bps: None,
             pieces: HashMap::new(),
         };
         for ((i, _, _), chunks) in self.order.iter().zip(self.chunks) {
@@ -245,6 +315,7 @@ impl<'a> Dedup<'a> {
                 })?;
             let contiguous = chunks.iter().enumerate().all(|(k, (_, _, loc))| {
                 loc.step == Some(self.ctx.step)
+                    && loc.zstd.is_none()
                     && loc.offset == entry.piece.offset + k as u64 * self.ctx.chunk_size
             });
             if !contiguous {
@@ -260,5 +331,63 @@ impl<'a> Dedup<'a> {
                 .insert((t.name.clone(), t.global_offsets.clone()), chunks);
         }
         Ok((m, base))
+    }
+}
+
+/// Groups the bytes of `planes`-byte elements by significance (byte `k`
+/// of every element together: exponents compress, mantissas do not) and
+/// compresses the chunk into one zstd frame.
+fn encode(parts: &[Bytes], len: u64, planes: u8) -> Option<Bytes> {
+    let mut raw = Vec::with_capacity(len as usize);
+    for p in parts {
+        raw.extend_from_slice(p);
+    }
+    let grouped = match planes {
+        2 | 4 | 8 => to_planes(&raw, planes as usize),
+        _ => raw,
+    };
+    zstd::bulk::compress(&grouped, 1).ok().map(Bytes::from)
+}
+
+/// Byte `k` of every `n`-byte element, for each `k` in turn; a tail shorter
+/// than an element stays as it is, at the end.
+pub(crate) fn to_planes(data: &[u8], n: usize) -> Vec<u8> {
+    let elems = data.len() / n;
+    let mut out = vec![0u8; data.len()];
+    for k in 0..n {
+        let plane = &mut out[k * elems..(k + 1) * elems];
+        for (e, b) in plane.iter_mut().enumerate() {
+            *b = data[e * n + k];
+        }
+    }
+    out[elems * n..].copy_from_slice(&data[elems * n..]);
+    out
+}
+
+/// The inverse of [`to_planes`], into `out`.
+pub(crate) fn from_planes(data: &[u8], n: usize, out: &mut [u8]) {
+    let elems = data.len() / n;
+    for k in 0..n {
+        let plane = &data[k * elems..(k + 1) * elems];
+        for (e, b) in plane.iter().enumerate() {
+            out[e * n + k] = *b;
+        }
+    }
+    out[elems * n..].copy_from_slice(&data[elems * n..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planes_round_trip() {
+        for n in [2usize, 4, 8] {
+            let data: Vec<u8> = (0..1003u32).map(|i| (i * 37 % 251) as u8).collect();
+            let grouped = to_planes(&data, n);
+            let mut back = vec![0u8; data.len()];
+            from_planes(&grouped, n, &mut back);
+            assert_eq!(back, data, "{n} planes");
+        }
     }
 }

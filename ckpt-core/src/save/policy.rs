@@ -37,6 +37,27 @@ pub struct TierPolicy {
     /// `full_every`-th save is written whole, so chains stay short.
     /// `None`: every save is whole.
     pub incremental: Option<u32>,
+    /// Per-chunk zstd compression on this tier.
+    pub compression: Compression,
+}
+
+/// Whether a tier stores chunks compressed: each chunk is its own zstd
+/// frame (after grouping the bytes of 2- and 4-byte elements by
+/// significance), so any chunk decodes alone and ranged reads and
+/// resharding read only the chunks they need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Raw chunks.
+    #[default]
+    Off,
+    /// Every chunk that compresses to under 90% of its size.
+    On,
+    /// Compress a tensor's chunks only when its first chunk's measured
+    /// ratio and compression speed would shorten this tier's time to
+    /// durable at the write rate measured on its previous save (so on a
+    /// slow object store, rarely on local NVMe). The first save on a tier
+    /// is raw.
+    Auto,
 }
 
 impl Default for TierPolicy {
@@ -47,6 +68,7 @@ impl Default for TierPolicy {
             rate_limit: None,
             stagger: Duration::ZERO,
             incremental: None,
+            compression: Compression::Off,
         }
     }
 }
@@ -96,6 +118,12 @@ impl TierPolicy {
     /// ```
     pub fn incremental(mut self, full_every: u32) -> Self {
         self.incremental = Some(full_every);
+        self
+    }
+
+    /// Stores chunks compressed on this tier (see [`Compression`]).
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.compression = c;
         self
     }
 

@@ -96,9 +96,9 @@ impl fmt::Display for CreateGuarantee {
 }
 
 /// Probes `tier`: creates one object twice (the second must fail), then
-/// three rounds of `racers` concurrent creates of another (exactly one
+/// up to six rounds of `racers` concurrent creates of another (exactly one
 /// must succeed each time), and removes what it wrote. Costs two small
-/// puts, a get, `3 x racers` puts of 64 KiB and a few deletes under
+/// puts, a get, at most `6 x racers` puts of 128 KiB and a few deletes under
 /// [`PROBE_DIR`]; `nonce` keeps concurrent probes apart.
 pub async fn probe_create(tier: &dyn Tier, nonce: &str, racers: u32) -> CreateGuarantee {
     let once = format!("{PROBE_DIR}/{nonce}-once");
@@ -162,10 +162,12 @@ async fn probe(tier: &dyn Tier, once: &str, race: &str, racers: u32) -> CreateGu
     CreateGuarantee::Atomic
 }
 
-/// Rounds of concurrent creates in a probe.
-const ROUNDS: u32 = 3;
+/// Rounds of concurrent creates in a probe (it stops at the first round
+/// with more than one winner). A race is found by trying: a server that
+/// checks and then writes shows it in most rounds, not in all.
+const ROUNDS: u32 = 6;
 /// Bytes each racer writes.
-const RACE_PAYLOAD: usize = 64 << 10;
+const RACE_PAYLOAD: usize = 128 << 10;
 
 #[cfg(test)]
 mod tests {
