@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module with an `Args` struct and a
 //! `run` function; this file only dispatches.
 
+mod compress;
 mod fingerprint;
 mod floors;
 mod flush;
@@ -55,6 +56,9 @@ enum Command {
     Flush(flush::FlushArgs),
     /// Cold restore with verification vs a raw cold read.
     Restore(restore::RestoreArgs),
+    /// Per-chunk zstd: ratio and speed by tensor kind, and time to durable
+    /// with compression off, on and auto.
+    Compress(compress::CompressArgs),
     /// Incremental vs whole saves: bytes written and time to durable, for
     /// a fine-tuning shape and for full training.
     Incremental(incremental::IncrementalArgs),
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         }
         Command::Flush(args) => flush::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Restore(args) => restore::run(&args).map_err(|e| CliError::io(e.to_string())),
+        Command::Compress(args) => compress::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Incremental(args) => {
             incremental::run(&args).map_err(|e| CliError::io(e.to_string()))
         }
