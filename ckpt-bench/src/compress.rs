@@ -84,7 +84,7 @@ fn saves(
     iters: usize,
 ) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     let run = format!(
-        "bench-compress-{}-{}",
+        "bench-compress-{}-{compression:?}-{}",
         name.replace('.', "-"),
         std::process::id()
     );

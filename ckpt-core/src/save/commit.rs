@@ -137,7 +137,8 @@ async fn run_tier(
                 .policy
                 .incremental
                 .is_some_and(|n| base.as_ref().is_none_or(|b| b.chain + 1 < n));
-            crate::save::incremental::Dedup::new(ctx, base, skip, compression)
+            let hash = job.policy.incremental.is_some();
+            crate::save::incremental::Dedup::new(ctx, base, skip, hash, compression)
         });
     while let Some(b) = job.data.recv().await {
         let parts = match dedup.as_mut() {

@@ -75,6 +75,8 @@ pub(crate) struct Dedup<'a> {
     /// Whether unchanged chunks are skipped (else every chunk is written:
     /// a tier that only compresses).
     dedup: bool,
+    /// Whether chunk hashes are computed (for the next save's base).
+    hash: bool,
     compression: Compression,
     /// Per tensor of `order`, under `Auto`: whether its chunks are
     /// compressed, decided on its first chunk.
@@ -90,6 +92,7 @@ impl<'a> Dedup<'a> {
         ctx: &'a SaveCtx,
         base: Option<Arc<Base>>,
         dedup: bool,
+        hash: bool,
         compression: Compression,
     ) -> Self {
         let mut order: Vec<(usize, u64, u64)> = ctx
@@ -113,6 +116,7 @@ impl<'a> Dedup<'a> {
             chunks,
             file: crate::format::layout::rank_data_file(ctx.rank, &ctx.attempt),
             dedup,
+            hash,
             compression,
             auto,
             compressed: (0, 0),
@@ -195,13 +199,18 @@ impl<'a> Dedup<'a> {
                     index,
                     parts,
                 } => {
-                    let mut h = blake3::Hasher::new();
-                    let mut len = 0u64;
-                    for p in &parts {
-                        h.update(p);
-                        len += p.len() as u64;
-                    }
-                    let hash = h.finalize();
+                    let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+                    // Hashes only where a later save compares against
+                    // them (incremental tiers).
+                    let hash = if self.hash {
+                        let mut h = blake3::Hasher::new();
+                        for p in &parts {
+                            h.update(p);
+                        }
+                        h.finalize()
+                    } else {
+                        blake3::Hash::from_bytes([0; 32])
+                    };
                     let t = &self.ctx.tensors[self.order[tensor].0];
                     let same = self
                         .base
@@ -278,7 +287,10 @@ impl<'a> Dedup<'a> {
                 }
             },
         };
-        encode(parts, len, planes).filter(|f| decided && (f.len() as u64) * 10 < len * 9)
+        if !decided {
+            return None;
+        }
+        encode(parts, len, planes).filter(|f| (f.len() as u64) * 10 < len * 9)
     }
 
     /// The stream has ended: the bytes it carried (header and every
