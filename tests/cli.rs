@@ -175,9 +175,13 @@ fn ls_inspect_verify_export_gc(loc: &Loc) {
         stdout(&text)
     );
     assert!(
-        stdout(&text).contains("location ") && stdout(&text).contains("conditional create"),
-        "{}",
-        stdout(&text)
+        text.status.success()
+            && stdout(&text).contains("location ")
+            && stdout(&text).contains("conditional create"),
+        "{:?}\n{}\n{}",
+        text.status,
+        stdout(&text),
+        String::from_utf8_lossy(&text.stderr)
     );
 
     let verify = loc.ckpt(&["verify", "--all"]);
@@ -483,4 +487,25 @@ fn a_flipped_byte_in_a_shard_header_is_caught() {
         "\"dType\"",
         "corrupt safetensors header of quickstart/step-00000000000000000030/SHARD",
     );
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    // `ckpt ls | head -1`: the reader goes away; ckpt exits 141 without a
+    // panic message (SIGPIPE stays ignored, so a socket write to a closed
+    // connection cannot kill it silently).
+    let loc = Loc::dir();
+    write_checkpoints(&loc);
+    let out = run(Command::new("bash").arg("-c").arg(format!(
+        "'{}' ls '{}' | head -c 1 >/dev/null; echo \"status=${{PIPESTATUS[0]}}\"",
+        ckpt_bin(),
+        loc.loc
+    )));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("status=141") || text.contains("status=0"),
+        "{text}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -137,13 +137,24 @@ enum Cmd {
 
 fn main() -> ExitCode {
     // `ckpt ls | head` ends quietly, as other command-line tools do, when
-    // the reader goes away (Rust ignores SIGPIPE, and printing would panic).
-    #[cfg(unix)]
-    // SAFETY: restoring the default disposition of SIGPIPE at the start of
-    // main, before any other thread exists; no handler is installed.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // the reader goes away: printing to a closed stdout panics in Rust,
+    // and that one panic exits with 141 (128 + SIGPIPE) and no message.
+    // SIGPIPE itself stays ignored: its default disposition would also
+    // kill the process, silently, when a server closes a connection the
+    // S3 client is writing to (vectored socket writes raise it).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.contains("failed printing to stdout") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     ckpt::log_to_stderr();
     match run(Cli::parse()) {
         Ok(code) => code,
