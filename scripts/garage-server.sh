@@ -33,32 +33,13 @@ ENV_FILE="${CKPT_GARAGE_ENV_FILE:-$ROOT/target/garage-test-server.env}"
 LOG_FILE="$(dirname "$ENV_FILE")/garage-test-server.log"
 WAIT_S="${CKPT_S3_WAIT_S:-60}"
 
-SERVER_PID=""
-DATA_DIR=""
+SCRIPT_NAME="garage-server.sh"
+SERVER_NAME="garage"
+DATA_PREFIX="ckpt-garage"
+# shellcheck source=scripts/lib/test-server.sh
+source "$ROOT/scripts/lib/test-server.sh"
 
-cleanup_failed_start() {
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID" 2>/dev/null || true
-    fi
-    if [[ -n "$DATA_DIR" && -d "$DATA_DIR" ]]; then
-        rm -rf "$DATA_DIR"
-    fi
-}
-
-show_log() {
-    if [[ -s "$LOG_FILE" ]]; then
-        echo "--- last lines of $LOG_FILE ---" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-    fi
-}
-
-die() {
-    echo "garage-server.sh: error: $*" >&2
-    show_log
-    cleanup_failed_start
-    exit 1
-}
-trap 'echo "garage-server.sh: failed (exit $?) at line $LINENO" >&2; show_log; cleanup_failed_start' ERR
+trap 'on_error $LINENO' ERR
 
 # Prints the path of a garage binary of the pinned version, or nothing.
 find_garage() {
@@ -91,10 +72,6 @@ install_garage() {
         die "cargo install garage@$GARAGE_VERSION failed"
 }
 
-port_in_use() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
 free_port() {
     local p
     for _ in $(seq 1 50); do
@@ -105,26 +82,6 @@ free_port() {
         }
     done
     die "no free port found"
-}
-
-stop_server() {
-    [[ -f "$ENV_FILE" ]] || return 0
-    local pid data_dir
-    pid="$(sed -n 's/^export CKPT_TEST_S3_PID=//p' "$ENV_FILE")"
-    data_dir="$(sed -n 's/^export CKPT_TEST_S3_DATA_DIR=//p' "$ENV_FILE")"
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
-        echo "stopped garage (pid $pid)" >&2
-    fi
-    if [[ -n "$data_dir" && -d "$data_dir" && "$data_dir" == */ckpt-garage.* ]]; then
-        rm -rf "$data_dir"
-    fi
-    rm -f "$ENV_FILE"
 }
 
 start_server() {

@@ -31,40 +31,12 @@ ENV_FILE="${CKPT_S3_ENV_FILE:-$ROOT/target/s3-test-server.env}"
 LOG_FILE="$(dirname "$ENV_FILE")/s3-test-server.log"
 WAIT_S="${CKPT_S3_WAIT_S:-30}"
 
-SERVER_PID=""
-DATA_DIR=""
+SCRIPT_NAME="s3-server.sh"
+SERVER_NAME="s3s-fs"
+DATA_PREFIX="ckpt-s3s-fs"
+# shellcheck source=scripts/lib/test-server.sh
+source "$ROOT/scripts/lib/test-server.sh"
 
-# Kills a server this run started and removes its data directory.
-cleanup_failed_start() {
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill "$SERVER_PID" 2>/dev/null || true
-    fi
-    if [[ -n "$DATA_DIR" && -d "$DATA_DIR" ]]; then
-        rm -rf "$DATA_DIR"
-    fi
-}
-
-show_log() {
-    if [[ -s "$LOG_FILE" ]]; then
-        echo "--- last lines of $LOG_FILE ---" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-    fi
-}
-
-die() {
-    echo "s3-server.sh: error: $*" >&2
-    show_log
-    cleanup_failed_start
-    exit 1
-}
-
-on_error() {
-    local status=$? line=$1
-    echo "s3-server.sh: failed (exit $status) at line $line" >&2
-    show_log
-    cleanup_failed_start
-    exit "$status"
-}
 trap 'on_error $LINENO' ERR
 
 # Prints the path of an s3s-fs binary of the pinned version, or nothing.
@@ -92,38 +64,11 @@ install_s3s_fs() {
         die "cargo install s3s-fs@$S3S_FS_VERSION failed"
 }
 
-port_in_use() {
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
 # Whether the server answers HTTP at all (any status: unsigned requests get 403).
 answers() {
     local code
     code="$(curl -s -o /dev/null -m 2 -w '%{http_code}' "http://127.0.0.1:$1/" 2>/dev/null || true)"
     [[ -n "$code" && "$code" != "000" ]]
-}
-
-stop_server() {
-    [[ -f "$ENV_FILE" ]] || return 0
-    local pid data_dir
-    pid="$(sed -n 's/^export CKPT_TEST_S3_PID=//p' "$ENV_FILE")"
-    data_dir="$(sed -n 's/^export CKPT_TEST_S3_DATA_DIR=//p' "$ENV_FILE")"
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        local i
-        for i in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -9 "$pid" 2>/dev/null || true
-        fi
-        echo "stopped s3s-fs (pid $pid)" >&2
-    fi
-    if [[ -n "$data_dir" && -d "$data_dir" && "$data_dir" == */ckpt-s3s-fs.* ]]; then
-        rm -rf "$data_dir"
-    fi
-    rm -f "$ENV_FILE"
 }
 
 start_server() {
