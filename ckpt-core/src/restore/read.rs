@@ -285,15 +285,25 @@ struct Verify<'a> {
 /// Reads `spans` (of one piece, in order, starting at the first span's
 /// piece offset) into `buf`, back to back.
 async fn read_spans(tier: &dyn Tier, spans: &[Span], buf: &mut [u8]) -> Result<()> {
-    let base = spans.first().map_or(0, |s| s.piece_offset);
     for s in spans {
-        let at = (s.piece_offset - base) as usize;
         let dst = buf
-            .get_mut(at..at + s.len as usize)
-            .ok_or_else(|| Error::Internal(format!("span of {} outside its buffer", s.path)))?;
+            .get_mut(span_range(spans, s))
+            .ok_or_else(|| outside(s))?;
         read_span_into(tier, s, dst).await?;
     }
     Ok(())
+}
+
+/// Where span `s` of `spans` lies in a buffer that starts at the first
+/// span's piece offset.
+fn span_range(spans: &[Span], s: &Span) -> std::ops::Range<usize> {
+    let base = spans.first().map_or(0, |f| f.piece_offset);
+    let at = (s.piece_offset - base) as usize;
+    at..at + s.len as usize
+}
+
+fn outside(s: &Span) -> Error {
+    Error::Internal(format!("span of {} outside its buffer", s.path))
 }
 
 /// Reads one span into `dst` (`s.len` bytes): straight from the file, or,
@@ -332,12 +342,8 @@ pub(crate) async fn read_span_into(tier: &dyn Tier, s: &Span, dst: &mut [u8]) ->
 /// Verifies `buf` (read by [`read_spans`]) chunk by chunk, naming the file
 /// each chunk came from.
 fn verify_spans(spans: &[Span], buf: &[u8], chunk_size: u64, crcs: &[u32]) -> Result<()> {
-    let base = spans.first().map_or(0, |s| s.piece_offset);
     for s in spans {
-        let at = (s.piece_offset - base) as usize;
-        let data = buf
-            .get(at..at + s.len as usize)
-            .ok_or_else(|| Error::Internal(format!("span of {} outside its buffer", s.path)))?;
+        let data = buf.get(span_range(spans, s)).ok_or_else(|| outside(s))?;
         verify_chunks(&s.path, data, chunk_size, s.first_chunk, crcs)?;
     }
     Ok(())
