@@ -207,6 +207,13 @@ fn incremental_saves_write_only_changes_and_resume_bit_exact() {
         .collect();
     assert_eq!(steps.len(), 3, "{ls}");
     assert_eq!(&steps[1..], &[80, 90], "{ls}");
+    // gc --dry-run says the same: keep the referenced step too.
+    let plan = String::from_utf8_lossy(&ckpt(&["gc", "--keep-last", "1", "--dry-run"]).stdout)
+        .into_owned();
+    assert!(
+        plan.contains(&format!("would keep [{}, 90], delete [80]", steps[0])),
+        "{plan}"
+    );
     // What changed from 80 to 90: everything but the frozen tower.
     let diff =
         String::from_utf8_lossy(&ckpt(&["diff", "--from", "80", "--to", "90"]).stdout).into_owned();

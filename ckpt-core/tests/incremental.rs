@@ -296,22 +296,37 @@ fn compressed_chunks_decode_alone_and_restore_bit_exact() {
     assert!(written1 * 10 < raw * 8, "{written1} of {raw}");
     // Step 2: `zeros` unchanged, only `w` (compressed) written.
     assert_eq!(referenced2, frozen.len() as u64);
-    for (step, want) in [(1u64, &w1), (2, &w2)] {
-        let mut out = vec![0f32; n];
+    // Restores all of `w` (or one shard of it) and `zeros` at `step` (or
+    // the newest); `zeros` must come back as zeros.
+    let restore_wz = |step: Option<u64>, shard: Option<ShardSpec>| {
+        let len = shard.as_ref().map_or(n, |s| s.numel() as usize);
+        let mut out = vec![0f32; len];
         let mut z = vec![1u8; frozen.len()];
+        let mut w = TensorMut::from_slice("w", &[len as u64], &mut out);
+        if let Some(spec) = shard {
+            w = w.with_shard(spec);
+        }
+        let mut opts = RestoreOptions::default();
+        if let Some(s) = step {
+            opts = opts.step(s);
+        }
         let r = ckpt
             .restore_with(
                 &mut [
-                    &mut TensorMut::from_slice("w", &[n as u64], &mut out),
+                    &mut w,
                     &mut TensorMut::new("zeros", ckpt_core::DType::U8, &[z.len() as u64], &mut z),
                 ],
-                &RestoreOptions::default().step(step),
+                &opts,
             )
             .expect("restore")
             .expect("a checkpoint");
+        assert!(z.iter().all(|b| *b == 0), "step {}: zeros differ", r.step);
+        (r, out)
+    };
+    for (step, want) in [(1u64, &w1), (2, &w2)] {
+        let (r, out) = restore_wz(Some(step), None);
         assert_eq!(r.step, step);
         assert!(out == *want, "step {step}: w differs");
-        assert!(z.iter().all(|b| *b == 0));
         let m = rt()
             .block_on(store::load_manifest(&tier, RUN, step))
             .expect("manifest");
@@ -320,15 +335,7 @@ fn compressed_chunks_decode_alone_and_restore_bit_exact() {
     }
     // A slice of `w` reads (and decodes) only its chunks.
     let spec = ShardSpec::split(vec![n as u64], 0, 4, 3).expect("spec");
-    let mut quarter = vec![0f32; n / 4];
-    let mut z = vec![0u8; frozen.len()];
-    let r = ckpt
-        .restore(&mut [
-            &mut TensorMut::from_slice("w", &spec.shape, &mut quarter).with_shard(spec),
-            &mut TensorMut::new("zeros", ckpt_core::DType::U8, &[z.len() as u64], &mut z),
-        ])
-        .expect("restore")
-        .expect("a checkpoint");
+    let (r, quarter) = restore_wz(None, Some(spec));
     assert!(quarter == w2[3 * n / 4..]);
     assert!(
         r.bytes_read < (n * 4 + frozen.len()) as u64,
@@ -343,15 +350,7 @@ fn compressed_chunks_decode_alone_and_restore_bit_exact() {
     let at = (c.offset + c.zstd.expect("compressed") / 2) as usize;
     let path = format!("{}/{}", layout::step_dir(RUN, 2), c.file);
     assert!(tier.tamper(&path, |v| v[at] ^= 0x55));
-    let mut out = vec![0f32; n];
-    let mut z = vec![0u8; frozen.len()];
-    let r = ckpt
-        .restore(&mut [
-            &mut TensorMut::from_slice("w", &[n as u64], &mut out),
-            &mut TensorMut::new("zeros", ckpt_core::DType::U8, &[z.len() as u64], &mut z),
-        ])
-        .expect("restore")
-        .expect("a checkpoint");
+    let (r, out) = restore_wz(None, None);
     assert_eq!(r.step, 1, "{:?}", r.skipped);
     assert!(out == w1);
     let why = r.skipped[0].error.to_string();

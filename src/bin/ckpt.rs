@@ -238,8 +238,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             retention.validate()?;
             let run = target.run(&store)?;
             if dry_run {
-                let (keep, delete) = retention.select(&store.steps(&run)?);
+                let (keep, delete, for_refs) = store.gc_plan(&run, &retention)?;
                 println!("would keep {keep:?}, delete {delete:?}");
+                if !for_refs.is_empty() {
+                    println!(
+                        "would keep {for_refs:?} because kept steps point into their files (incremental saves)"
+                    );
+                }
             } else {
                 let r = store.gc(&run, &retention)?;
                 println!(

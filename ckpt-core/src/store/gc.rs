@@ -41,6 +41,44 @@ pub struct GcReport {
     pub removed_agreement_files: usize,
 }
 
+/// What retention keeps and deletes of the committed `steps` of `run`:
+/// `(kept, deleted, kept for references)`. A step whose files a kept
+/// step's chunks point into (incremental saves) stays, whole and
+/// committed: it is still a checkpoint of its own; references always name
+/// the file holding the bytes, so nothing else needs to stay for it.
+pub async fn select_with_references(
+    tier: &dyn Tier,
+    run: &str,
+    steps: &[u64],
+    retention: &Retention,
+) -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
+    let (mut kept, mut deleted) = retention.select(steps);
+    let mut referenced = std::collections::BTreeSet::new();
+    for &k in &kept {
+        match crate::store::load_manifest(tier, run, k).await {
+            Ok(m) => referenced.extend(
+                m.tensors
+                    .values()
+                    .flat_map(|t| t.pieces.iter().flat_map(|p| p.referenced_steps())),
+            ),
+            // An unreadable kept step refers to nothing restore would use.
+            Err(e) if e.is_data_fault() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut for_references = Vec::new();
+    deleted.retain(|s| {
+        let keep = referenced.contains(s);
+        if keep {
+            for_references.push(*s);
+        }
+        !keep
+    });
+    kept.extend(&for_references);
+    kept.sort_unstable();
+    Ok((kept, deleted, for_references))
+}
+
 /// Applies `retention` to `run` and removes crash leftovers: uncommitted
 /// step directories older than the newest committed step. Uncommitted
 /// steps newer than it may belong to a save in progress and are left alone.
@@ -84,33 +122,8 @@ pub(crate) async fn gc_running(
         }
     }
     let newest = committed.last().copied();
-    let (mut kept_steps, mut deleted_steps) = retention.select(&committed);
-    // A step whose files a kept step's chunks point into stays (whole, and
-    // committed: it is still a checkpoint of its own); so does, in turn,
-    // nothing else: references always name the file holding the bytes.
-    let mut referenced = std::collections::BTreeSet::new();
-    for &k in &kept_steps {
-        match crate::store::load_manifest(tier, run, k).await {
-            Ok(m) => referenced.extend(
-                m.tensors
-                    .values()
-                    .flat_map(|t| t.pieces.iter().flat_map(|p| p.referenced_steps())),
-            ),
-            // An unreadable kept step refers to nothing restore would use.
-            Err(e) if e.is_data_fault() => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let mut kept_for_references = Vec::new();
-    deleted_steps.retain(|s| {
-        let keep = referenced.contains(s);
-        if keep {
-            kept_for_references.push(*s);
-        }
-        !keep
-    });
-    kept_steps.extend(&kept_for_references);
-    kept_steps.sort_unstable();
+    let (kept_steps, deleted_steps, kept_for_references) =
+        select_with_references(tier, run, &committed, retention).await?;
     let mut report = GcReport {
         kept_steps,
         kept_for_references,

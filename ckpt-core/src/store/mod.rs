@@ -14,7 +14,7 @@ pub(crate) mod retention;
 
 pub use crate::restore::verify::{VerifyReport, verify_step};
 pub(crate) use gc::gc_running;
-pub use gc::{GcReport, abandon_steps, delete_step, gc};
+pub use gc::{GcReport, abandon_steps, delete_step, gc, select_with_references};
 pub(crate) use listing::committed_in;
 pub use listing::{
     StepEvent, StepNote, check_files, check_header, check_rank_files, committed_steps,

@@ -135,6 +135,23 @@ impl CheckpointStore {
         self.block_on(crate::store::gc(self.tier.as_ref(), run, retention))?
     }
 
+    /// What [`CheckpointStore::gc`] would keep and delete, without
+    /// deleting: `(kept, deleted, kept because kept steps point into them)`.
+    pub fn gc_plan(
+        &self,
+        run: &str,
+        retention: &Retention,
+    ) -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
+        retention.validate()?;
+        let steps = self.steps(run)?;
+        self.block_on(crate::store::select_with_references(
+            self.tier.as_ref(),
+            run,
+            &steps,
+            retention,
+        ))?
+    }
+
     /// Restores the newest verified checkpoint of `run` (or
     /// [`RestoreOptions::step`]) into `targets`, falling back to older
     /// steps as [`Checkpointer::restore`](crate::Checkpointer::restore)
