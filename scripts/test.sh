@@ -11,6 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# One build per run: incremental caches only cost disk here (they were a
+# third of target/ on a machine that ran out of space).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+df -h . | tail -n 1 | awk '{print "== disk: " $4 " free of " $2}'
+
 echo "== rustfmt"
 cargo fmt --all -- --check
 
@@ -68,3 +73,4 @@ scripts/garage-server.sh start
   cargo test --all-features --no-fail-fast -p ckpt-io --test s3 \
     -p ckpt --test cli --test quickstart_resume --test multi_rank_commit
 )
+du -sh target 2>/dev/null | awk '{print "== target/: " $1}'
