@@ -356,3 +356,46 @@ fn compressed_chunks_decode_alone_and_restore_bit_exact() {
     let why = r.skipped[0].error.to_string();
     assert!(why.contains(&path) && why.contains("chunk 10"), "{why}");
 }
+
+#[test]
+fn the_first_save_after_a_restart_compares_against_the_restored_step() {
+    let tier = MemoryTier::new();
+    let policy = TierPolicy::keep_last(10).incremental(8);
+    let full = {
+        let ckpt = checkpointer(&tier, policy.clone());
+        let full = save(&ckpt, &tier, 1);
+        save(&ckpt, &tier, 2);
+        assert!(ckpt.close().iter().all(|r| r.is_ok()));
+        full
+    };
+    // A new process: no base in memory. The restored step's manifest
+    // carries each chunk's blake3, so its first save skips the frozen
+    // chunks again, pointing into step 1 (where step 2 points too).
+    let ckpt = checkpointer(&tier, policy.clone());
+    assert_eq!(restore(&ckpt, None).expect("restore").step, 2);
+    let size = save(&ckpt, &tier, 3);
+    assert!(
+        size < (TRAINED as u64) + 16 * CHUNK,
+        "the first save after a restart wrote {size} of {full} bytes"
+    );
+    let m = rt()
+        .block_on(store::load_manifest(&tier, RUN, 3))
+        .expect("manifest");
+    let frozen = &m.tensors["frozen"].pieces[0];
+    assert!(
+        frozen.chunks.iter().all(|c| c.step == Some(1)),
+        "frozen chunks point at step 1: {:?}",
+        frozen.chunks.first()
+    );
+    assert_eq!(frozen.chunk_blake3.len(), FROZEN / CHUNK as usize);
+    assert!(ckpt.close().iter().all(|r| r.is_ok()));
+    // A process that restores nothing (a fresh start) saves whole.
+    let other = MemoryTier::new();
+    let ckpt = checkpointer(&other, policy);
+    assert_eq!(save(&ckpt, &other, 1), full);
+    // Every step still restores bit-exact.
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(10));
+    for s in 1..=3 {
+        assert_eq!(restore(&ckpt, Some(s)).expect("restore").step, s);
+    }
+}

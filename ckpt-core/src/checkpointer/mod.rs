@@ -208,8 +208,10 @@ impl Checkpointer {
         opts: &RestoreOptions,
     ) -> Result<Option<Restored>> {
         let handle = self.handle()?.clone();
-        // The next save is whole on every tier: after a restore (perhaps of
-        // an older step, a rollback) nothing saved before may be a base.
+        // After a restore (perhaps of an older step, a rollback) nothing
+        // saved before may be a base: the next save on each tier compares
+        // against the restored step as that tier holds it (its chunk
+        // hashes), or is whole.
         for slot in &self.tiers {
             *lock(&slot.base) = None;
         }
@@ -256,6 +258,11 @@ impl Checkpointer {
                     incarnation: self.settings.incarnation.clone(),
                     unix_ms: unix_ms(),
                 });
+        if let Some(r) = &restored {
+            for slot in self.tiers.iter().filter(|s| s.policy.incremental.is_some()) {
+                *lock(&slot.base) = Some(Arc::new(crate::save::incremental::Base::pending(r.step)));
+            }
+        }
         let step = restored.as_ref().map(|r| r.step).unwrap_or(0);
         self.log_start(step);
         let mut s = lock(&self.scheduler);

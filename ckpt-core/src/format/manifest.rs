@@ -76,6 +76,11 @@ pub struct Piece {
     /// piece is contiguous.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkLoc>,
+    /// blake3 of each chunk (hex), on tiers that save incrementally: a
+    /// process that restores this step compares its first save against
+    /// them. Empty elsewhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunk_blake3: Vec<String>,
 }
 
 /// Where one chunk of a [`Piece`] is stored.

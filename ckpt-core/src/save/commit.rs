@@ -31,6 +31,9 @@ use crate::save::stream::{ManifestCell, SaveCtx};
 use crate::store;
 use crate::tier::{PutMode, Tier};
 
+/// How many blocks the chunk hasher may run ahead of a tier's writer.
+const CUT_AHEAD: usize = 4;
+
 /// One tier's part of a save.
 pub(crate) struct TierJob {
     pub tier: Arc<dyn Tier>,
@@ -102,7 +105,7 @@ async fn wait_manifest(rx: &mut watch::Receiver<ManifestCell>) -> Result<Arc<Ran
 }
 
 async fn run_tier(
-    ctx: &SaveCtx,
+    ctx: &Arc<SaveCtx>,
     job: &mut TierJob,
     start: Instant,
     flush: &mut Duration,
@@ -127,10 +130,22 @@ async fn run_tier(
     let mut written: u64 = 0;
     let rate_start = Instant::now();
     let compression = job.policy.compression;
-    let mut dedup = (job.policy.incremental.is_some()
+    let mut base = crate::sync::lock(&job.base).clone();
+    if let Some(step) = base.as_ref().and_then(|b| b.pending) {
+        // This process restored `step`: its chunk hashes on this tier are
+        // the base (none there, or unreadable: a whole save).
+        base = match store::load_manifest(tier, &ctx.run, step).await {
+            Ok(m) => crate::save::incremental::Base::from_manifest(&m, ctx.rank).map(Arc::new),
+            Err(e) => {
+                tracing::debug!(tier = %tier.location(), step, error = %e, "no incremental base: a whole save");
+                None
+            }
+        };
+        *crate::sync::lock(&job.base) = base.clone();
+    }
+    let dedup = (job.policy.incremental.is_some()
         || compression != crate::save::policy::Compression::Off)
         .then(|| {
-            let base = crate::sync::lock(&job.base).clone();
             // A whole save every `full_every`: no base to skip against
             // (its write rate still counts for Auto).
             let skip = job
@@ -138,13 +153,33 @@ async fn run_tier(
                 .incremental
                 .is_some_and(|n| base.as_ref().is_none_or(|b| b.chain + 1 < n));
             let hash = job.policy.incremental.is_some();
-            crate::save::incremental::Dedup::new(ctx, base, skip, hash, compression)
+            crate::save::incremental::Dedup::new(ctx.clone(), base, skip, hash, compression)
         });
-    while let Some(b) = job.data.recv().await {
-        let parts = match dedup.as_mut() {
-            Some(d) => d.push(b),
-            None => vec![b],
+    // Hashing, comparing and compressing run on a thread of their own, a
+    // few blocks ahead of the writer: the tier writes chunk i while chunk
+    // i+1 is hashed, so an incremental save that finds nothing to skip
+    // costs what a plain one does (one core hashes while the disk or the
+    // network works).
+    let mut cutter = dedup.map(|mut d| {
+        let mut input = std::mem::replace(&mut job.data, mpsc::unbounded_channel().1);
+        let (tx, rx) = mpsc::channel::<Vec<Bytes>>(CUT_AHEAD);
+        let task = tokio::task::spawn_blocking(move || {
+            while let Some(b) = input.blocking_recv() {
+                if tx.blocking_send(d.push(b)).is_err() {
+                    // The writer gave up (its error is the save's).
+                    break;
+                }
+            }
+            d
+        });
+        (rx, task)
+    });
+    loop {
+        let next = match cutter.as_mut() {
+            Some((rx, _)) => rx.recv().await,
+            None => job.data.recv().await.map(|b| vec![b]),
         };
+        let Some(parts) = next else { break };
         for b in parts {
             written += b.len() as u64;
             if let Err(e) = writer.write(b).await {
@@ -160,6 +195,19 @@ async fn run_tier(
             }
         }
     }
+    let dedup = match cutter {
+        Some((_, task)) => match task.await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(Error::Internal(format!(
+                    "the chunk hasher of step {} stopped: {e}",
+                    ctx.step
+                )));
+            }
+        },
+        None => None,
+    };
     let rank_manifest = match wait_manifest(&mut job.manifest).await {
         Ok(m) => m,
         Err(e) => {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::format::manifest::{ChunkLoc, RankManifest};
+use crate::format::manifest::{ChunkLoc, Manifest, RankManifest};
 use crate::save::policy::Compression;
 use crate::save::stream::SaveCtx;
 
@@ -35,7 +35,72 @@ pub(crate) struct Base {
     /// The tier's write rate on that save (bytes written over the time to
     /// durable), for [`Compression::Auto`].
     pub write_bps: Option<f64>,
+    /// Not read yet: the step this process restored, whose MANIFEST on
+    /// the tier carries the chunk hashes (read by the first save).
+    pub pending: Option<u64>,
     pieces: HashMap<(String, Vec<u64>), Vec<Saved>>,
+}
+
+impl Base {
+    /// The base of a process that restored `step`: read from the tier's
+    /// MANIFEST of that step when the first save needs it.
+    pub fn pending(step: u64) -> Self {
+        Self {
+            pending: Some(step),
+            ..Self::default()
+        }
+    }
+
+    /// What `rank` wrote in the committed checkpoint `m`, from the chunk
+    /// hashes its pieces carry (pieces without them are not a base: their
+    /// chunks are written again). `None` when no piece has them.
+    ///
+    /// The chain counts the older steps these pieces refer into (a process
+    /// does not know how many saves made them): a lower bound of the saves
+    /// since the last whole one.
+    pub fn from_manifest(m: &Manifest, rank: u32) -> Option<Self> {
+        let cs = m.chunk_size;
+        let mut pieces = HashMap::new();
+        let mut older = std::collections::BTreeSet::new();
+        for (name, t) in &m.tensors {
+            for p in t.pieces.iter().filter(|p| p.rank == rank) {
+                let n = p.length.div_ceil(cs) as usize;
+                if p.chunk_blake3.len() != n || !(p.chunks.is_empty() || p.chunks.len() == n) {
+                    continue;
+                }
+                let mut saved = Vec::with_capacity(n);
+                for (k, hex) in p.chunk_blake3.iter().enumerate() {
+                    let hash = blake3::Hash::from_hex(hex).ok()?;
+                    let at = k as u64 * cs;
+                    let len = cs.min(p.length - at);
+                    let loc = match p.chunks.get(k) {
+                        Some(loc) => ChunkLoc {
+                            step: Some(loc.step.unwrap_or(m.step)),
+                            ..loc.clone()
+                        },
+                        None => ChunkLoc {
+                            step: Some(m.step),
+                            file: p.file.clone(),
+                            offset: p.offset + at,
+                            zstd: None,
+                            planes: 0,
+                        },
+                    };
+                    if loc.step != Some(m.step) {
+                        older.extend(loc.step);
+                    }
+                    saved.push((hash, len, loc));
+                }
+                pieces.insert((name.clone(), p.global_offsets.clone()), saved);
+            }
+        }
+        (!pieces.is_empty()).then(|| Self {
+            chain: older.len() as u32,
+            write_bps: None,
+            pending: None,
+            pieces,
+        })
+    }
 }
 
 /// A tier's base, shared between its saves.
@@ -54,8 +119,8 @@ enum Seg {
 
 /// Cuts a tier's stream into [`Seg`]s and decides, chunk by chunk,
 /// whether it is written.
-pub(crate) struct Dedup<'a> {
-    ctx: &'a SaveCtx,
+pub(crate) struct Dedup {
+    ctx: Arc<SaveCtx>,
     base: Option<Arc<Base>>,
     /// The tensors in the stream, in file order: (index in ctx.tensors,
     /// file offset, length).
@@ -85,11 +150,11 @@ pub(crate) struct Dedup<'a> {
     pub compressed: (u64, u64),
 }
 
-impl<'a> Dedup<'a> {
+impl Dedup {
     /// A stream to cut against `base` (`None`: a whole save, which still
     /// records the hashes for the next one).
     pub fn new(
-        ctx: &'a SaveCtx,
+        ctx: Arc<SaveCtx>,
         base: Option<Arc<Base>>,
         dedup: bool,
         hash: bool,
@@ -105,6 +170,7 @@ impl<'a> Dedup<'a> {
         order.sort_by_key(|o| o.1);
         let chunks = order.iter().map(|_| Vec::new()).collect();
         let auto = order.iter().map(|_| None).collect();
+        let file = crate::format::layout::rank_data_file(ctx.rank, &ctx.attempt);
         Self {
             ctx,
             base,
@@ -114,7 +180,7 @@ impl<'a> Dedup<'a> {
             written: 0,
             referenced: 0,
             chunks,
-            file: crate::format::layout::rank_data_file(ctx.rank, &ctx.attempt),
+            file,
             dedup,
             hash,
             compression,
@@ -314,6 +380,7 @@ impl<'a> Dedup<'a> {
                 _ => 0,
             },
             write_bps: None,
+            pending: None,
             pieces: HashMap::new(),
         };
         for ((i, _, _), chunks) in self.order.iter().zip(self.chunks) {
@@ -330,6 +397,12 @@ impl<'a> Dedup<'a> {
                     && loc.zstd.is_none()
                     && loc.offset == entry.piece.offset + k as u64 * self.ctx.chunk_size
             });
+            if self.hash {
+                entry.piece.chunk_blake3 = chunks
+                    .iter()
+                    .map(|(h, _, _)| h.to_hex().to_string())
+                    .collect();
+            }
             if !contiguous {
                 entry.piece.chunks = chunks
                     .iter()

@@ -278,6 +278,7 @@ fn dispatch_inner(
                 blake3,
                 replicas: Vec::new(),
                 chunks: Vec::new(),
+                chunk_blake3: Vec::new(),
             },
             replication: t.replication.clone(),
         });
