@@ -151,19 +151,22 @@ fn incremental_saves_write_only_changes_and_resume_bit_exact() {
         .args(["--incremental", "--json", "--crash-at-step", "57"]));
     assert!(!first.status.success(), "the crashing run must die");
     // Per save: bytes written and bytes left in place.
-    let durable: Vec<(u64, u64, u64)> = String::from_utf8_lossy(&first.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["event"] == "durable")
-        .map(|v| {
-            let t = &v["tiers"][0];
-            (
-                v["step"].as_u64().expect("step"),
-                t["written"].as_u64().expect("written"),
-                t["referenced"].as_u64().expect("referenced"),
-            )
-        })
-        .collect();
+    let saves = |out: &std::process::Output| -> Vec<(u64, u64, u64)> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "durable")
+            .map(|v| {
+                let t = &v["tiers"][0];
+                (
+                    v["step"].as_u64().expect("step"),
+                    t["written"].as_u64().expect("written"),
+                    t["referenced"].as_u64().expect("referenced"),
+                )
+            })
+            .collect()
+    };
+    let durable = saves(&first);
     assert!(durable.len() >= 3, "{durable:?}");
     let (_, full, none) = durable[0];
     assert_eq!(none, 0, "the first save is whole: {durable:?}");
@@ -179,13 +182,22 @@ fn incremental_saves_write_only_changes_and_resume_bit_exact() {
         .arg("--dir")
         .arg(dir.path())
         .args(args)
-        .arg("--incremental"));
+        .args(["--incremental", "--json"]));
     assert!(
         resumed.status.success(),
         "resumed run failed: {}",
         String::from_utf8_lossy(&resumed.stderr)
     );
     assert_eq!(digest(&resumed), want, "the incremental run diverged");
+    // The new process's first save compares against the restored step's
+    // chunk hashes: it too writes only what changed.
+    let after = saves(&resumed);
+    assert!(
+        after
+            .first()
+            .is_some_and(|&(_, written, _)| written * 4 < full),
+        "saves after the restart: {after:?} (a whole save is {full} bytes)"
+    );
 
     let ckpt = |a: &[&str]| {
         run(Command::new(env!("CARGO_BIN_EXE_ckpt"))

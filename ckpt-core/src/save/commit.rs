@@ -68,6 +68,12 @@ pub(crate) async fn flush_tier(ctx: Arc<SaveCtx>, mut job: TierJob) -> TierRepor
     )
     .await;
     let total = start.elapsed();
+    if result.is_err() {
+        // What this save compared against may be what made it fail (a step
+        // its chunks point into, deleted by a gc run from outside): the
+        // next save on this tier is whole.
+        *crate::sync::lock(&job.base) = None;
+    }
     let _ = job.done.send(());
     let durable = committed_at.unwrap_or(total);
     let report = TierReport {
@@ -495,6 +501,49 @@ async fn check_shard_files(tier: &dyn Tier, m: &Manifest) -> Result<()> {
                 .map(|(path, rank, want)| check_shard_file(tier, path.clone(), *rank, *want)),
         )
         .await?;
+    }
+    // The older steps its chunks point into (incremental saves): still
+    // committed, their files at least as long as the chunks need.
+    let mut older: BTreeMap<(u64, String), u64> = BTreeMap::new();
+    for p in m.tensors.values().flat_map(|t| &t.pieces) {
+        for (k, loc) in p.chunks.iter().enumerate() {
+            if let Some(s) = loc.step.filter(|s| *s != m.step) {
+                let len = loc
+                    .zstd
+                    .unwrap_or_else(|| m.chunk_size.min(p.length - k as u64 * m.chunk_size));
+                let need = older.entry((s, loc.file.clone())).or_default();
+                *need = (*need).max(loc.offset + len);
+            }
+        }
+    }
+    for ((s, file), need) in older {
+        let path = format!("{}/{file}", layout::step_dir(&m.run, s));
+        let fault = |reason: String| Error::Incomplete {
+            path: path.clone(),
+            reason,
+        };
+        if tier.size(&layout::manifest_path(&m.run, s)).await.is_err() {
+            return Err(fault(format!(
+                "step {} points into step {s}, which is no longer committed",
+                m.step
+            )));
+        }
+        match tier.size(&path).await {
+            Ok(len) if len >= need => {}
+            Ok(len) => {
+                return Err(fault(format!(
+                    "step {} needs {need} bytes of it, it has {len}",
+                    m.step
+                )));
+            }
+            Err(Error::NotFound { .. }) => {
+                return Err(fault(format!(
+                    "step {} points into it, it is missing",
+                    m.step
+                )));
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
