@@ -399,3 +399,140 @@ fn the_first_save_after_a_restart_compares_against_the_restored_step() {
         assert_eq!(restore(&ckpt, Some(s)).expect("restore").step, s);
     }
 }
+
+#[test]
+fn compaction_copies_what_kept_steps_point_at_so_gc_can_delete_it() {
+    let tier = MemoryTier::new();
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(10).incremental(100));
+    for s in 1..=5 {
+        save(&ckpt, &tier, s);
+    }
+    let retention = Retention::keep_last(2);
+    // Without compaction, 4 and 5 keep 1 alive.
+    let (_, _, for_refs) = rt()
+        .block_on(store::select_with_references(
+            &tier,
+            RUN,
+            &[1, 2, 3, 4, 5],
+            &retention,
+        ))
+        .expect("plan");
+    assert_eq!(for_refs, vec![1]);
+    let c = rt()
+        .block_on(store::compact(&tier, RUN, &retention))
+        .expect("compact");
+    // Step 4 takes copies of the frozen chunks; step 5 points at them.
+    assert_eq!(c.compacted_steps, vec![4, 5], "{c:?}");
+    assert_eq!(c.copied_chunks, (FROZEN / CHUNK as usize) as u64, "{c:?}");
+    assert_eq!(c.copied_bytes, FROZEN as u64, "{c:?}");
+    assert_eq!(c.redirected_chunks, c.copied_chunks, "{c:?}");
+    let m5 = rt()
+        .block_on(store::load_manifest(&tier, RUN, 5))
+        .expect("manifest");
+    let refs: std::collections::BTreeSet<u64> = m5
+        .tensors
+        .values()
+        .flat_map(|t| t.pieces.iter().flat_map(|p| p.referenced_steps()))
+        .collect();
+    assert_eq!(refs, [4].into());
+    let g = rt()
+        .block_on(store::gc(&tier, RUN, &retention))
+        .expect("gc");
+    assert_eq!(g.deleted_steps, vec![1, 2, 3], "{g:?}");
+    assert!(g.kept_for_references.is_empty(), "{g:?}");
+    for s in [4, 5] {
+        assert_eq!(restore(&ckpt, Some(s)).expect("restore").step, s);
+        let m = rt()
+            .block_on(store::load_manifest(&tier, RUN, s))
+            .expect("manifest");
+        let v = rt().block_on(store::verify_step(&tier, &m));
+        assert!(v.is_ok(), "step {s}: {v:?}");
+    }
+    // A second compaction finds nothing to do; the next save points into
+    // the compacted step.
+    let again = rt()
+        .block_on(store::compact(&tier, RUN, &retention))
+        .expect("compact");
+    assert!(again.compacted_steps.is_empty(), "{again:?}");
+    save(&ckpt, &tier, 6);
+    assert_eq!(restore(&ckpt, Some(6)).expect("restore").step, 6);
+}
+
+#[test]
+fn compaction_refuses_to_copy_a_corrupt_chunk_and_changes_nothing() {
+    let tier = MemoryTier::new();
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(10).incremental(100));
+    for s in 1..=3 {
+        save(&ckpt, &tier, s);
+    }
+    let m1 = rt()
+        .block_on(store::load_manifest(&tier, RUN, 1))
+        .expect("manifest");
+    let p = &m1.tensors["frozen"].pieces[0];
+    let path = format!("{}/{}", layout::step_dir(RUN, 1), p.file);
+    assert!(tier.tamper(&path, |v| v[(p.offset + 7 * CHUNK) as usize] ^= 1));
+    let before = rt()
+        .block_on(store::load_manifest(&tier, RUN, 3))
+        .expect("manifest");
+    let e = rt()
+        .block_on(store::compact(&tier, RUN, &Retention::keep_last(1)))
+        .expect_err("a corrupt chunk is not copied");
+    let text = e.to_string();
+    assert!(
+        text.contains(&path) && text.contains("chunk 7") && text.contains("frozen"),
+        "{text}"
+    );
+    let after = rt()
+        .block_on(store::load_manifest(&tier, RUN, 3))
+        .expect("manifest");
+    assert_eq!(before, after, "the kept step's manifest is unchanged");
+    // gc still keeps step 1 for step 3's references.
+    let g = rt()
+        .block_on(store::gc(&tier, RUN, &Retention::keep_last(1)))
+        .expect("gc");
+    assert_eq!(g.kept_for_references, vec![1], "{g:?}");
+}
+
+#[test]
+fn a_save_pointing_into_a_step_gc_deleted_meanwhile_fails_and_the_next_is_whole() {
+    let tier = MemoryTier::new();
+    let ckpt = checkpointer(&tier, TierPolicy::keep_last(10).incremental(100));
+    for s in 1..=3 {
+        save(&ckpt, &tier, s);
+    }
+    // Compaction and gc from outside while the job runs: step 1 goes, but
+    // this process's base still points into it.
+    let retention = Retention::keep_last(1);
+    rt().block_on(store::compact(&tier, RUN, &retention))
+        .expect("compact");
+    let g = rt()
+        .block_on(store::gc(&tier, RUN, &retention))
+        .expect("gc");
+    assert_eq!(g.deleted_steps, vec![1, 2]);
+    let (f, t) = (frozen(), trained(4));
+    let tf = TensorRef::new("frozen", ckpt_core::DType::U8, &[FROZEN as u64], &f);
+    let tt = TensorRef::new("trained", ckpt_core::DType::U8, &[TRAINED as u64], &t);
+    let state = TrainingState::builder(4)
+        .model([&tf as &dyn ckpt_core::TensorView, &tt])
+        .without_optimizer()
+        .rng(&4u64)
+        .data_loader(&4u64)
+        .lr_schedule(&0.5)
+        .build()
+        .expect("state");
+    let e = ckpt
+        .save(&state)
+        .expect("save")
+        .wait()
+        .expect_err("not committed on the only tier");
+    assert!(matches!(e, Error::NotCommitted { step: 4, .. }), "{e:?}");
+    let why = e.to_string();
+    assert!(
+        why.contains(&layout::step_dir(RUN, 1)) && why.contains("no longer committed"),
+        "{why}"
+    );
+    // Training goes on; the next save on the tier is whole, and commits.
+    let full = save(&ckpt, &tier, 5);
+    assert!(full > FROZEN as u64, "{full}");
+    assert_eq!(restore(&ckpt, None).expect("restore").step, 5);
+}

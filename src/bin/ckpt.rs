@@ -107,6 +107,11 @@ enum Cmd {
         /// Print what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// First copy what kept steps point at in steps to be deleted into
+        /// the kept steps' own files (incremental saves), so those steps
+        /// can be deleted too. Run it while the run is not saving.
+        #[arg(long, conflicts_with = "dry_run")]
+        compact: bool,
     },
     /// Which tensors and chunks changed between two steps (by checksum).
     Diff {
@@ -229,6 +234,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             keep_last,
             keep_every,
             dry_run,
+            compact,
         } => {
             let store = target.open()?;
             let mut retention = Retention::keep_last(keep_last);
@@ -246,6 +252,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
             } else {
+                if compact {
+                    let c = store.compact(&run, &retention)?;
+                    println!(
+                        "compacted {:?}: copied {} chunks ({} bytes), pointed {} more at the copies",
+                        c.compacted_steps, c.copied_chunks, c.copied_bytes, c.redirected_chunks
+                    );
+                }
                 let r = store.gc(&run, &retention)?;
                 println!(
                     "kept {:?}, deleted {:?}, removed leftovers {:?}",

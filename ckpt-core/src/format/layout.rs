@@ -61,6 +61,17 @@ pub fn rank_data_file(rank: u32, attempt: &str) -> String {
     format!("rank-{rank:05}.{}.safetensors", path_component(attempt))
 }
 
+/// A file that compaction wrote into a kept step's directory: the chunks
+/// that step pointed at in steps retention deletes, copied as stored.
+pub fn compact_file(attempt: &str) -> String {
+    format!("compact.{}.chunks", path_component(attempt))
+}
+
+/// Whether `name` is a file [`compact_file`] names.
+pub fn is_compact_file(name: &str) -> bool {
+    name.starts_with("compact.") && name.ends_with(".chunks")
+}
+
 /// The `file` a rank manifest records for a replica it holds but does
 /// not write: the writer's file, whose name the merge takes from the
 /// writer's own manifest.

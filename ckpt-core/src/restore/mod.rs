@@ -10,7 +10,7 @@
 //! older checkpoint would not fix it.
 
 pub(crate) mod agree;
-mod read;
+pub(crate) mod read;
 pub mod reshard;
 pub(crate) mod verify;
 

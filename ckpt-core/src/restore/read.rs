@@ -284,7 +284,7 @@ struct Verify<'a> {
 
 /// Reads `spans` (of one piece, in order, starting at the first span's
 /// piece offset) into `buf`, back to back.
-async fn read_spans(tier: &dyn Tier, spans: &[Span], buf: &mut [u8]) -> Result<()> {
+pub(crate) async fn read_spans(tier: &dyn Tier, spans: &[Span], buf: &mut [u8]) -> Result<()> {
     for s in spans {
         let dst = buf
             .get_mut(span_range(spans, s))
@@ -341,7 +341,12 @@ pub(crate) async fn read_span_into(tier: &dyn Tier, s: &Span, dst: &mut [u8]) ->
 
 /// Verifies `buf` (read by [`read_spans`]) chunk by chunk, naming the file
 /// each chunk came from.
-fn verify_spans(spans: &[Span], buf: &[u8], chunk_size: u64, crcs: &[u32]) -> Result<()> {
+pub(crate) fn verify_spans(
+    spans: &[Span],
+    buf: &[u8],
+    chunk_size: u64,
+    crcs: &[u32],
+) -> Result<()> {
     for s in spans {
         let data = buf.get(span_range(spans, s)).ok_or_else(|| outside(s))?;
         verify_chunks(&s.path, data, chunk_size, s.first_chunk, crcs)?;

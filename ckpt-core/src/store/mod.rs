@@ -5,6 +5,7 @@
 //! for tools (the `ckpt` CLI, exporters, tests) that also restores into
 //! caller buffers.
 
+mod compact;
 pub(crate) mod events;
 mod gc;
 pub mod lineage;
@@ -13,6 +14,7 @@ mod reader;
 pub(crate) mod retention;
 
 pub use crate::restore::verify::{VerifyReport, verify_step};
+pub use compact::{CompactReport, compact};
 pub(crate) use gc::gc_running;
 pub use gc::{GcReport, abandon_steps, delete_step, gc, select_with_references};
 pub(crate) use listing::committed_in;

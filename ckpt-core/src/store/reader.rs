@@ -135,6 +135,14 @@ impl CheckpointStore {
         self.block_on(crate::store::gc(self.tier.as_ref(), run, retention))?
     }
 
+    /// Copies the chunks the steps `retention` keeps point at in steps it
+    /// deletes into the kept steps' own files (see
+    /// [`compact`](crate::store::compact)); a [`CheckpointStore::gc`] with
+    /// the same retention then deletes those steps.
+    pub fn compact(&self, run: &str, retention: &Retention) -> Result<crate::store::CompactReport> {
+        self.block_on(crate::store::compact(self.tier.as_ref(), run, retention))?
+    }
+
     /// What [`CheckpointStore::gc`] would keep and delete, without
     /// deleting: `(kept, deleted, kept because kept steps point into them)`.
     pub fn gc_plan(
