@@ -57,8 +57,11 @@ pub async fn compact(tier: &dyn Tier, run: &str, retention: &Retention) -> Resul
     let (kept, _) = retention.select(&committed);
     let keep: BTreeSet<u64> = kept.iter().copied().collect();
     let mut report = CompactReport::default();
-    // Where each chunk copied so far now is, by where it was.
-    let mut moved: HashMap<(u64, String, u64), ChunkLoc> = HashMap::new();
+    // Where each chunk copied so far now is, by where it was, and where
+    // every chunk of the kept steps compacted so far is, by content (so a
+    // rerun after an interrupted compaction points at the copies the first
+    // run made rather than copying again).
+    let mut moved = Moved::default();
     for &step in &kept {
         let mut m = match crate::store::load_manifest(tier, run, step).await {
             Ok(m) => m,
@@ -71,6 +74,7 @@ pub async fn compact(tier: &dyn Tier, run: &str, retention: &Retention) -> Resul
         };
         report.removed_stale_files += remove_stale(tier, &objects, &m).await?;
         let (changed, copied) = compact_step(tier, &mut m, &keep, &mut moved, &mut report).await?;
+        moved.learn(&m);
         if changed {
             let path = layout::manifest_path(run, step);
             tier.put(&path, Bytes::from(m.to_json()?), PutMode::Overwrite)
@@ -82,13 +86,67 @@ pub async fn compact(tier: &dyn Tier, run: &str, retention: &Retention) -> Resul
     Ok(report)
 }
 
+/// Where chunks that kept steps hold are.
+#[derive(Default)]
+struct Moved {
+    /// By where the chunk was before it was copied.
+    from: HashMap<(u64, String, u64), ChunkLoc>,
+    /// By content: blake3 (hex) and length.
+    content: HashMap<(String, u64), ChunkLoc>,
+}
+
+impl Moved {
+    /// Where `p`'s chunk `k`, pointing at `loc`, can point instead.
+    fn find(
+        &self,
+        loc: &ChunkLoc,
+        p: &crate::format::manifest::Piece,
+        k: usize,
+        len: u64,
+    ) -> Option<ChunkLoc> {
+        if let Some(s) = loc.step
+            && let Some(new) = self.from.get(&(s, loc.file.clone(), loc.offset))
+        {
+            return Some(new.clone());
+        }
+        let hash = p.chunk_blake3.get(k)?;
+        self.content.get(&(hash.clone(), len)).cloned()
+    }
+
+    /// Records every chunk of the compacted step `m` by its content.
+    fn learn(&mut self, m: &Manifest) {
+        let cs = m.chunk_size;
+        for p in m.tensors.values().flat_map(|t| &t.pieces) {
+            for (k, hash) in p.chunk_blake3.iter().enumerate() {
+                let at = k as u64 * cs;
+                let len = cs.min(p.length.saturating_sub(at));
+                let loc = match p.chunks.get(k) {
+                    Some(c) => ChunkLoc {
+                        step: Some(c.step.unwrap_or(m.step)),
+                        ..c.clone()
+                    },
+                    None if p.chunks.is_empty() => ChunkLoc {
+                        step: Some(m.step),
+                        file: p.file.clone(),
+                        offset: p.offset + at,
+                        zstd: None,
+                        planes: 0,
+                    },
+                    None => continue,
+                };
+                self.content.entry((hash.clone(), len)).or_insert(loc);
+            }
+        }
+    }
+}
+
 /// Copies or redirects `m`'s chunks that point outside `keep`; returns
 /// whether its chunk maps changed and the stored bytes it copied.
 async fn compact_step(
     tier: &dyn Tier,
     m: &mut Manifest,
     keep: &BTreeSet<u64>,
-    moved: &mut HashMap<(u64, String, u64), ChunkLoc>,
+    moved: &mut Moved,
     report: &mut CompactReport,
 ) -> Result<(bool, u64)> {
     let (run, step, cs) = (m.run.clone(), m.step, m.chunk_size);
@@ -105,16 +163,16 @@ async fn compact_step(
                     continue;
                 };
                 let key = (from, loc.file.clone(), loc.offset);
-                if let Some(new) = moved.get(&key) {
-                    p.chunks[k] = new.clone();
+                let start = k as u64 * cs;
+                let len = cs.min(p.length - start);
+                if let Some(new) = moved.find(&loc, p, k, len) {
+                    p.chunks[k] = new;
                     report.redirected_chunks += 1;
                     changed = true;
                     continue;
                 }
                 // Read and verify the chunk before it is copied: a bad
                 // chunk is named here, never spread into a kept step.
-                let start = k as u64 * cs;
-                let len = cs.min(p.length - start);
                 let spans = p.spans(&run, step, cs, start, start + len);
                 let mut plain = vec![0u8; len as usize];
                 crate::restore::read::read_spans(tier, &spans, &mut plain).await?;
@@ -152,7 +210,7 @@ async fn compact_step(
                     ..loc
                 };
                 at += n;
-                moved.insert(
+                moved.from.insert(
                     key,
                     ChunkLoc {
                         step: Some(step),
@@ -174,8 +232,8 @@ async fn compact_step(
 }
 
 /// Removes the compaction files in `m`'s step directory that `m` does not
-/// name (left by a compaction that stopped before its manifest was
-/// replaced).
+/// name, and unfinished ones (left by a compaction that stopped before its
+/// manifest was replaced).
 async fn remove_stale(
     tier: &dyn Tier,
     objects: &[crate::tier::ObjectMeta],
@@ -195,7 +253,10 @@ async fn remove_stale(
         let Some(name) = o.path.strip_prefix(&dir) else {
             continue;
         };
-        if layout::is_compact_file(name) && !named.contains(name) {
+        // Its hidden temporaries too (a local tier's unfinished writes).
+        let stale = (layout::is_compact_file(name) && !named.contains(name))
+            || name.starts_with(".compact.");
+        if stale {
             match tier.delete(&o.path).await {
                 Ok(()) | Err(Error::NotFound { .. }) => removed += 1,
                 Err(e) => return Err(e),

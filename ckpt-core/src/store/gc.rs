@@ -129,10 +129,13 @@ pub(crate) async fn gc_running(
         kept_for_references,
         ..Default::default()
     };
-    for s in deleted_steps {
+    // Newest first: chunks only point into older steps, so at every point
+    // of the deletion (a crash included) each step still committed finds
+    // the steps it points into.
+    for &s in deleted_steps.iter().rev() {
         delete_step(tier, run, s).await?;
-        report.deleted_steps.push(s);
     }
+    report.deleted_steps = deleted_steps;
     if let Some(newest) = newest {
         for (&s, &c) in &by_step {
             if !c && s < newest {
