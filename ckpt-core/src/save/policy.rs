@@ -108,8 +108,12 @@ impl TierPolicy {
 
     /// Writes only the chunks that changed since the previous save on this
     /// tier, and a whole save after `full_every - 1` incremental ones (at
-    /// least 2). The first save of a process, and the first after a
-    /// restore, is whole.
+    /// least 2). The first save after a restore compares against the
+    /// restored step as this tier holds it (from the chunk hashes its
+    /// manifest records), so a restarted process goes on incrementally;
+    /// the first save of a process that restored nothing is whole. Chunk
+    /// hashing runs on its own thread ahead of the writer, after staging:
+    /// never in the math-stop.
     ///
     /// ```
     /// use ckpt_core::TierPolicy;
