@@ -28,6 +28,13 @@ pub struct CompressArgs {
     /// One JSON object per result.
     #[arg(long)]
     pub json: bool,
+    /// Take the tensors from a checkpoint instead (a local directory, say
+    /// the quickstart's after a run): the newest step's trained weights
+    /// (frozen ones left out), Adam first and second moments, each kind's
+    /// tensors back to back, the weights also as bf16; then the synthetic
+    /// kinds of `--bytes` each.
+    #[arg(long)]
+    pub from: Option<std::path::PathBuf>,
 }
 
 /// A uniform value in [-1, 1).
@@ -41,7 +48,7 @@ fn normal(z: &mut u64) -> f32 {
 }
 
 /// The tensor kinds: name, dtype and bytes.
-fn kinds(bytes: u64) -> Vec<(&'static str, DType, Vec<u8>)> {
+fn kinds(bytes: u64) -> Vec<(String, DType, Vec<u8>)> {
     let n = (bytes / 4) as usize;
     let mut z = 0x5eed_u64;
     let f32s = |f: &mut dyn FnMut(&mut u64) -> f32, z: &mut u64| -> Vec<u8> {
@@ -64,13 +71,83 @@ fn kinds(bytes: u64) -> Vec<(&'static str, DType, Vec<u8>)> {
         .flat_map(|_| (splitmix64(&mut z) as u32).to_le_bytes())
         .collect();
     vec![
-        ("weights.f32", DType::F32, weights),
-        ("weights-long-tail.f32", DType::F32, tailed),
-        ("adam.m.f32", DType::F32, m),
-        ("adam.v.f32", DType::F32, v),
-        ("weights.bf16", DType::BF16, bf16),
-        ("random.f32", DType::F32, random),
+        ("weights.f32".into(), DType::F32, weights),
+        ("weights-long-tail.f32".into(), DType::F32, tailed),
+        ("adam.m.f32".into(), DType::F32, m),
+        ("adam.v.f32".into(), DType::F32, v),
+        ("weights.bf16".into(), DType::BF16, bf16),
+        ("random.f32".into(), DType::F32, random),
     ]
+}
+
+/// The f32 tensors of the newest step in the checkpoint at `dir`, by kind:
+/// trained weights (model tensors whose name does not start with
+/// `frozen`), Adam `m` and `v` (names starting `adam.m.` / `adam.v.`),
+/// each kind's tensors back to back; and the weights rounded to bf16.
+fn kinds_from(
+    dir: &std::path::Path,
+) -> Result<Vec<(String, DType, Vec<u8>)>, Box<dyn std::error::Error>> {
+    let store = ckpt_core::CheckpointStore::new(std::sync::Arc::new(
+        ckpt_io::LocalTier::open_existing(dir)?,
+    ))?;
+    let run = store
+        .runs()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{}: no checkpoint", dir.display()))?;
+    let step = *store
+        .steps(&run)?
+        .last()
+        .ok_or_else(|| format!("{}: run {run} has no committed step", dir.display()))?;
+    let m = store.manifest(&run, step)?;
+    let kind = |name: &str, role: ckpt_core::TensorRole| {
+        if name.starts_with("adam.m.") {
+            Some("adam.m")
+        } else if name.starts_with("adam.v.") {
+            Some("adam.v")
+        } else if role == ckpt_core::TensorRole::Model && !name.starts_with("frozen") {
+            Some("weights")
+        } else {
+            None
+        }
+    };
+    let mut out: Vec<(String, DType, Vec<u8>)> = Vec::new();
+    for k in ["weights", "adam.m", "adam.v"] {
+        let mut bytes = Vec::new();
+        for (name, t) in &m.tensors {
+            if t.dtype != DType::F32 || kind(name, t.role) != Some(k) {
+                continue;
+            }
+            let n: u64 = t.shape.iter().product::<u64>() * 4;
+            let mut buf = vec![0u8; n as usize];
+            let mut target = ckpt_core::TensorMut::new(name, DType::F32, &t.shape, &mut buf);
+            store.read(&m, &mut [&mut target])?;
+            bytes.extend_from_slice(&buf);
+        }
+        if bytes.is_empty() {
+            continue;
+        }
+        if k == "weights" {
+            let bf16: Vec<u8> = bytes
+                .chunks_exact(4)
+                .flat_map(|b| {
+                    let x = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    ((x >> 16) as u16).to_le_bytes()
+                })
+                .collect();
+            out.push((format!("{run}@{step} weights.bf16"), DType::BF16, bf16));
+        }
+        out.push((format!("{run}@{step} {k}.f32"), DType::F32, bytes));
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "{}: step {step} has no f32 weights or Adam moments",
+            dir.display()
+        )
+        .into());
+    }
+    out.sort_by_key(|k| k.0.contains("bf16"));
+    Ok(out)
 }
 
 /// Saves `data` `iters` times on `tier` with `compression`; returns the
@@ -85,7 +162,7 @@ fn saves(
 ) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     let run = format!(
         "bench-compress-{}-{compression:?}-{}",
-        name.replace('.', "-"),
+        name.replace(['.', ' ', '@'], "-"),
         std::process::id()
     );
     let ckpt = Checkpointer::builder(run)
@@ -134,11 +211,17 @@ pub fn run(a: &CompressArgs) -> Result<(), Box<dyn std::error::Error>> {
             a.iters
         );
         println!(
-            "{:<24} {:>7} {:>12} {:>10} {:>10} {:>10}",
+            "{:<32} {:>7} {:>12} {:>10} {:>10} {:>10}",
             "tensor", "ratio", "zstd MiB/s", "off s", "on s", "auto s"
         );
     }
-    for (name, dtype, data) in kinds(a.bytes) {
+    let mut all = match &a.from {
+        Some(dir) => kinds_from(dir)?,
+        None => Vec::new(),
+    };
+    all.extend(kinds(a.bytes));
+    for (name, dtype, data) in all {
+        let name = name.as_str();
         // zstd level 1 alone on one core, over the raw chunks (the save
         // groups byte planes first): the order of the cost it adds.
         let t0 = std::time::Instant::now();
@@ -160,7 +243,7 @@ pub fn run(a: &CompressArgs) -> Result<(), Box<dyn std::error::Error>> {
                     "durable_off_s": off, "durable_on_s": on, "durable_auto_s": auto})
             );
         } else {
-            println!("{name:<24} {ratio:>7.3} {speed:>12.0} {off:>10.3} {on:>10.3} {auto:>10.3}");
+            println!("{name:<32} {ratio:>7.3} {speed:>12.0} {off:>10.3} {on:>10.3} {auto:>10.3}");
         }
     }
     Ok(())
