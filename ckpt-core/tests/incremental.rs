@@ -337,9 +337,11 @@ fn compressed_chunks_decode_alone_and_restore_bit_exact() {
     let spec = ShardSpec::split(vec![n as u64], 0, 4, 3).expect("spec");
     let (r, quarter) = restore_wz(None, Some(spec));
     assert!(quarter == w2[3 * n / 4..]);
-    assert!(
-        r.bytes_read < (n * 4 + frozen.len()) as u64,
-        "read {} bytes",
+    // Exactly its 4 chunks of 16 (a quarter of `w`), and `zeros`.
+    assert_eq!(
+        r.bytes_read,
+        (n + frozen.len()) as u64,
+        "read {} bytes for a quarter of w and all of zeros",
         r.bytes_read
     );
     // A damaged frame in step 2: restore says which chunk and falls back.
