@@ -47,8 +47,11 @@ fn normal(z: &mut u64) -> f32 {
     (unit(z) + unit(z) + unit(z) + unit(z)) * 0.866
 }
 
+/// A tensor kind: name, dtype and bytes.
+type Kind = (String, DType, Vec<u8>);
+
 /// The tensor kinds: name, dtype and bytes.
-fn kinds(bytes: u64) -> Vec<(String, DType, Vec<u8>)> {
+fn kinds(bytes: u64) -> Vec<Kind> {
     let n = (bytes / 4) as usize;
     let mut z = 0x5eed_u64;
     let f32s = |f: &mut dyn FnMut(&mut u64) -> f32, z: &mut u64| -> Vec<u8> {
@@ -84,9 +87,7 @@ fn kinds(bytes: u64) -> Vec<(String, DType, Vec<u8>)> {
 /// trained weights (model tensors whose name does not start with
 /// `frozen`), Adam `m` and `v` (names starting `adam.m.` / `adam.v.`),
 /// each kind's tensors back to back; and the weights rounded to bf16.
-fn kinds_from(
-    dir: &std::path::Path,
-) -> Result<Vec<(String, DType, Vec<u8>)>, Box<dyn std::error::Error>> {
+fn kinds_from(dir: &std::path::Path) -> Result<Vec<Kind>, Box<dyn std::error::Error>> {
     let store = ckpt_core::CheckpointStore::new(std::sync::Arc::new(
         ckpt_io::LocalTier::open_existing(dir)?,
     ))?;
@@ -111,7 +112,7 @@ fn kinds_from(
             None
         }
     };
-    let mut out: Vec<(String, DType, Vec<u8>)> = Vec::new();
+    let mut out: Vec<Kind> = Vec::new();
     for k in ["weights", "adam.m", "adam.v"] {
         let mut bytes = Vec::new();
         for (name, t) in &m.tensors {

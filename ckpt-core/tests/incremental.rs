@@ -364,7 +364,7 @@ fn the_first_save_after_a_restart_compares_against_the_restored_step() {
     let tier = MemoryTier::new();
     let policy = TierPolicy::keep_last(10).incremental(8);
     let full = {
-        let ckpt = checkpointer(&tier, policy.clone());
+        let ckpt = checkpointer(&tier, policy);
         let full = save(&ckpt, &tier, 1);
         save(&ckpt, &tier, 2);
         assert!(ckpt.close().iter().all(|r| r.is_ok()));
@@ -373,7 +373,7 @@ fn the_first_save_after_a_restart_compares_against_the_restored_step() {
     // A new process: no base in memory. The restored step's manifest
     // carries each chunk's blake3, so its first save skips the frozen
     // chunks again, pointing into step 1 (where step 2 points too).
-    let ckpt = checkpointer(&tier, policy.clone());
+    let ckpt = checkpointer(&tier, policy);
     assert_eq!(restore(&ckpt, None).expect("restore").step, 2);
     let size = save(&ckpt, &tier, 3);
     assert!(

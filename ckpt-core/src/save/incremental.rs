@@ -94,7 +94,7 @@ impl Base {
                 pieces.insert((name.clone(), p.global_offsets.clone()), saved);
             }
         }
-        (!pieces.is_empty()).then(|| Self {
+        (!pieces.is_empty()).then_some(Self {
             chain: older.len() as u32,
             write_bps: None,
             pending: None,
