@@ -954,3 +954,107 @@ fn a_save_streams_through_a_small_staging_pool() {
         .expect("save and restore");
     assert_eq!((step, same), (Some(1), true));
 }
+
+/// Reed–Solomon 4+2 across 6 servers: the conformance suite, memory of
+/// 1.5x the object across the group, reads that rebuild from parity when
+/// two servers are gone, and a typed error naming the fragments when a
+/// third goes.
+#[test]
+fn erasure_coded_objects_survive_m_lost_servers() {
+    let rt = rt();
+    let servers = spawn_servers(&rt, 6, 256 << 20);
+    let addrs = addrs(&servers);
+    let ec = |rank| PeerTier::new(peer_config(&addrs, rank).erasure(4, 2)).expect("ec tier");
+    let rank0 = ec(0);
+    assert!(
+        rank0.location().starts_with("peer-ec4+2://"),
+        "{}",
+        rank0.location()
+    );
+    assert!(rank0.capabilities().survives_node);
+    let dyn_tier: Arc<dyn Tier> = Arc::new(rank0.clone());
+    block_on(&rt, ckpt_io::conformance::run_all(dyn_tier));
+    let left = block_on(&rt, tier(&addrs, 0).list("")).expect("list");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    for s in &servers {
+        assert_eq!(s.object_count(), 0, "everything was deleted");
+        eventually("every charge released", || s.used_bytes() == 0);
+    }
+    // Too few nodes for 4+2 (6 servers, 2 ranks per node: 3 nodes).
+    let mut cfg = peer_config(&addrs, 0).erasure(4, 2);
+    cfg.ranks_per_node = 2;
+    let e = PeerTier::new(cfg).expect_err("3 nodes for 6 fragments");
+    assert!(e.to_string().contains("distinct nodes"), "{e}");
+
+    // 10 MiB and a bit: 3 whole stripes of 4 MiB... and a short one.
+    let len = 10 * MIB + 123;
+    let data = pattern(len, 5);
+    let path = "ec/step-1/rank-00000.abc.safetensors";
+    block_on(&rt, async {
+        let mut w = rank0.create(path).await.expect("create");
+        for part in data.chunks(3 * MIB + 7) {
+            w.write(Bytes::copy_from_slice(part)).await.expect("write");
+        }
+        w.finish().await.expect("finish");
+    });
+    let used: Vec<u64> = servers.iter().map(|s| s.used_bytes()).collect();
+    let total: u64 = used.iter().sum();
+    eprintln!("4+2 of {len} bytes: held per server {used:?}, total {total}");
+    // Each server holds a quarter (one fragment) plus metadata: 1.5x in all.
+    for u in &used {
+        assert!((*u as f64) < len as f64 / 4.0 * 1.01 + 8192.0, "{used:?}");
+    }
+    assert!(
+        (total as f64) < len as f64 * 1.5 * 1.01 + 65536.0,
+        "{total}"
+    );
+    let rank3 = ec(3);
+    let check = |t: &PeerTier| {
+        block_on(&rt, async {
+            assert!(t.get(path).await.expect("get") == data);
+            assert_eq!(t.size(path).await.expect("size"), len as u64);
+            for (a, b) in [
+                (0u64, 1u64),
+                (MIB as u64 - 3, MIB as u64 + 5),
+                (4 * MIB as u64 - 1, 9 * MIB as u64),
+                (len as u64 - 10, len as u64),
+            ] {
+                let got = t.get_range(path, a..b).await.expect("range");
+                assert!(got == data.slice(a as usize..b as usize), "{a}..{b}");
+                let mut buf = vec![0u8; (b - a) as usize];
+                t.read_into(path, a, &mut buf).await.expect("read_into");
+                assert!(buf == data[a as usize..b as usize], "{a}..{b}");
+            }
+            let listed = t.list("ec/").await.expect("list");
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            assert_eq!(
+                (listed[0].path.as_str(), listed[0].size),
+                (path, len as u64)
+            );
+        })
+    };
+    check(&rank0);
+    check(&rank3);
+    // Two servers gone (fragment 1, a data fragment, and 4, parity):
+    // every read rebuilds from the other four.
+    let mut servers = servers;
+    for idx in [4usize, 1] {
+        let s = servers.remove(idx);
+        block_on(&rt, s.shutdown());
+    }
+    check(&rank3);
+    // A third (fragment 2): 3 of 6 left, 4 needed.
+    let s = servers.remove(1);
+    block_on(&rt, s.shutdown());
+    let e = block_on(&rt, rank3.get(path)).expect_err("3 of 6 fragments");
+    let text = e.to_string();
+    assert!(
+        matches!(e, Error::Incomplete { .. })
+            && text.contains("3 of 6 fragments")
+            && text.contains("4 needed"),
+        "{text}"
+    );
+    for s in servers {
+        block_on(&rt, s.shutdown());
+    }
+}

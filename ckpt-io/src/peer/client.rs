@@ -20,6 +20,9 @@ use super::protocol::{
 use super::session::{self, Session, Transcript};
 use super::wire;
 
+#[path = "ec.rs"]
+mod ec;
+
 /// Idle connections kept per server.
 const POOL_PER_SERVER: usize = 8;
 /// Most bytes reserved up front for a `Get` reply; the buffer grows as
@@ -49,6 +52,11 @@ pub struct PeerConfig {
     pub connect_timeout: Duration,
     /// Time allowed without progress during a request (default 30 s).
     pub io_timeout: Duration,
+    /// Reed–Solomon `(k, m)`: each data object (a shard file) is cut into
+    /// `k` data fragments plus `m` parity fragments on `k + m` servers on
+    /// distinct nodes, any `k` of which rebuild it. `None` (the default):
+    /// one full replica on the buddy. See [`PeerConfig::erasure`].
+    pub erasure: Option<(u32, u32)>,
 }
 
 impl PeerConfig {
@@ -64,7 +72,29 @@ impl PeerConfig {
             max_frame: protocol::DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(30),
+            erasure: None,
         }
+    }
+
+    /// Erasure-codes data objects with `k` data and `m` parity fragments
+    /// instead of replicating them on the buddy: host memory per rank
+    /// `(k + m) / k` of its shard instead of 2x, and any `m` nodes may be
+    /// lost at once. Fragment `i` of rank `r`'s shard goes to the server of
+    /// rank `(r + i * ranks_per_node) % N`: fragment 0 on the rank's own
+    /// server (so a group of `k + m` nodes suffices; with the own server
+    /// left out a job would need `k + m + 1`), the others on the next
+    /// `k + m - 1` nodes, never two on one node. Needs `N / ranks_per_node
+    /// >= k + m`.
+    ///
+    /// ```
+    /// use ckpt_io::PeerConfig;
+    /// let servers = (0..6).map(|p| ([127, 0, 0, 1], 7000 + p).into()).collect();
+    /// let cfg = PeerConfig::new(servers, 0, [7u8; 32]).erasure(4, 2);
+    /// assert_eq!(cfg.erasure, Some((4, 2)));
+    /// ```
+    pub fn erasure(mut self, k: u32, m: u32) -> Self {
+        self.erasure = Some((k, m));
+        self
     }
 
     /// The buddy rank this configuration selects.
@@ -86,6 +116,7 @@ impl fmt::Debug for PeerConfig {
             .field("max_frame", &self.max_frame)
             .field("connect_timeout", &self.connect_timeout)
             .field("io_timeout", &self.io_timeout)
+            .field("erasure", &self.erasure)
             .finish()
     }
 }
@@ -467,6 +498,8 @@ struct Inner {
     connect_timeout: Duration,
     io_timeout: Duration,
     location: String,
+    /// Erasure coding of data objects, if configured.
+    ec: Option<ec::Layout>,
 }
 
 /// A tier in peer servers' memory. See the [module docs](super) for
@@ -554,7 +587,23 @@ impl PeerTier {
                 "peer tier: the buddy is this rank's own server; set ranks_per_node or buddy"
             );
         }
-        let location = format!("peer://{}", config.servers[buddy]);
+        let ec = match config.erasure {
+            Some((k, m)) => Some(ec::Layout::new(
+                k,
+                m,
+                config.rank,
+                config.ranks_per_node,
+                n as u32,
+            )?),
+            None => None,
+        };
+        let location = match &ec {
+            Some(l) => format!(
+                "peer-ec{}+{}://{}",
+                l.k, l.m, config.servers[config.rank as usize]
+            ),
+            None => format!("peer://{}", config.servers[buddy]),
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 servers: config
@@ -574,6 +623,7 @@ impl PeerTier {
                 connect_timeout: config.connect_timeout,
                 io_timeout: config.io_timeout,
                 location,
+                ec,
             }),
         })
     }
@@ -1111,37 +1161,21 @@ impl Tier for PeerTier {
     /// node loss loses the objects held there (one replica per shard), so
     /// `survives_node` is `false`.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE
+        let c = Capabilities::NONE
             .with_atomic_create(true)
-            .with_survives_process(true)
+            .with_survives_process(true);
+        // Erasure-coded, a shard's fragments are on k + m distinct nodes.
+        match &self.inner.ec {
+            Some(_) => c.with_survives_node(true),
+            None => c,
+        }
     }
 
     fn create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {
-        Box::pin(async move {
-            self.check_path(path)?;
-            let idx = self.inner.buddy;
-            let addr = self.addr(idx);
-            let mut conn = self
-                .connect(idx)
-                .await
-                .map_err(|f| self.error(idx, "create", path, f))?;
-            conn.roundtrip(
-                &Request::BeginWrite {
-                    path: path.to_string(),
-                },
-                &mut Sink::None,
-            )
-            .await
-            .map_err(|f| self.error(idx, "create", path, f))?;
-            Ok(Box::new(PeerWriter {
-                conn: Some(conn),
-                addr,
-                path: path.to_string(),
-                small: BytesMut::new(),
-                chunk: self.inner.chunk,
-                failed: None,
-            }) as Box<dyn TierWriter>)
-        })
+        match &self.inner.ec {
+            Some(ec) => Box::pin(ec::create(self, ec, path)),
+            None => self.raw_create(path),
+        }
     }
 
     fn put<'a>(&'a self, path: &'a str, data: Bytes, mode: PutMode) -> BoxFuture<'a, Result<()>> {
@@ -1195,6 +1229,93 @@ impl Tier for PeerTier {
     }
 
     fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes>> {
+        match &self.inner.ec {
+            Some(ec) => Box::pin(ec::get(self, ec, path)),
+            None => self.raw_get(path),
+        }
+    }
+
+    fn get_range<'a>(&'a self, path: &'a str, range: Range<u64>) -> BoxFuture<'a, Result<Bytes>> {
+        match &self.inner.ec {
+            Some(ec) => Box::pin(ec::get_range(self, ec, path, range)),
+            None => self.raw_get_range(path, range),
+        }
+    }
+
+    fn read_into<'a>(
+        &'a self,
+        path: &'a str,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        match &self.inner.ec {
+            Some(ec) => Box::pin(ec::read_into(self, ec, path, offset, buf)),
+            None => self.raw_read_into(path, offset, buf),
+        }
+    }
+
+    fn size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64>> {
+        match &self.inner.ec {
+            Some(ec) => Box::pin(ec::size(self, ec, path)),
+            None => self.raw_size(path),
+        }
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {
+        match &self.inner.ec {
+            Some(ec) => Box::pin(ec::list(self, ec, prefix)),
+            None => self.raw_list(prefix),
+        }
+    }
+
+    fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<()>> {
+        match &self.inner.ec {
+            Some(ec) => Box::pin(ec::delete(self, ec, path)),
+            None => self.raw_delete(path),
+        }
+    }
+}
+
+/// The plain operations, object by object, on which erasure coding
+/// builds.
+impl PeerTier {
+    fn raw_create<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {
+        self.create_on(self.inner.buddy, path)
+    }
+
+    /// A streamed write of `path` to server `idx`.
+    fn create_on<'a>(
+        &'a self,
+        idx: usize,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {
+        Box::pin(async move {
+            self.check_path(path)?;
+            let addr = self.addr(idx);
+            let mut conn = self
+                .connect(idx)
+                .await
+                .map_err(|f| self.error(idx, "create", path, f))?;
+            conn.roundtrip(
+                &Request::BeginWrite {
+                    path: path.to_string(),
+                },
+                &mut Sink::None,
+            )
+            .await
+            .map_err(|f| self.error(idx, "create", path, f))?;
+            Ok(Box::new(PeerWriter {
+                conn: Some(conn),
+                addr,
+                path: path.to_string(),
+                small: BytesMut::new(),
+                chunk: self.inner.chunk,
+                failed: None,
+            }) as Box<dyn TierWriter>)
+        })
+    }
+
+    fn raw_get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes>> {
         Box::pin(async move {
             self.check_path(path)?;
             let req = Request::Get {
@@ -1207,7 +1328,11 @@ impl Tier for PeerTier {
         })
     }
 
-    fn get_range<'a>(&'a self, path: &'a str, range: Range<u64>) -> BoxFuture<'a, Result<Bytes>> {
+    fn raw_get_range<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+    ) -> BoxFuture<'a, Result<Bytes>> {
         Box::pin(async move {
             self.check_path(path)?;
             if range.start > range.end {
@@ -1231,7 +1356,7 @@ impl Tier for PeerTier {
         })
     }
 
-    fn read_into<'a>(
+    fn raw_read_into<'a>(
         &'a self,
         path: &'a str,
         offset: u64,
@@ -1259,7 +1384,7 @@ impl Tier for PeerTier {
         })
     }
 
-    fn size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64>> {
+    fn raw_size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             self.check_path(path)?;
             let req = Request::Size {
@@ -1276,7 +1401,7 @@ impl Tier for PeerTier {
         })
     }
 
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {
+    fn raw_list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {
         Box::pin(async move {
             protocol::validate_prefix(prefix).map_err(|e| Error::InvalidPath {
                 path: prefix.to_string(),
@@ -1320,7 +1445,7 @@ impl Tier for PeerTier {
         })
     }
 
-    fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<()>> {
+    fn raw_delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.check_path(path)?;
             let req = Request::Delete {
