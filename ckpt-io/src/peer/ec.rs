@@ -777,7 +777,7 @@ mod tests {
         );
         assert_eq!(
             fragment_of(&f),
-            Some("run/step-1/rank-00000.abc.safetensors")
+            Some(("run/step-1/rank-00000.abc.safetensors", "0123456789abcdef"))
         );
         assert_eq!(fragment_of("run/step-1/rank-00000.json"), None);
         assert_eq!(fragment_of("a.ec.xyz.1"), None);
