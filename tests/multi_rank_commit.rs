@@ -748,3 +748,88 @@ fn relaunch_resumes_every_rank_from_the_newest_step_all_can_verify() {
         }
     }
 }
+
+/// Where each rank restored from after the last restart: `(step, tier)`.
+fn restores_after(stdout: &str, marker: &str, ranks: u32) -> Vec<(u64, String)> {
+    let after = stdout
+        .rsplit_once(marker)
+        .unwrap_or_else(|| panic!("no `{marker}` in:\n{stdout}"))
+        .1;
+    (0..ranks)
+        .map(|r| {
+            let prefix = format!("rank {r}: restored step ");
+            let line = after
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("rank {r} did not restore:\n{stdout}"));
+            let (step, from) = line[prefix.len()..]
+                .split_once(" from ")
+                .expect("`from` in restore line");
+            (step.parse().expect("step"), from.to_string())
+        })
+        .collect()
+}
+
+/// Six ranks with each shard erasure-coded 4+2 over the peer servers: two
+/// ranks SIGKILLed at once (their servers and memory gone) restart alone
+/// and rebuild their shards from the survivors' fragments while the
+/// others roll back in memory; a third lost server makes every rank fall
+/// back to the shared directory, saying why. Both end bit-exact.
+#[test]
+fn erasure_coded_peers_survive_two_lost_ranks_and_fall_back_on_three() {
+    let six = ["--ranks", "6", "--steps", "30"];
+    let want = reference_with(&six);
+    for (kill, from_peers) in [("1,4", true), ("1,2,4", false)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra = [
+            &six[..],
+            &[
+                "--peer-ec",
+                "4+2",
+                "--kill-ranks",
+                kill,
+                "--kill-at-step",
+                "18",
+            ],
+        ]
+        .concat();
+        let out = launch_env(
+            dir.path(),
+            "--peer",
+            &extra,
+            Duration::from_secs(90),
+            &[("CKPT_MULTI_WAIT_DURABLE", "1")],
+        );
+        assert!(out.status.success(), "kill {kill} failed\n{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(stdout.contains("erasure-coded 4+2"), "{stdout}");
+        assert!(
+            stdout.contains(&format!(
+                "killed ranks [{}] (SIGKILL) at step 18",
+                kill.replace(',', ", ")
+            )),
+            "{stdout}"
+        );
+        assert!(stdout.contains("restarts: 1"), "kill {kill}: {stdout}");
+        let restored = restores_after(&stdout, "alone as incarnation", 6);
+        assert!(
+            restored.iter().all(|(s, _)| *s == 15),
+            "kill {kill}: every rank restores step 15: {restored:?}"
+        );
+        for (r, (_, from)) in restored.iter().enumerate() {
+            assert_eq!(
+                from.starts_with("peer-ec4+2://"),
+                from_peers,
+                "kill {kill}: rank {r} restored from {from}\n{stdout}"
+            );
+        }
+        if !from_peers {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("3 of 6 fragments readable") && err.contains("4 needed"),
+                "kill {kill}: the fallback says why\n{err}"
+            );
+        }
+        assert_eq!(digest(&out), want, "kill {kill}: diverged\n{stdout}");
+    }
+}

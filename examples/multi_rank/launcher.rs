@@ -37,10 +37,11 @@ struct Ranks {
 }
 
 impl Ranks {
-    /// Writes one line to every rank but `skip`. `Err(rank)` if one is gone.
-    fn tell(&mut self, line: &str, skip: Option<u32>) -> Result<(), u32> {
+    /// Writes one line to every rank but those in `skip`. `Err(rank)` if
+    /// one is gone.
+    fn tell(&mut self, line: &str, skip: &[u32]) -> Result<(), u32> {
         for (r, stdin) in self.stdins.iter_mut().enumerate() {
-            if skip == Some(r as u32) {
+            if skip.contains(&(r as u32)) {
                 continue;
             }
             let ok = stdin.as_mut().is_some_and(|s| {
@@ -58,7 +59,7 @@ impl Ranks {
 
     /// Tells every rank to take its next step. `Err(rank)` if one is gone.
     fn go(&mut self) -> Result<(), u32> {
-        self.tell("go", None)
+        self.tell("go", &[])
     }
 
     /// SIGKILLs one rank and reaps it.
@@ -110,9 +111,9 @@ enum Lockstep {
     Finished,
     /// A rank was lost: restart the job.
     Lost(Outcome),
-    /// With peers: rank `.0` was killed; every other rank reached the
+    /// With peers: ranks `.0` were killed; every other rank reached the
     /// barrier and waits for the launcher's word.
-    Rollback(u32),
+    Rollback(Vec<u32>),
     /// A save was refused because replicas differ (`.0` says where): every
     /// rank reached the barrier; roll them all back.
     Sdc(String),
@@ -168,6 +169,9 @@ impl Launcher<'_> {
             .stderr(Stdio::inherit());
         if let Some((addrs, secret)) = &self.peer_env {
             cmd.env(PEER_ADDRS_ENV, addrs).env(PEER_SECRET_ENV, secret);
+            if let Some((k, m)) = args.peer_ec {
+                cmd.args(["--peer-ec", &format!("{k}+{m}")]);
+            }
         }
         if self.inc == 0
             && let (Some(r), Some(s)) = (args.abort_rank, args.abort_during_save)
@@ -306,15 +310,15 @@ impl Launcher<'_> {
             // The barrier: every rank reports the next step.
             let want = step + 1;
             let mut ready = vec![false; n as usize];
-            let mut killed = None;
+            let mut killed: Vec<u32> = Vec::new();
             let mut sdc: Option<String> = None;
             let deadline = Instant::now() + self.timeout();
             while ready.iter().any(|r| !r) {
                 let what = format!("step {want} on every rank");
                 let msg = self.next(ranks, deadline, &what)?;
                 let r = msg.rank;
-                if killed == Some(r) {
-                    continue; // the last words of the killed rank
+                if killed.contains(&r) {
+                    continue; // the last words of a killed rank
                 }
                 let line = match msg.event {
                     Event::Closed => {
@@ -328,25 +332,29 @@ impl Launcher<'_> {
                         return Err(format!("rank {r} at step {s}, expected {want}").into());
                     }
                     ready[r as usize] = true;
+                    let doomed = &self.args.kill_rank;
+                    // Once every rank to kill is at the barrier: all at once.
                     if self.kill_pending
-                        && self.args.kill_rank == Some(r)
                         && self.args.kill_at_step == Some(want)
+                        && doomed.iter().all(|d| ready[*d as usize])
                     {
                         self.kill_pending = false;
-                        ranks.kill(r);
+                        for &d in doomed {
+                            ranks.kill(d);
+                        }
                         if self.peer_env.is_some() {
-                            // Only this rank goes: its peer server, and the
-                            // replica it held for its neighbour, die with it.
+                            // Only these ranks go: their peer servers, and
+                            // what they held for others, die with them.
                             println!(
-                                "killed rank {r} (SIGKILL) at step {want}; its peer server died with it"
+                                "killed ranks {doomed:?} (SIGKILL) at step {want}; their peer servers died with them"
                             );
-                            killed = Some(r);
+                            killed = doomed.clone();
                         } else {
                             println!(
-                                "killed rank {r} (SIGKILL) at step {want}; stopping the others"
+                                "killed ranks {doomed:?} (SIGKILL) at step {want}; stopping the others"
                             );
                             return Ok(Lockstep::Lost(Outcome::RankLost(format!(
-                                "rank {r} was killed at step {want}"
+                                "ranks {doomed:?} were killed at step {want}"
                             ))));
                         }
                     }
@@ -362,8 +370,8 @@ impl Launcher<'_> {
                     return Err(format!("rank {r}: unexpected line {line:?}").into());
                 }
             }
-            if let Some(r) = killed {
-                return Ok(Lockstep::Rollback(r));
+            if !killed.is_empty() {
+                return Ok(Lockstep::Rollback(killed));
             }
             if let Some(what) = sdc {
                 return Ok(Lockstep::Sdc(what));
@@ -372,15 +380,15 @@ impl Launcher<'_> {
         }
     }
 
-    /// With peers: restarts the killed rank `r` alone, as the next
+    /// With peers: restarts the killed ranks `killed` alone, as the next
     /// incarnation, and tells the others to roll back in-process to the
     /// newest committed step (their peer servers keep their memory).
-    fn rollback(&mut self, ranks: &mut Ranks, r: u32) -> Result<Option<Outcome>, Error> {
+    fn rollback(&mut self, ranks: &mut Ranks, killed: &[u32]) -> Result<Option<Outcome>, Error> {
         let steps = committed_steps(self.args)?;
         println!("committed steps: {steps:?}");
         if self.inc >= self.args.max_restarts {
             return Err(format!(
-                "rank {r} was lost, and no restarts are left (--max-restarts {})",
+                "ranks {killed:?} were lost, and no restarts are left (--max-restarts {})",
                 self.args.max_restarts
             )
             .into());
@@ -388,15 +396,17 @@ impl Launcher<'_> {
         self.inc += 1;
         let inc = self.incarnation();
         println!(
-            "restarting rank {r} alone as incarnation {inc}; the other ranks roll back in-process"
+            "restarting ranks {killed:?} alone as incarnation {inc}; the other ranks roll back in-process"
         );
-        let (child, stdin, id) = self.spawn_rank(r)?;
-        let i = r as usize;
-        // The old process is reaped already; replacing it drops its handle.
-        ranks.children[i] = child;
-        ranks.stdins[i] = stdin;
-        ranks.ids[i] = id;
-        if let Err(lost) = ranks.tell(&format!("rollback {inc}"), Some(r)) {
+        for &r in killed {
+            let (child, stdin, id) = self.spawn_rank(r)?;
+            let i = r as usize;
+            // The old process is reaped already; replacing it drops its handle.
+            ranks.children[i] = child;
+            ranks.stdins[i] = stdin;
+            ranks.ids[i] = id;
+        }
+        if let Err(lost) = ranks.tell(&format!("rollback {inc}"), killed) {
             return Ok(Some(Self::lost(ranks, lost, "before the rollback")));
         }
         Ok(None)
@@ -415,8 +425,8 @@ impl Launcher<'_> {
             match self.lockstep(&mut ranks, first)? {
                 Lockstep::Finished => break,
                 Lockstep::Lost(o) => return Ok(o),
-                Lockstep::Rollback(r) => {
-                    if let Some(o) = self.rollback(&mut ranks, r)? {
+                Lockstep::Rollback(killed) => {
+                    if let Some(o) = self.rollback(&mut ranks, &killed)? {
                         return Ok(o);
                     }
                 }
@@ -434,7 +444,7 @@ impl Launcher<'_> {
                     println!(
                         "rolling every rank back to the newest committed step as incarnation {inc}"
                     );
-                    if let Err(lost) = ranks.tell(&format!("rollback {inc}"), None) {
+                    if let Err(lost) = ranks.tell(&format!("rollback {inc}"), &[]) {
                         return Ok(Self::lost(&mut ranks, lost, "before the rollback"));
                     }
                 }
@@ -465,7 +475,7 @@ impl Launcher<'_> {
         }
         // Every rank's checkpointer is closed: the ranks (and their peer
         // servers) may go.
-        if let Err(r) = ranks.tell("exit", None) {
+        if let Err(r) = ranks.tell("exit", &[]) {
             return Ok(Self::lost(&mut ranks, r, "before it was told to exit"));
         }
         for r in 0..n {
@@ -539,10 +549,24 @@ pub fn launcher(args: &Args) -> Result<(), Error> {
     {
         return Err(format!("--inject-sdc rank {r} is outside --ranks {}", args.ranks).into());
     }
-    if let Some(r) = args.kill_rank.or(args.abort_rank)
-        && r >= args.ranks
+    if let Some(r) = args
+        .kill_rank
+        .iter()
+        .copied()
+        .chain(args.abort_rank)
+        .find(|r| *r >= args.ranks)
     {
         return Err(format!("rank {r} is outside --ranks {}", args.ranks).into());
+    }
+    if let Some((k, m)) = args.peer_ec
+        && k + m > args.ranks
+    {
+        return Err(format!(
+            "--peer-ec {k}+{m} needs at least {} ranks, --ranks is {}",
+            k + m,
+            args.ranks
+        )
+        .into());
     }
     let job = args.job_id.clone().unwrap_or_else(|| {
         let ms = SystemTime::now()
@@ -568,9 +592,15 @@ pub fn launcher(args: &Args) -> Result<(), Error> {
         args.ranks, args.steps, args.every, args.dir, args.run
     );
     match &peer_env {
-        Some((addrs, _)) => {
-            println!("peer tier: rank r's shard replicated in rank (r+1)'s server; servers {addrs}")
-        }
+        Some((addrs, _)) => match args.peer_ec {
+            Some((k, m)) => println!(
+                "peer tier: rank r's shard erasure-coded {k}+{m} over the servers of ranks r..r+{}; servers {addrs}",
+                k + m - 1
+            ),
+            None => println!(
+                "peer tier: rank r's shard replicated in rank (r+1)'s server; servers {addrs}"
+            ),
+        },
         None => println!("peer tier: off (--no-peer)"),
     }
     let (tx, rx) = mpsc::channel();
@@ -581,7 +611,7 @@ pub fn launcher(args: &Args) -> Result<(), Error> {
         rx,
         tx,
         next_id: 0,
-        kill_pending: args.kill_rank.is_some(),
+        kill_pending: !args.kill_rank.is_empty(),
         inc: 0,
     };
     loop {

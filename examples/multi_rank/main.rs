@@ -12,14 +12,19 @@
 //! then the shared directory.
 //!
 //! `--kill-rank R --kill-at-step K` SIGKILLs rank R once, taking its peer
-//! server (and the replica of rank R-1 it held) with it. The launcher
+//! server (and the replica of rank R-1 it held) with it (`--kill-ranks
+//! A,B` kills several at once). The launcher
 //! restarts rank R alone as the next incarnation and tells the other ranks
 //! to roll back: they build a new checkpointer for that incarnation and
 //! restore the newest committed step in-process, their servers keeping
 //! their memory. Rank R's new process brings up an empty server on the same
 //! port and restores its shard from its buddy's memory. With `--no-peer`
 //! (the shared directory only) the launcher instead kills every rank and
-//! restarts them all, as torchrun does.
+//! restarts them all, as torchrun does. `--peer-ec 4+2` erasure-codes each
+//! shard over 6 ranks' servers instead of replicating it: 1.5x memory, and
+//! `--kill-ranks 1,4` (two servers at once) still restores from peers; a
+//! third lost server makes the restarted ranks fall back to the shared
+//! directory.
 //!
 //! ```text
 //! cargo run --release --example multi_rank -- --ranks 4 --dir /tmp/mr-a --steps 40 --every 5
@@ -73,12 +78,23 @@ pub struct Args {
     /// again twice for Adam's moments).
     #[arg(long, default_value_t = 4)]
     pub state_mb: u64,
-    /// SIGKILL this rank when it reports `--kill-at-step`, once.
-    #[arg(long, requires = "kill_at_step")]
-    pub kill_rank: Option<u32>,
+    /// SIGKILL these ranks (`--kill-rank 1`, `--kill-ranks 1,4`) when
+    /// they report `--kill-at-step`, once, all at the same moment.
+    #[arg(
+        long,
+        alias = "kill-ranks",
+        value_delimiter = ',',
+        requires = "kill_at_step"
+    )]
+    pub kill_rank: Vec<u32>,
     /// The step at which `--kill-rank` is killed.
     #[arg(long, requires = "kill_rank")]
     pub kill_at_step: Option<u64>,
+    /// Erasure-code each rank's shard across the peer servers instead of
+    /// replicating it on the next rank's: `K+M`, e.g. `4+2` (K data and M
+    /// parity fragments on K+M ranks; any M may be lost at once).
+    #[arg(long, value_parser = parse_ec, conflicts_with = "no_peer")]
+    pub peer_ec: Option<(u32, u32)>,
     /// Make this rank die (SIGKILL itself) in the middle of committing the
     /// save of `--abort-during-save`: after its shard file is durable,
     /// before its rank manifest is written. First incarnation only.
@@ -125,6 +141,16 @@ pub struct Args {
     /// Internal: run as one rank (started by the launcher).
     #[arg(long, hide = true)]
     pub rank_worker: bool,
+}
+
+/// `K+M` as `(K, M)`.
+fn parse_ec(s: &str) -> Result<(u32, u32), String> {
+    let (k, m) = s
+        .split_once('+')
+        .ok_or_else(|| format!("`{s}`: want K+M, e.g. 4+2"))?;
+    let k = k.trim().parse().map_err(|e| format!("`{s}`: K: {e}"))?;
+    let m = m.trim().parse().map_err(|e| format!("`{s}`: M: {e}"))?;
+    Ok((k, m))
 }
 
 impl Args {

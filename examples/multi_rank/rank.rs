@@ -157,10 +157,15 @@ impl Peer {
         Ok(())
     }
 
-    fn tier(&self, rank: u32) -> Result<Arc<dyn Tier>, Error> {
+    /// The peer tier: the buddy replica, or `ec` = `(k, m)` erasure coding.
+    fn tier(&self, rank: u32, ec: Option<(u32, u32)>) -> Result<Arc<dyn Tier>, Error> {
         let mut cfg = ckpt_io::PeerConfig::new(self.servers.clone(), rank, self.secret.clone());
-        // One rank per "node": every rank's buddy is the next rank.
+        // One rank per "node": every rank's buddy is the next rank, and an
+        // erasure-coded shard's fragments are on ranks r..r+k+m-1.
         cfg.ranks_per_node = 1;
+        if let Some((k, m)) = ec {
+            cfg = cfg.erasure(k, m);
+        }
         Ok(Arc::new(ckpt_io::PeerTier::new(cfg)?))
     }
 }
@@ -233,7 +238,10 @@ fn train(
     // (the next rank's), so a restarted rank restores from RAM when its
     // shard survived there and from the shared directory otherwise.
     if let Some(peer) = peer {
-        tiers.push((peer.tier(rank)?, TierPolicy::keep_last(PEER_KEEP)));
+        tiers.push((
+            peer.tier(rank, args.peer_ec)?,
+            TierPolicy::keep_last(PEER_KEEP),
+        ));
     }
     let mut shared = ckpt::open_location(&args.dir)?;
     if let (Some(r), Some(step)) = (args.abort_rank, args.abort_during_save)
