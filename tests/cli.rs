@@ -509,3 +509,136 @@ fn a_closed_stdout_ends_quietly() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// One `ckpt peer-serve` process and the address its status line gives.
+struct Served {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Served {
+    fn start(secret_file: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(ckpt_bin())
+            .args([
+                "peer-serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--budget",
+                "64M",
+                "--json",
+            ])
+            .arg("--secret-file")
+            .arg(secret_file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ckpt peer-serve");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = lines.next().expect("a status line").expect("read");
+        let v: serde_json::Value = serde_json::from_str(&first).expect("JSON status line");
+        assert_eq!(v["event"], "listening", "{first}");
+        assert_eq!(v["budget"], 64 << 20, "{first}");
+        let addr = v["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()
+            .expect("an address");
+        Self { child, addr, lines }
+    }
+
+    /// SIGTERM; the process must stop cleanly, say so, and exit 0.
+    fn terminate(mut self) {
+        // SAFETY: kill(2) on a child process this test started and has not
+        // reaped yet; no memory is involved.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "peer-serve ignored SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status}");
+        let last = self.lines.next().expect("a last line").expect("read");
+        let v: serde_json::Value = serde_json::from_str(&last).expect("JSON");
+        assert_eq!(
+            (v["event"].as_str(), v["signal"].as_str()),
+            (Some("stopped"), Some("SIGTERM")),
+            "{last}"
+        );
+    }
+}
+
+/// Six `ckpt peer-serve` sidecars serve an erasure-coded (4+2) peer tier:
+/// an object written through it survives two servers stopped with
+/// SIGTERM; the secret comes from a file; a missing secret and a bad size
+/// are clear errors.
+#[test]
+fn peer_serve_sidecars_hold_erasure_coded_fragments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("secret");
+    let secret = "0123456789abcdef0123456789abcdef-test";
+    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
+    let mut servers: Vec<Served> = (0..6).map(|_| Served::start(&secret_file)).collect();
+    let addrs: Vec<std::net::SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let tier =
+        ckpt_io::PeerTier::new(ckpt_io::PeerConfig::new(addrs, 0, secret.as_bytes()).erasure(4, 2))
+            .expect("tier");
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    rt.block_on(async {
+        use ckpt::Tier;
+        let mut w = tier.create("run/step-1/shard").await.expect("create");
+        w.write(bytes::Bytes::from(data.clone()))
+            .await
+            .expect("write");
+        w.finish().await.expect("finish");
+    });
+    // Two sidecars go (fragments 1 and 3): the object is rebuilt.
+    servers.remove(3).terminate();
+    servers.remove(1).terminate();
+    rt.block_on(async {
+        use ckpt::Tier;
+        let got = tier
+            .get("run/step-1/shard")
+            .await
+            .expect("rebuilt from 4 of 6");
+        assert!(got == data, "the rebuilt object differs");
+    });
+    for s in servers {
+        s.terminate();
+    }
+    // No secret: a clear error, nothing listening.
+    let out = Command::new(ckpt_bin())
+        .args(["peer-serve", "--listen", "127.0.0.1:0", "--budget", "64M"])
+        .env_remove("CKPT_PEER_SECRET")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CKPT_PEER_SECRET"));
+    // A short secret from the environment is refused, naming its length.
+    let out = Command::new(ckpt_bin())
+        .args(["peer-serve", "--listen", "127.0.0.1:0", "--budget", "1G"])
+        .env("CKPT_PEER_SECRET", "too short")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("9 bytes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(ckpt_bin())
+        .args(["peer-serve", "--listen", "127.0.0.1:0", "--budget", "8X"])
+        .env("CKPT_PEER_SECRET", secret)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
+}

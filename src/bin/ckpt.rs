@@ -113,6 +113,31 @@ enum Cmd {
         #[arg(long, conflicts_with = "dry_run")]
         compact: bool,
     },
+    /// Run a peer server: RAM for other ranks' checkpoint shards (replicas
+    /// or erasure-coded fragments), as a sidecar process. The group secret
+    /// comes from --secret-file or CKPT_PEER_SECRET, never the command
+    /// line. Stops cleanly on SIGTERM or SIGINT.
+    #[cfg(feature = "peer")]
+    PeerServe {
+        /// Address to listen on, e.g. 10.0.0.5:7070 (port 0: any free one;
+        /// the status line says which).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// File holding the group's secret (at least 32 bytes; a trailing
+        /// newline is ignored).
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
+        /// Most bytes held for clients, e.g. 64M or 8G.
+        #[arg(long, value_parser = parse_size)]
+        budget: u64,
+        /// The identity clients dial (default: the bound address, or only
+        /// the port when bound to 0.0.0.0).
+        #[arg(long)]
+        identity: Option<String>,
+        /// A machine-readable status line (one JSON object per event).
+        #[arg(long)]
+        json: bool,
+    },
     /// Which tensors and chunks changed between two steps (by checksum).
     Diff {
         #[command(flatten)]
@@ -168,6 +193,108 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A size such as `4096`, `64K`, `64M`, `8G` or `1T` (powers of 1024).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("`{s}`: unknown unit `{c}` (use K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|e| format!("`{s}`: not a size ({e}); e.g. 64M or 8G"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}`: too large"))
+}
+
+/// `ckpt peer-serve`: a peer server until SIGTERM or SIGINT.
+#[cfg(feature = "peer")]
+fn peer_serve(
+    listen: std::net::SocketAddr,
+    secret_file: Option<&std::path::Path>,
+    budget: u64,
+    identity: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
+    let secret = match (secret_file, std::env::var_os("CKPT_PEER_SECRET")) {
+        (Some(f), _) => {
+            let mut b = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+            while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+                b.pop();
+            }
+            b
+        }
+        (None, Some(v)) => v.into_encoded_bytes(),
+        (None, None) => {
+            return Err(Error::Config(
+                "peer-serve: no secret: give --secret-file FILE or set CKPT_PEER_SECRET \
+                 (never on the command line)"
+                    .into(),
+            ));
+        }
+    };
+    let mut config = ckpt_io::PeerServerConfig::new(secret, budget).with_bind(listen);
+    if let Some(id) = identity {
+        config = config.with_identity(id);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ckpt-peer")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("<tokio runtime>", e))?;
+    let server = {
+        let _guard = rt.enter();
+        ckpt_io::PeerServer::spawn(config)?
+    };
+    let addr = server.local_addr();
+    if json {
+        println!(
+            "{}",
+            json!({"event": "listening", "addr": addr.to_string(), "budget": budget, "pid": std::process::id()})
+        );
+    } else {
+        println!(
+            "ckpt peer-serve: listening on {addr}, budget {budget} bytes ({:.2} GiB), pid {}",
+            budget as f64 / (1u64 << 30) as f64,
+            std::process::id()
+        );
+    }
+    std::io::stdout().flush().ok();
+    let signal = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = (
+            signal(SignalKind::terminate()).map_err(|e| Error::io("<SIGTERM handler>", e))?,
+            signal(SignalKind::interrupt()).map_err(|e| Error::io("<SIGINT handler>", e))?,
+        );
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        Ok::<_, Error>(name)
+    })?;
+    let (held, objects) = (server.used_bytes(), server.object_count());
+    rt.block_on(server.shutdown());
+    if json {
+        println!(
+            "{}",
+            json!({"event": "stopped", "signal": signal, "held_bytes": held, "objects": objects})
+        );
+    } else {
+        println!("ckpt peer-serve: {signal}: stopped ({objects} objects, {held} bytes dropped)");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn pick_step(store: &CheckpointStore, run: &str, step: Option<u64>) -> Result<u64> {
@@ -279,6 +406,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             to,
             json,
         } => diff(&target, from, to, json),
+        #[cfg(feature = "peer")]
+        Cmd::PeerServe {
+            listen,
+            secret_file,
+            budget,
+            identity,
+            json,
+        } => peer_serve(listen, secret_file.as_deref(), budget, identity, json),
         Cmd::Export { target, step, out } => {
             export(&target, step, &out)?;
             Ok(ExitCode::SUCCESS)
