@@ -4,6 +4,7 @@
 //! `run` function; this file only dispatches.
 
 mod compress;
+mod erasure;
 mod fingerprint;
 mod floors;
 mod flush;
@@ -59,6 +60,9 @@ enum Command {
     /// Per-chunk zstd: ratio and speed by tensor kind, and time to durable
     /// with compression off, on and auto.
     Compress(compress::CompressArgs),
+    /// Reed–Solomon encode/decode throughput beside memcpy, and peer
+    /// memory and restore time for the buddy replica, 4+2 and 8+2.
+    Erasure(erasure::ErasureArgs),
     /// Incremental vs whole saves: bytes written and time to durable, for
     /// a fine-tuning shape and for full training.
     Incremental(incremental::IncrementalArgs),
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         Command::Flush(args) => flush::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Restore(args) => restore::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Compress(args) => compress::run(&args).map_err(|e| CliError::io(e.to_string())),
+        Command::Erasure(args) => erasure::run(&args).map_err(|e| CliError::io(e.to_string())),
         Command::Incremental(args) => {
             incremental::run(&args).map_err(|e| CliError::io(e.to_string()))
         }

@@ -571,20 +571,57 @@ fn rebuild(
     m: usize,
     stripes: usize,
 ) -> std::result::Result<BTreeMap<usize, Vec<Bytes>>, reed_solomon_simd::Error> {
+    // Stripes decode independently: split them over the cores.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(stripes.max(1));
+    let per = stripes.div_ceil(threads).max(1);
+    let parts: Vec<std::result::Result<Vec<(usize, usize, Bytes)>, reed_solomon_simd::Error>> =
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..stripes)
+                .step_by(per)
+                .map(|from| {
+                    s.spawn(move || {
+                        let mut out = Vec::new();
+                        let mut dec: Option<(usize, reed_solomon_simd::ReedSolomonDecoder)> = None;
+                        for t in from..(from + per).min(stripes) {
+                            let bytes = have.values().next().map_or(0, |v| v[t].len());
+                            let dec = match &mut dec {
+                                Some((n, d)) if *n == bytes => d,
+                                _ => {
+                                    let d =
+                                        reed_solomon_simd::ReedSolomonDecoder::new(k, m, bytes)?;
+                                    &mut dec.insert((bytes, d)).1
+                                }
+                            };
+                            for (i, sh) in have.iter().filter(|(i, _)| **i < k) {
+                                dec.add_original_shard(*i, &sh[t])?;
+                            }
+                            for (i, sh) in have.iter().filter(|(i, _)| **i >= k).take(k) {
+                                dec.add_recovery_shard(*i - k, &sh[t])?;
+                            }
+                            let r = dec.decode()?;
+                            for (i, shard) in r.restored_original_iter() {
+                                out.push((i, t, Bytes::copy_from_slice(shard)));
+                            }
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a decoding thread panicked"))
+                .collect()
+        });
     let mut out: BTreeMap<usize, Vec<Bytes>> = BTreeMap::new();
-    for t in 0..stripes {
-        let originals = have
-            .iter()
-            .filter(|(i, _)| **i < k)
-            .map(|(i, s)| (*i, &s[t]));
-        let recovery = have
-            .iter()
-            .filter(|(i, _)| **i >= k)
-            .take(k)
-            .map(|(i, s)| (*i - k, &s[t]));
-        for (i, shard) in reed_solomon_simd::decode(k, m, originals, recovery)? {
-            out.entry(i).or_default().push(Bytes::from(shard));
-        }
+    let mut all = Vec::new();
+    for p in parts {
+        all.extend(p?);
+    }
+    all.sort_by_key(|(i, t, _)| (*i, *t));
+    for (i, _, shard) in all {
+        out.entry(i).or_default().push(shard);
     }
     Ok(out)
 }
