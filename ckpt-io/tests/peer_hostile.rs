@@ -327,3 +327,174 @@ fn keep_last_1_fits_a_budget_of_two_shards() {
     );
     assert!(3 * MIB as u64 > BUDGET);
 }
+
+/// Resident memory of this process, from /proc.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Extra resident memory a flood may cost beyond what the server holds
+/// for clients (connection tasks and socket buffers, the test's own
+/// threads and sockets).
+const FLOOD_OVERHEAD: u64 = 96 << 20;
+
+/// Four kinds of hostile connection at once, for about two seconds:
+/// unauthenticated sockets that stay open, frames claiming a huge length,
+/// truncated frames, and handshakes of a peer with another group's secret
+/// (its proof is a valid HMAC, under the wrong key). Meanwhile an
+/// authenticated client puts and gets 1 MiB objects and every request is
+/// served; the server's charged memory stays within its budget and the
+/// process grows by no more than what the server holds plus
+/// `FLOOD_OVERHEAD`.
+#[test]
+fn a_flood_of_hostile_connections_leaves_an_authenticated_client_served() {
+    // Resident memory is per process: run alone, in a process of its own
+    // (the other tests of this file allocate in parallel).
+    if std::env::var_os("CKPT_FLOOD_ALONE").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "a_flood_of_hostile_connections_leaves_an_authenticated_client_served",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("CKPT_FLOOD_ALONE", "1")
+            .output()
+            .expect("run the flood alone");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the flood did not run:\n{text}");
+        return;
+    }
+    let rt = rt();
+    let budget: u64 = 64 << 20;
+    let server = spawn(&rt, server_config(budget));
+    let addr = server.local_addr();
+    let before = rss_bytes();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attackers: Vec<_> = (0..4u8)
+        .map(|kind| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 3000 {
+                    n += 1;
+                    let Ok(mut s) = TcpStream::connect_timeout(&addr, RAW_TIMEOUT) else {
+                        continue;
+                    };
+                    let _ = s.set_write_timeout(Some(RAW_TIMEOUT));
+                    match kind {
+                        // Says nothing; kept open (up to 200 at a time).
+                        0 => {
+                            held.push(s);
+                            if held.len() > 200 {
+                                held.remove(0);
+                            }
+                        }
+                        // A ClientHello claiming 2^62 bytes of payload.
+                        1 => {
+                            let _ = s.write_all(&frame_id(
+                                Opcode::ClientHello,
+                                0,
+                                0,
+                                b"",
+                                1 << 62,
+                                &[],
+                            ));
+                        }
+                        // Half a ClientHello, then gone.
+                        2 => {
+                            let hello = client_hello(&[3u8; 32], &addr.to_string());
+                            let _ = s.write_all(&hello[..hello.len() / 2]);
+                        }
+                        // Another group: the server's proof does not check
+                        // out under this secret, and the client's proof
+                        // (a real HMAC, wrong key) is refused.
+                        _ => {
+                            let nc = [7u8; 32];
+                            let id = addr.to_string();
+                            let _ = s.write_all(&client_hello(&nc, &id));
+                            let _ = s.set_read_timeout(Some(RAW_TIMEOUT));
+                            let mut head = [0u8; 28];
+                            if s.read_exact(&mut head).is_ok() {
+                                let mut body = [0u8; 64];
+                                if s.read_exact(&mut body).is_ok() {
+                                    let mut ns = [0u8; 32];
+                                    ns.copy_from_slice(&body[..32]);
+                                    let t = transcript(&nc, &ns, &id);
+                                    let wrong = proof(
+                                        b"another group's secret, 32 bytes long",
+                                        b"ckpt-peer-v2 client proof",
+                                        &t,
+                                    );
+                                    let _ =
+                                        s.write_all(&frame_id(Opcode::Auth, 0, 1, b"", 32, &wrong));
+                                    let _ = s.read(&mut [0u8; 64]);
+                                }
+                            }
+                        }
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    // The authenticated client, throughout.
+    let t = tier(&[addr], 0);
+    let mut peak_used = 0u64;
+    let mut peak_rss = before;
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(2) || served < 10 {
+        let path = format!("flood/{}", served % 8);
+        let data = pattern(MIB, served as u8);
+        let r = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                t.put(&path, data.clone(), PutMode::Overwrite).await?;
+                t.get(&path).await
+            })
+            .await
+        });
+        let got = r
+            .unwrap_or_else(|_| panic!("request {served} not served within 5 s under the flood"))
+            .unwrap_or_else(|e| panic!("request {served} failed under the flood: {e}"));
+        assert!(got == data, "request {served}: wrong bytes");
+        served += 1;
+        peak_used = peak_used.max(server.used_bytes());
+        peak_rss = peak_rss.max(rss_bytes());
+        assert!(served < 10_000, "bounded");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attempts: Vec<u32> = attackers
+        .into_iter()
+        .map(|h| h.join().expect("attacker"))
+        .collect();
+    eprintln!(
+        "flood: {attempts:?} hostile connections; {served} requests served; peak charged {peak_used} of {budget}; RSS {before} -> peak {peak_rss}"
+    );
+    assert!(
+        attempts.iter().all(|n| *n > 10),
+        "the flood ran: {attempts:?}"
+    );
+    assert!(peak_used <= budget);
+    assert!(
+        peak_rss.saturating_sub(before) <= peak_used + FLOOD_OVERHEAD,
+        "RSS grew {} bytes while the server held {peak_used}",
+        peak_rss - before
+    );
+    // What the client stored, and nothing else, is charged.
+    eventually("hostile charges released", || {
+        server.used_bytes() <= 8 * (MIB as u64 + 4096)
+    });
+}

@@ -23,6 +23,13 @@ use super::wire;
 #[path = "ec.rs"]
 mod ec;
 
+/// How a handshake the server dropped (closed or reset after accepting
+/// the connection) is told apart from a server that is down.
+const HANDSHAKE_DROPPED: &str = "closed during the handshake";
+/// Connections tried when the server drops the handshake (waits of 5, 20,
+/// 80 ms between).
+const HANDSHAKE_TRIES: u32 = 4;
+
 /// Idle connections kept per server.
 const POOL_PER_SERVER: usize = 8;
 /// Most bytes reserved up front for a `Get` reply; the buffer grows as
@@ -261,7 +268,12 @@ impl Conn {
         // The identity is the address as this client's configuration
         // lists it: what the server checks, what the proofs are bound to.
         let identity = addr.to_string();
-        let transcript = handshake(&mut stream, &identity, secret, t, max_frame).await?;
+        let transcript = handshake(&mut stream, &identity, secret, t, max_frame)
+            .await
+            .map_err(|f| match f {
+                Fail::Unreachable(why) => Fail::Unreachable(format!("{HANDSHAKE_DROPPED}: {why}")),
+                other => other,
+            })?;
         let mut conn = Conn {
             stream,
             next_id: 2,
@@ -275,6 +287,9 @@ impl Conn {
             Ok(_) => return Err(Fail::Broken("unexpected answer to Auth".into())),
             Err(Fail::Refused { kind, message }) => {
                 return Err(Fail::Handshake(ProtocolError::Remote { kind, message }));
+            }
+            Err(Fail::Unreachable(why)) => {
+                return Err(Fail::Unreachable(format!("{HANDSHAKE_DROPPED}: {why}")));
             }
             Err(e) => return Err(e),
         }
@@ -681,14 +696,33 @@ impl PeerTier {
             }
         }
         let i = &self.inner;
-        let result = Conn::open(
-            self.addr(idx),
-            &i.secret,
-            i.connect_timeout,
-            i.io_timeout,
-            i.max_frame,
-        )
-        .await;
+        let mut result;
+        let mut pause = Duration::from_millis(5);
+        let mut tries = 0;
+        loop {
+            result = Conn::open(
+                self.addr(idx),
+                &i.secret,
+                i.connect_timeout,
+                i.io_timeout,
+                i.max_frame,
+            )
+            .await;
+            tries += 1;
+            // A server that accepted the connection and then dropped it in
+            // the handshake is up but busy (a flood of connections makes
+            // it close the oldest handshakes): try again, a few times. A
+            // refused connection is not retried.
+            match &result {
+                Err(Fail::Unreachable(why))
+                    if why.starts_with(HANDSHAKE_DROPPED) && tries < HANDSHAKE_TRIES =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                }
+                _ => break,
+            }
+        }
         let mut b = self.backoff(idx);
         match &result {
             Ok(_) => *b = Backoff::default(),

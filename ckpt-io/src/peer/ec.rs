@@ -195,8 +195,12 @@ async fn descriptor(tier: &PeerTier, path: &str) -> Result<Option<Descriptor>> {
         Err(Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e),
     }
-    let b = tier.raw_get(path).await?;
-    Descriptor::parse(path, &b)
+    match tier.raw_get(path).await {
+        Ok(b) => Descriptor::parse(path, &b),
+        // Deleted between the two requests.
+        Err(Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 pub(super) async fn create(
