@@ -129,7 +129,7 @@ impl Descriptor {
             || d.m == 0
             || d.fragments.len() != (d.k + d.m) as usize
             || d.stripe == 0
-            || d.stripe % 2 != 0
+            || !d.stripe.is_multiple_of(2)
             || d.fragments.iter().any(|f| f.crc32c.len() as u64 != stripes)
         {
             return Err(bad(format!(
@@ -147,7 +147,7 @@ impl Descriptor {
     /// Bytes of each shard of stripe `j`.
     fn shard_len(&self, j: u64) -> u64 {
         let full = self.k as u64 * self.stripe;
-        if j + 1 < self.stripes() || self.len % full == 0 {
+        if j + 1 < self.stripes() || self.len.is_multiple_of(full) {
             self.stripe
         } else {
             let rest = self.len - j * full;
@@ -567,6 +567,9 @@ async fn read_batch(
     Ok(())
 }
 
+/// One decoding thread's output: (fragment, stripe, shard), or its error.
+type Rebuilt = std::result::Result<Vec<(usize, usize, Bytes)>, reed_solomon_simd::Error>;
+
 /// The data shards missing from `have` (fragment index to its shards of
 /// `stripes` stripes), rebuilt from any `k` of those present.
 fn rebuild(
@@ -580,44 +583,42 @@ fn rebuild(
         .map_or(1, |n| n.get())
         .min(stripes.max(1));
     let per = stripes.div_ceil(threads).max(1);
-    let parts: Vec<std::result::Result<Vec<(usize, usize, Bytes)>, reed_solomon_simd::Error>> =
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..stripes)
-                .step_by(per)
-                .map(|from| {
-                    s.spawn(move || {
-                        let mut out = Vec::new();
-                        let mut dec: Option<(usize, reed_solomon_simd::ReedSolomonDecoder)> = None;
-                        for t in from..(from + per).min(stripes) {
-                            let bytes = have.values().next().map_or(0, |v| v[t].len());
-                            let dec = match &mut dec {
-                                Some((n, d)) if *n == bytes => d,
-                                _ => {
-                                    let d =
-                                        reed_solomon_simd::ReedSolomonDecoder::new(k, m, bytes)?;
-                                    &mut dec.insert((bytes, d)).1
-                                }
-                            };
-                            for (i, sh) in have.iter().filter(|(i, _)| **i < k) {
-                                dec.add_original_shard(*i, &sh[t])?;
+    let parts: Vec<Rebuilt> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..stripes)
+            .step_by(per)
+            .map(|from| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    let mut dec: Option<(usize, reed_solomon_simd::ReedSolomonDecoder)> = None;
+                    for t in from..(from + per).min(stripes) {
+                        let bytes = have.values().next().map_or(0, |v| v[t].len());
+                        let dec = match &mut dec {
+                            Some((n, d)) if *n == bytes => d,
+                            _ => {
+                                let d = reed_solomon_simd::ReedSolomonDecoder::new(k, m, bytes)?;
+                                &mut dec.insert((bytes, d)).1
                             }
-                            for (i, sh) in have.iter().filter(|(i, _)| **i >= k).take(k) {
-                                dec.add_recovery_shard(*i - k, &sh[t])?;
-                            }
-                            let r = dec.decode()?;
-                            for (i, shard) in r.restored_original_iter() {
-                                out.push((i, t, Bytes::copy_from_slice(shard)));
-                            }
+                        };
+                        for (i, sh) in have.iter().filter(|(i, _)| **i < k) {
+                            dec.add_original_shard(*i, &sh[t])?;
                         }
-                        Ok(out)
-                    })
+                        for (i, sh) in have.iter().filter(|(i, _)| **i >= k).take(k) {
+                            dec.add_recovery_shard(*i - k, &sh[t])?;
+                        }
+                        let r = dec.decode()?;
+                        for (i, shard) in r.restored_original_iter() {
+                            out.push((i, t, Bytes::copy_from_slice(shard)));
+                        }
+                    }
+                    Ok(out)
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a decoding thread panicked"))
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a decoding thread panicked"))
+            .collect()
+    });
     let mut out: BTreeMap<usize, Vec<Bytes>> = BTreeMap::new();
     let mut all = Vec::new();
     for p in parts {

@@ -53,6 +53,15 @@
 //!   [`Error::Backend`](ckpt_core::Error::Backend). Writes of data
 //!   objects need the buddy.
 //!
+//! **Erasure coding** ([`PeerConfig::erasure`]): instead of the buddy
+//! replica, each data object is cut into `k` data and `m` parity
+//! fragments (Reed–Solomon, stripes of `k` x 1 MiB, a crc32c per stripe
+//! shard) on the servers of ranks `r, r + ranks_per_node, ...`: `k + m`
+//! distinct nodes, any `k` of which rebuild it. The object's descriptor
+//! (lengths, fragment servers, checksums) is a replicated metadata object
+//! under its own path, written once every fragment is complete. See
+//! `docs/peer.md`.
+//!
 //! With this placement the storage-based commit protocol of ckpt-core
 //! works unchanged: each rank streams its shard to its buddy and puts its
 //! rank manifest everywhere; the coordinator finds every rank manifest on
