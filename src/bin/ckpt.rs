@@ -196,6 +196,7 @@ fn main() -> ExitCode {
 }
 
 /// A size such as `4096`, `64K`, `64M`, `8G` or `1T` (powers of 1024).
+#[cfg(feature = "peer")]
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
     let (num, shift) = match t.char_indices().last() {
