@@ -342,9 +342,16 @@ impl EcWriter {
 }
 
 impl TierWriter for EcWriter {
-    fn write(&mut self, data: Bytes) -> BoxFuture<'_, Result<()>> {
+    fn write(&mut self, mut data: Bytes) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.len += data.len() as u64;
+            let full = (self.layout.k as u64 * STRIPE) as usize;
+            // Whole stripes straight from the caller's (staged, immutable)
+            // bytes: shards are slices of them, nothing is copied.
+            while self.buf.is_empty() && data.len() >= full {
+                let stripe = data.split_to(full);
+                self.stripe(stripe, STRIPE as usize).await?;
+            }
             self.buf.extend_from_slice(&data);
             self.drain_full().await
         })
