@@ -450,30 +450,15 @@ fn killed_rank_restarts_alone_and_restores_from_its_buddy() {
         "{stdout}"
     );
     assert!(stdout.contains("restarts: 1"), "{stdout}");
-    let after = stdout
-        .rsplit_once("restarting rank 1 alone")
-        .unwrap_or_else(|| panic!("rank 1 was not restarted alone:\n{stdout}"))
-        .1;
     // Every rank restored the same step; rank 1's new process found its
     // shard in its buddy's (rank 2's) memory.
-    let mut steps = Vec::new();
-    for r in 0..4 {
-        let prefix = format!("rank {r}: restored step ");
-        let line = after
-            .lines()
-            .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("rank {r} did not restore:\n{stdout}"));
-        let (step, from) = line[prefix.len()..]
-            .split_once(" from ")
-            .expect("`from` in restore line");
-        steps.push(step.parse::<u64>().expect("step"));
-        if r == 1 {
-            assert!(
-                from.starts_with("peer://"),
-                "rank 1 restored from {from}, expected its buddy's memory\n{stdout}"
-            );
-        }
-    }
+    let restored = restores_after(&stdout, "restarting rank 1 alone", 4);
+    let steps: Vec<u64> = restored.iter().map(|(s, _)| *s).collect();
+    assert!(
+        restored[1].1.starts_with("peer://"),
+        "rank 1 restored from {}, expected its buddy's memory\n{stdout}",
+        restored[1].1
+    );
     assert!(
         steps.iter().all(|s| *s == steps[0]) && (steps[0] == 20 || steps[0] == 15),
         "ranks restored {steps:?}, expected all 20 (or 15)\n{stdout}"

@@ -41,8 +41,8 @@ fn trained(step: u64) -> Vec<u8> {
     ckpt_core::rng::pattern(TRAINED, 100 + step)
 }
 
-/// Saves step `step`; returns the bytes of the shard file on the tier.
-fn save(ckpt: &Checkpointer, tier: &MemoryTier, step: u64) -> u64 {
+/// Saves step `step` and waits for its outcome.
+fn try_save(ckpt: &Checkpointer, step: u64) -> ckpt_core::Result<ckpt_core::SaveReport> {
     let (f, t) = (frozen(), trained(step));
     let tf = TensorRef::new("frozen", ckpt_core::DType::U8, &[FROZEN as u64], &f);
     let tt = TensorRef::new("trained", ckpt_core::DType::U8, &[TRAINED as u64], &t);
@@ -54,7 +54,12 @@ fn save(ckpt: &Checkpointer, tier: &MemoryTier, step: u64) -> u64 {
         .lr_schedule(&0.5)
         .build()
         .expect("state");
-    let report = ckpt.save(&state).expect("save").wait().expect("durable");
+    ckpt.save(&state).expect("save").wait()
+}
+
+/// Saves step `step`; returns the bytes of the shard file on the tier.
+fn save(ckpt: &Checkpointer, tier: &MemoryTier, step: u64) -> u64 {
+    let report = try_save(ckpt, step).expect("durable");
     assert!(report.is_durable(), "{report:?}");
     let shard = rt()
         .block_on(store::shard_file(tier, RUN, step, 0))
@@ -511,22 +516,7 @@ fn a_save_pointing_into_a_step_gc_deleted_meanwhile_fails_and_the_next_is_whole(
         .block_on(store::gc(&tier, RUN, &retention))
         .expect("gc");
     assert_eq!(g.deleted_steps, vec![1, 2]);
-    let (f, t) = (frozen(), trained(4));
-    let tf = TensorRef::new("frozen", ckpt_core::DType::U8, &[FROZEN as u64], &f);
-    let tt = TensorRef::new("trained", ckpt_core::DType::U8, &[TRAINED as u64], &t);
-    let state = TrainingState::builder(4)
-        .model([&tf as &dyn ckpt_core::TensorView, &tt])
-        .without_optimizer()
-        .rng(&4u64)
-        .data_loader(&4u64)
-        .lr_schedule(&0.5)
-        .build()
-        .expect("state");
-    let e = ckpt
-        .save(&state)
-        .expect("save")
-        .wait()
-        .expect_err("not committed on the only tier");
+    let e = try_save(&ckpt, 4).expect_err("not committed on the only tier");
     assert!(matches!(e, Error::NotCommitted { step: 4, .. }), "{e:?}");
     let why = e.to_string();
     assert!(

@@ -342,19 +342,22 @@ impl Launcher<'_> {
                         for &d in doomed {
                             ranks.kill(d);
                         }
+                        let who = ranks_named(doomed);
                         if self.peer_env.is_some() {
                             // Only these ranks go: their peer servers, and
                             // what they held for others, die with them.
-                            println!(
-                                "killed ranks {doomed:?} (SIGKILL) at step {want}; their peer servers died with them"
-                            );
+                            let (its, it) = if doomed.len() == 1 {
+                                ("its peer server", "it")
+                            } else {
+                                ("their peer servers", "them")
+                            };
+                            println!("killed {who} (SIGKILL) at step {want}; {its} died with {it}");
                             killed = doomed.clone();
                         } else {
-                            println!(
-                                "killed ranks {doomed:?} (SIGKILL) at step {want}; stopping the others"
-                            );
+                            println!("killed {who} (SIGKILL) at step {want}; stopping the others");
+                            let was = if doomed.len() == 1 { "was" } else { "were" };
                             return Ok(Lockstep::Lost(Outcome::RankLost(format!(
-                                "ranks {doomed:?} were killed at step {want}"
+                                "{who} {was} killed at step {want}"
                             ))));
                         }
                     }
@@ -388,7 +391,12 @@ impl Launcher<'_> {
         println!("committed steps: {steps:?}");
         if self.inc >= self.args.max_restarts {
             return Err(format!(
-                "ranks {killed:?} were lost, and no restarts are left (--max-restarts {})",
+                "{} lost, and no restarts are left (--max-restarts {})",
+                if killed.len() == 1 {
+                    format!("{} was", ranks_named(killed))
+                } else {
+                    format!("{} were", ranks_named(killed))
+                },
                 self.args.max_restarts
             )
             .into());
@@ -396,7 +404,8 @@ impl Launcher<'_> {
         self.inc += 1;
         let inc = self.incarnation();
         println!(
-            "restarting ranks {killed:?} alone as incarnation {inc}; the other ranks roll back in-process"
+            "restarting {} alone as incarnation {inc}; the other ranks roll back in-process",
+            ranks_named(killed)
         );
         for &r in killed {
             let (child, stdin, id) = self.spawn_rank(r)?;
@@ -644,5 +653,13 @@ pub fn launcher(args: &Args) -> Result<(), Error> {
                 );
             }
         }
+    }
+}
+
+/// `rank 2`, or `ranks [1, 4]`.
+fn ranks_named(ranks: &[u32]) -> String {
+    match ranks {
+        [one] => format!("rank {one}"),
+        many => format!("ranks {many:?}"),
     }
 }
