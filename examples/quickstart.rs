@@ -309,6 +309,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             out.say(format!(
                 "step {step:>5}  crashing on purpose (abort), a save may be in flight"
             ));
+            // As a fatal-error path would: the failure log learns the step
+            // and time lost (`ckpt report`); a SIGKILL records nothing.
+            if let Err(e) = ckpt.record_crash(step) {
+                eprintln!("quickstart: cannot record the crash: {e}");
+            }
             std::process::abort();
         }
     }

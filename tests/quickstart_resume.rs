@@ -400,3 +400,94 @@ fn gc_compact_killed_anywhere_leaves_every_committed_step_whole() {
         "{killed} kills, none in the middle of the work (a whole run takes {whole:?})"
     );
 }
+
+/// `ckpt report` on a run with two injected crashes: both restarts are
+/// named with the step each failed at, the step it restored and the work
+/// rolled back; the waterfall's parts add up to the run's wall time, which
+/// is the time the three processes took (less their own start and exit);
+/// the SVG is drawn.
+#[test]
+fn report_names_both_restarts_and_the_waterfall_adds_up() {
+    let qs = example("quickstart");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = [
+        "--steps",
+        "150",
+        "--every",
+        "10",
+        "--state-mb",
+        "2",
+        "--quiet",
+    ];
+    let t0 = std::time::Instant::now();
+    for crash in [Some("47"), Some("113"), None] {
+        let mut c = Command::new(&qs);
+        c.arg("--dir").arg(dir.path()).args(args);
+        if let Some(s) = crash {
+            c.args(["--crash-at-step", s]);
+        }
+        let out = run(&mut c);
+        assert_eq!(
+            out.status.success(),
+            crash.is_none(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let measured = t0.elapsed().as_secs_f64();
+    let svg = dir.path().join("report.svg");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ckpt"))
+        .args(["report", "--json", "--svg"])
+        .arg(&svg)
+        .arg(dir.path()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(r["starts"], 3, "{r}");
+    let restarts = r["restarts"].as_array().expect("restarts");
+    assert_eq!(restarts.len(), 2, "{r}");
+    for (x, crashed) in restarts.iter().zip([47u64, 113]) {
+        let restored = x["restored_step"].as_u64().expect("restored");
+        assert_eq!(x["ended_step"], crashed, "{x}");
+        assert_eq!(x["recorded"], true, "{x}");
+        // The newest committed save before the crash (one may have been in
+        // flight): at most 10 steps back, plus one save interval.
+        assert!(restored <= crashed && crashed - restored < 20, "{x}");
+        assert_eq!(
+            x["rollback_steps"].as_u64(),
+            Some(crashed - restored),
+            "{x}"
+        );
+        assert!(x["rollback_s"].as_f64().expect("rollback_s") > 0.0, "{x}");
+        assert!(x["downtime_s"].as_f64().expect("downtime_s") > 0.0, "{x}");
+    }
+    let w = &r["waterfall"];
+    let f = |k: &str| w[k].as_f64().unwrap_or_else(|| panic!("{k} in {w}"));
+    let wall = f("wall_s");
+    let parts = f("useful_s") + f("checkpoint_stall_s") + f("rolled_back_s") + f("restart_s");
+    assert!((parts - wall).abs() <= 0.02 * wall, "{w}");
+    assert!(f("checkpoint_stall_s") > 0.0 && f("useful_s") > 0.0, "{w}");
+    assert!(
+        wall <= measured && wall >= 0.7 * measured,
+        "report wall {wall:.2} s, the three processes took {measured:.2} s"
+    );
+    // 15 saves per life at most: every save the coordinator saw finish.
+    let saves = r["saves"].as_array().expect("saves").len();
+    assert!((15..=30).contains(&saves), "{saves} saves");
+    assert!(r["interval_young_s"].as_f64().is_some(), "{r}");
+    let text = std::fs::read_to_string(&svg).expect("svg");
+    assert!(text.starts_with("<svg") && text.contains("waterfall") && text.contains("rolled back"));
+    // The text form names both restarts.
+    let out = run(Command::new(env!("CARGO_BIN_EXE_ckpt"))
+        .arg("report")
+        .arg(dir.path()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("restart 1: failure at step 47")
+            && text.contains("restart 2: failure at step 113"),
+        "{text}"
+    );
+}

@@ -138,6 +138,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A run's history: saves (math-stop, time to durable, bytes),
+    /// restarts and the work each rolled back, where the wall time went,
+    /// and the interval the scheduler would pick now.
+    Report {
+        #[command(flatten)]
+        target: Target,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Also draw the timeline and the waterfall into this SVG file.
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
+    },
     /// Which tensors and chunks changed between two steps (by checksum).
     Diff {
         #[command(flatten)]
@@ -193,6 +206,198 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `ckpt report`.
+fn report(target: &Target, json: bool, svg: Option<&std::path::Path>) -> Result<()> {
+    let store = target.open()?;
+    let run = target.run(&store)?;
+    let r = store.report(&run)?;
+    if let Some(path) = svg {
+        std::fs::write(path, report_svg(&r)).map_err(|e| Error::io(path, e))?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| Error::Internal(e.to_string()))?
+        );
+        return Ok(());
+    }
+    let w = &r.waterfall;
+    println!(
+        "run {run}: {} saves, {} starts, {} restarts, {:.1} s of wall time",
+        r.saves.len(),
+        r.starts,
+        r.restarts.len(),
+        w.wall_s
+    );
+    println!(
+        "{:>8} {:>12} {:>14} {:>12}  DURABLE PER TIER",
+        "STEP", "MATH-STOP", "BYTES", "AT (s)"
+    );
+    let t0 = r.saves.first().map_or(0.0, |s| s.started_unix_s);
+    for s in &r.saves {
+        let tiers: Vec<String> = s
+            .tiers
+            .iter()
+            .map(|t| {
+                if t.committed {
+                    format!("{} {:.3} s", t.tier, t.durable_s)
+                } else {
+                    format!("{} not committed", t.tier)
+                }
+            })
+            .collect();
+        println!(
+            "{:>8} {:>9.2} ms {:>14} {:>12.2}  {}",
+            s.step,
+            s.math_stop_s * 1e3,
+            s.bytes,
+            s.started_unix_s - t0,
+            tiers.join(", ")
+        );
+    }
+    for (i, x) in r.restarts.iter().enumerate() {
+        println!(
+            "restart {}: {} at step {}{}, restored step {}: rolled back {} steps ({:.2} s), down {:.2} s",
+            i + 1,
+            if x.detected_error {
+                "detected error"
+            } else {
+                "failure"
+            },
+            x.ended_step,
+            if x.recorded {
+                ""
+            } else {
+                " (estimated from its last save: no crash record)"
+            },
+            x.restored_step,
+            x.rollback_steps,
+            x.rollback_s,
+            x.downtime_s
+        );
+    }
+    let pct = |v: f64| {
+        if w.wall_s > 0.0 {
+            100.0 * v / w.wall_s
+        } else {
+            0.0
+        }
+    };
+    println!(
+        "wall time: useful {:.2} s ({:.1}%), checkpoint stalls {:.3} s ({:.1}%), rolled back {:.2} s ({:.1}%), restarts {:.2} s ({:.1}%)",
+        w.useful_s,
+        pct(w.useful_s),
+        w.checkpoint_stall_s,
+        pct(w.checkpoint_stall_s),
+        w.rolled_back_s,
+        pct(w.rolled_back_s),
+        w.restart_s,
+        pct(w.restart_s)
+    );
+    match (
+        r.exposed_save_s,
+        r.mtbf_s,
+        r.interval_young_s,
+        r.interval_daly_s,
+    ) {
+        (Some(d), Some(m), Some(y), Some(da)) => println!(
+            "exposed save time {:.2} ms, MTBF {m:.1} s ({} failures over {:.1} s): interval {y:.1} s (Young), {da:.1} s (Daly)",
+            d * 1e3,
+            r.failures,
+            r.exposure_s
+        ),
+        (Some(d), _, _, _) => println!(
+            "exposed save time {:.2} ms; no failure yet ({:.1} s of running time): no MTBF to pick an interval from",
+            d * 1e3,
+            r.exposure_s
+        ),
+        _ => println!("no save recorded"),
+    }
+    Ok(())
+}
+
+/// The timeline (process lives, saves, restarts) and the waterfall of the
+/// wall time, as a small self-contained SVG.
+fn report_svg(r: &ckpt::store::report::RunReport) -> String {
+    use std::fmt::Write as _;
+    let (width, left) = (900.0f64, 20.0f64);
+    let span = r.waterfall.wall_s.max(1e-9);
+    let t0 = r.started_unix_s;
+    let x = |t: f64| left + (t - t0).max(0.0) / span * (width - 2.0 * left);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="190" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="16">run {} : timeline (saves, restarts)</text>"#,
+        r.run
+    );
+    let _ = write!(
+        s,
+        r##"<rect x="{left}" y="28" width="{}" height="24" fill="#cfe8cf"/>"##,
+        width - 2.0 * left
+    );
+    for x0 in &r.restarts {
+        let (a, b) = (x(x0.ended_unix_s - x0.rollback_s), x(x0.ended_unix_s));
+        let _ = write!(
+            s,
+            r##"<rect x="{a:.1}" y="28" width="{:.1}" height="24" fill="#f4b6b6"><title>rolled back {} steps</title></rect>"##,
+            (b - a).max(1.0),
+            x0.rollback_steps
+        );
+        let c = x(x0.started_unix_s);
+        let _ = write!(
+            s,
+            r##"<rect x="{b:.1}" y="28" width="{:.1}" height="24" fill="#999"><title>restart, restored step {}</title></rect>"##,
+            (c - b).max(1.0),
+            x0.restored_step
+        );
+    }
+    for sv in &r.saves {
+        let _ = write!(
+            s,
+            r##"<line x1="{0:.1}" x2="{0:.1}" y1="26" y2="54" stroke="#1f5fa8"><title>save of step {1}</title></line>"##,
+            x(sv.started_unix_s),
+            sv.step
+        );
+    }
+    let w = &r.waterfall;
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="84">waterfall of {:.1} s of wall time</text>"#,
+        w.wall_s
+    );
+    let mut at = left;
+    for (name, v, color) in [
+        ("useful", w.useful_s, "#7bc47b"),
+        ("checkpoint stalls", w.checkpoint_stall_s, "#1f5fa8"),
+        ("rolled back", w.rolled_back_s, "#e06666"),
+        ("restarts", w.restart_s, "#999999"),
+    ] {
+        let len = v / span * (width - 2.0 * left);
+        let _ = write!(
+            s,
+            r#"<rect x="{at:.1}" y="96" width="{:.1}" height="24" fill="{color}"><title>{name}: {v:.3} s</title></rect>"#,
+            len.max(0.0)
+        );
+        at += len;
+    }
+    let mut ly = 140.0;
+    for (name, v) in [
+        ("useful", w.useful_s),
+        ("checkpoint stalls", w.checkpoint_stall_s),
+        ("rolled back", w.rolled_back_s),
+        ("restarts", w.restart_s),
+    ] {
+        let _ = write!(s, r#"<text x="{left}" y="{ly}">{name}: {v:.3} s</text>"#);
+        ly += 14.0;
+    }
+    s.push_str("</svg>\n");
+    s
 }
 
 /// A size such as `4096`, `64K`, `64M`, `8G` or `1T` (powers of 1024).
@@ -415,6 +620,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             identity,
             json,
         } => peer_serve(listen, secret_file.as_deref(), budget, identity, json),
+        Cmd::Report { target, json, svg } => {
+            report(&target, json, svg.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Export { target, step, out } => {
             export(&target, step, &out)?;
             Ok(ExitCode::SUCCESS)

@@ -264,7 +264,10 @@ impl Checkpointer {
             }
         }
         let step = restored.as_ref().map(|r| r.step).unwrap_or(0);
-        self.log_start(step);
+        self.log_start(
+            step,
+            restored.as_ref().map(|r| r.saved_unix_ms as f64 / 1e3),
+        );
         let mut s = lock(&self.scheduler);
         if let (Some(_), Some(age)) = (&restored, failure_events::process_age()) {
             s.record_restore(age);
@@ -384,7 +387,7 @@ impl Checkpointer {
 
     /// Rank 0 logs this process's start once (at the first restore or
     /// save) and feeds the failure statistics to the scheduler.
-    fn log_start(&self, step: u64) {
+    fn log_start(&self, step: u64, saved_unix_s: Option<f64>) {
         let mut started = lock(&self.started);
         if *started || self.settings.rank != 0 {
             return;
@@ -396,7 +399,10 @@ impl Checkpointer {
         let scheduler = self.scheduler.clone();
         // In the background: the first save must not wait on the store (an
         // object store round trip) before its math-stop even starts.
-        let event = FailureEvent::start(failure_events::now_unix_s(), step);
+        let event = FailureEvent {
+            saved_unix_s,
+            ..FailureEvent::start(failure_events::now_unix_s(), step)
+        };
         let task = handle.spawn(async move {
             let logged = async {
                 failure_events::append(tier.as_ref(), &run, &event).await?;
@@ -464,11 +470,29 @@ impl Checkpointer {
         reports
     }
 
+    /// Records in the failure log that the job is about to die at `step`
+    /// (call it from a fatal-error path: a panic hook, a handler of a
+    /// fatal signal, a preemption notice that comes too late to save).
+    /// With it `ckpt report` knows the step and time lost; a process killed
+    /// outright records nothing, and the report estimates both from the
+    /// last save it saw. Coordinator only (other ranks return at once);
+    /// blocks until the event is written.
+    pub fn record_crash(&self, step: u64) -> Result<()> {
+        if self.settings.rank != 0 {
+            return Ok(());
+        }
+        self.log_event(FailureEvent::crash(failure_events::now_unix_s(), step))
+    }
+
     fn log_clean_stop(&self, step: u64) -> Result<()> {
+        self.log_event(FailureEvent::clean_stop(failure_events::now_unix_s(), step))
+    }
+
+    /// Appends `event` to the failure log, after the start event.
+    fn log_event(&self, event: FailureEvent) -> Result<()> {
         let handle = self.handle()?;
         let tier = self.log_tier();
         let run = &self.settings.run;
-        let event = FailureEvent::clean_stop(failure_events::now_unix_s(), step);
         let start_log = lock(&self.start_log).take();
         std::thread::scope(|s| {
             s.spawn(|| {

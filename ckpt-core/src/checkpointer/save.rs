@@ -52,7 +52,7 @@ impl Checkpointer {
     /// nothing is copied at all.
     pub fn save(&self, state: &TrainingState<'_>) -> Result<SaveHandle> {
         let step = state.step();
-        self.log_start(step);
+        self.log_start(step, None);
         let t0 = Instant::now();
         let rt = self.handle()?.clone();
         self.apply_rollback(&rt)?;
@@ -335,7 +335,7 @@ impl Checkpointer {
         rt: &tokio::runtime::Handle,
     ) -> SaveHandle {
         let math_stop = report.math_stop;
-        let step = report.step;
+        let (step, bytes) = (report.step, report.bytes);
         let handle = SaveHandle::pending(report);
         let finisher = handle.clone();
         let scheduler = self.scheduler.clone();
@@ -343,6 +343,8 @@ impl Checkpointer {
         // the failure log, once per incarnation.
         let log = (self.settings.rank == 0).then(|| (self.log_tier(), self.settings.run.clone()));
         let logged = self.detected_logged.clone();
+        let incarnation = self.settings.incarnation.clone();
+        let saves = *lock(&self.saves);
         rt.spawn(async move {
             let mut reports = Vec::with_capacity(runs.len());
             for run in runs {
@@ -379,7 +381,31 @@ impl Checkpointer {
                     .unwrap_or(Duration::ZERO);
                 lock(&scheduler).record_save(math_stop, absorbed);
             }
-            finisher.finish(reports, t0.elapsed());
+            let total = t0.elapsed();
+            if let Some((tier, run)) = &log {
+                // The save history `ckpt report` reads.
+                let record = crate::store::history::SaveRecord {
+                    step,
+                    started_unix_s: events::now_unix_s() - total.as_secs_f64(),
+                    math_stop_s: math_stop.as_secs_f64(),
+                    bytes,
+                    incarnation,
+                    tiers: reports
+                        .iter()
+                        .map(|r| crate::store::history::TierRecord {
+                            tier: r.tier.clone(),
+                            committed: r.committed,
+                            durable_s: (math_stop + r.flush + r.commit).as_secs_f64(),
+                            written: r.written,
+                            referenced: r.referenced,
+                        })
+                        .collect(),
+                };
+                if let Err(e) = crate::store::history::append(tier.as_ref(), run, &record, saves).await {
+                    tracing::debug!(error = %e, "cannot record the save in the save history");
+                }
+            }
+            finisher.finish(reports, total);
         });
         handle
     }

@@ -121,6 +121,9 @@ pub struct Restored {
     pub(crate) rolls_back: bool,
     /// World size of the checkpoint.
     pub world_size: u32,
+    /// When the restored step's save started (its manifest's
+    /// `created_unix_ms`).
+    pub saved_unix_ms: u64,
     /// Bytes read.
     pub bytes_read: u64,
     /// Wall time of the restore.
@@ -386,6 +389,7 @@ impl<'a> Restorer<'a> {
             .collect();
         let rolls_back = found.job_newer || !newer.is_empty();
         Restored {
+            saved_unix_ms: m.created_unix_ms,
             step: found.step,
             tier: self.tiers[found.tier_index].location(),
             tier_index: found.tier_index,

@@ -43,6 +43,10 @@ pub struct FailureEvent {
     pub step: u64,
     /// What happened.
     pub kind: FailureEventKind,
+    /// For a `Start` that restored a step: when that step's save started,
+    /// Unix seconds (what `ckpt report` measures rolled-back time from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_unix_s: Option<f64>,
 }
 
 impl FailureEvent {
@@ -52,6 +56,7 @@ impl FailureEvent {
             wall_time_unix_s,
             step,
             kind: FailureEventKind::Start,
+            saved_unix_s: None,
         }
     }
 
@@ -61,6 +66,7 @@ impl FailureEvent {
             wall_time_unix_s,
             step,
             kind: FailureEventKind::Crash,
+            saved_unix_s: None,
         }
     }
 
@@ -70,6 +76,7 @@ impl FailureEvent {
             wall_time_unix_s,
             step,
             kind: FailureEventKind::CleanStop,
+            saved_unix_s: None,
         }
     }
 
@@ -79,6 +86,7 @@ impl FailureEvent {
             wall_time_unix_s,
             step,
             kind: FailureEventKind::DetectedError,
+            saved_unix_s: None,
         }
     }
 }

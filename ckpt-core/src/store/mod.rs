@@ -8,9 +8,11 @@
 mod compact;
 pub(crate) mod events;
 mod gc;
+pub mod history;
 pub mod lineage;
 mod listing;
 mod reader;
+pub mod report;
 pub(crate) mod retention;
 
 pub use crate::restore::verify::{VerifyReport, verify_step};

@@ -135,6 +135,32 @@ impl CheckpointStore {
         self.block_on(crate::store::gc(self.tier.as_ref(), run, retention))?
     }
 
+    /// The history of `run`: saves, restarts and their rollback, where its
+    /// wall time went, and the interval the scheduler's formulas give (see
+    /// [`report`](crate::store::report)).
+    pub fn report(&self, run: &str) -> Result<crate::store::report::RunReport> {
+        let tier = self.tier.as_ref();
+        let (events, saves, times) = self.block_on(async {
+            let events = crate::store::events::read(tier, run).await?;
+            let saves = crate::store::history::read(tier, run).await?;
+            // When each restored step was saved, from its manifest, for
+            // restored steps the save history lacks.
+            let mut times = std::collections::BTreeMap::new();
+            for e in events
+                .iter()
+                .filter(|e| e.kind == crate::schedule::FailureEventKind::Start)
+            {
+                if !saves.iter().any(|s| s.step == e.step)
+                    && let Ok(m) = crate::store::load_manifest(tier, run, e.step).await
+                {
+                    times.insert(e.step, m.created_unix_ms as f64 / 1e3);
+                }
+            }
+            Ok::<_, crate::Error>((events, saves, times))
+        })??;
+        Ok(crate::store::report::build(run, &events, &saves, &times))
+    }
+
     /// Copies the chunks the steps `retention` keeps point at in steps it
     /// deletes into the kept steps' own files (see
     /// [`compact`](crate::store::compact)); a [`CheckpointStore::gc`] with
