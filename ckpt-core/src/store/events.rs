@@ -65,12 +65,32 @@ pub async fn append(tier: &dyn Tier, run: &str, event: &FailureEvent) -> Result<
         (event.wall_time_unix_s * 1e6) as u64
     );
     let body = serde_json::to_vec(event).unwrap_or_default();
-    tier.put(&path, Bytes::from(body), PutMode::Overwrite)
-        .await?;
-    let mut objects = tier.list(&prefix(run)).await?;
-    if objects.len() > MAX_EVENTS {
+    put_and_trim(
+        tier,
+        &prefix(run),
+        &path,
+        Bytes::from(body),
+        Some(MAX_EVENTS),
+    )
+    .await
+}
+
+/// Writes `body` at `path` (under `prefix`, whose names sort oldest first)
+/// and, with `keep`, deletes the oldest objects under `prefix` beyond that
+/// many: the failure log's and the save history's append.
+pub(crate) async fn put_and_trim(
+    tier: &dyn Tier,
+    prefix: &str,
+    path: &str,
+    body: Bytes,
+    keep: Option<usize>,
+) -> Result<()> {
+    tier.put(path, body, PutMode::Overwrite).await?;
+    let Some(keep) = keep else { return Ok(()) };
+    let mut objects = tier.list(prefix).await?;
+    if objects.len() > keep {
         objects.sort_by(|a, b| a.path.cmp(&b.path));
-        for o in &objects[..objects.len() - MAX_EVENTS] {
+        for o in &objects[..objects.len() - keep] {
             tier.delete(&o.path).await?;
         }
     }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::tier::{PutMode, Tier};
+use crate::tier::Tier;
 
 /// Records kept; the oldest are deleted, every [`TRIM_EVERY`] appends.
 pub const MAX_SAVES: usize = 10_000;
@@ -63,18 +63,8 @@ pub async fn append(tier: &dyn Tier, run: &str, record: &SaveRecord, count: u64)
         record.step
     );
     let body = serde_json::to_vec(record).unwrap_or_default();
-    tier.put(&path, Bytes::from(body), PutMode::Overwrite)
-        .await?;
-    if count.is_multiple_of(TRIM_EVERY) {
-        let mut objects = tier.list(&prefix(run)).await?;
-        if objects.len() > MAX_SAVES {
-            objects.sort_by(|a, b| a.path.cmp(&b.path));
-            for o in &objects[..objects.len() - MAX_SAVES] {
-                tier.delete(&o.path).await?;
-            }
-        }
-    }
-    Ok(())
+    let keep = count.is_multiple_of(TRIM_EVERY).then_some(MAX_SAVES);
+    crate::store::events::put_and_trim(tier, &prefix(run), &path, Bytes::from(body), keep).await
 }
 
 /// The save history of `run`, oldest first. Unreadable records are
