@@ -105,6 +105,20 @@ fn run_one(bin: &str, args: &[String], tmp: &std::path::Path, s3: Option<&Bundle
     }
     let out = cmd.args(&args).output().expect("run");
     eprintln!("README: {bin} {} -> {}", args.join(" "), out.status);
+    if args.iter().any(|a| a == "--crash-at-step") {
+        // A run told to crash must crash, and say so (then the README's
+        // next command resumes it).
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.signal() == Some(libc::SIGABRT)
+                && String::from_utf8_lossy(&out.stdout).contains("crashing on purpose"),
+            "README's `{bin} {}` should crash on purpose: {}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
     assert!(
         out.status.success(),
         "README's `{bin} {}` failed: {}\n{}",

@@ -382,8 +382,11 @@ impl Checkpointer {
                 lock(&scheduler).record_save(math_stop, absorbed);
             }
             let total = t0.elapsed();
-            if let Some((tier, run)) = &log {
-                // The save history `ckpt report` reads.
+            let history = log.as_ref().map(|(tier, run)| {
+                // The save history `ckpt report` reads: written after the
+                // handle completes, so a slow or failed log tier never
+                // delays the save's outcome (best effort: a process that
+                // exits at once may lose its last record).
                 let record = crate::store::history::SaveRecord {
                     step,
                     started_unix_s: events::now_unix_s() - total.as_secs_f64(),
@@ -401,11 +404,14 @@ impl Checkpointer {
                         })
                         .collect(),
                 };
-                if let Err(e) = crate::store::history::append(tier.as_ref(), run, &record, saves).await {
-                    tracing::debug!(error = %e, "cannot record the save in the save history");
-                }
-            }
+                (tier.clone(), run.clone(), record)
+            });
             finisher.finish(reports, total);
+            if let Some((tier, run, record)) = history
+                && let Err(e) = crate::store::history::append(tier.as_ref(), &run, &record, saves).await
+            {
+                tracing::debug!(error = %e, "cannot record the save in the save history");
+            }
         });
         handle
     }
