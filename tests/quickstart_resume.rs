@@ -477,9 +477,11 @@ fn report_names_both_restarts_and_the_waterfall_adds_up() {
         wall <= measured && wall >= 0.7 * measured,
         "report wall {wall:.2} s, the three processes took {measured:.2} s"
     );
-    // 15 saves per life at most: every save the coordinator saw finish.
+    // Saves 10..40, 50..110, 120..150: 15 records, less the ones a crash
+    // cut off (a record is written after its save completes; a clean stop
+    // waits for them, a crash does not).
     let saves = r["saves"].as_array().expect("saves").len();
-    assert!((15..=30).contains(&saves), "{saves} saves");
+    assert!((11..=15).contains(&saves), "{saves} saves");
     assert!(r["interval_young_s"].as_f64().is_some(), "{r}");
     let text = std::fs::read_to_string(&svg).expect("svg");
     assert!(text.starts_with("<svg") && text.contains("waterfall") && text.contains("rolled back"));

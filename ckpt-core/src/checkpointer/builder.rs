@@ -473,6 +473,7 @@ impl CheckpointerBuilder {
             rollback: Mutex::new(None),
             started: Mutex::new(false),
             start_log: Mutex::new(None),
+            collecting: Mutex::default(),
             custom_agreement: self.agreement,
             collectives: Mutex::new(0),
             runtime: Some(runtime),

@@ -98,6 +98,9 @@ pub struct Checkpointer {
     started: Mutex<bool>,
     /// The background write of the start event, awaited by `close`.
     start_log: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The background collections of saves (each writes its save record
+    /// after its handle completes): `close` lets them finish.
+    collecting: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The builder's agreement, if it was given one.
     custom_agreement: Option<Arc<dyn Agreement>>,
     /// Collective calls made (restores, replica checks): names their
@@ -494,12 +497,17 @@ impl Checkpointer {
         let tier = self.log_tier();
         let run = &self.settings.run;
         let start_log = lock(&self.start_log).take();
+        let collecting = std::mem::take(&mut *lock(&self.collecting));
         std::thread::scope(|s| {
             s.spawn(|| {
                 handle.block_on(async {
                     // The start event first, so the log is complete.
                     if let Some(t) = start_log {
                         let _ = t.await;
+                    }
+                    // The last saves' records, before the stop.
+                    for t in collecting {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
                     }
                     failure_events::append(tier.as_ref(), run, &event).await
                 })

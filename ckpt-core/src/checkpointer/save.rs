@@ -345,7 +345,7 @@ impl Checkpointer {
         let logged = self.detected_logged.clone();
         let incarnation = self.settings.incarnation.clone();
         let saves = *lock(&self.saves);
-        rt.spawn(async move {
+        let task = rt.spawn(async move {
             let mut reports = Vec::with_capacity(runs.len());
             for run in runs {
                 match run {
@@ -413,6 +413,9 @@ impl Checkpointer {
                 tracing::debug!(error = %e, "cannot record the save in the save history");
             }
         });
+        let mut collecting = lock(&self.collecting);
+        collecting.retain(|t| !t.is_finished());
+        collecting.push(task);
         handle
     }
 }
