@@ -458,6 +458,8 @@ impl Checkpointer {
     /// and shuts the background runtime down.
     pub fn close(mut self) -> Vec<Result<SaveReport>> {
         let reports = self.wait_all();
+        // The saves' records before the stop.
+        self.finish_collecting();
         if self.settings.rank == 0 && *lock(&self.started) {
             let step = reports
                 .iter()
@@ -497,7 +499,7 @@ impl Checkpointer {
         let tier = self.log_tier();
         let run = &self.settings.run;
         let start_log = lock(&self.start_log).take();
-        let collecting = std::mem::take(&mut *lock(&self.collecting));
+
         std::thread::scope(|s| {
             s.spawn(|| {
                 handle.block_on(async {
@@ -505,10 +507,7 @@ impl Checkpointer {
                     if let Some(t) = start_log {
                         let _ = t.await;
                     }
-                    // The last saves' records, before the stop.
-                    for t in collecting {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-                    }
+
                     failure_events::append(tier.as_ref(), run, &event).await
                 })
             })
@@ -518,12 +517,36 @@ impl Checkpointer {
     }
 
     fn shutdown(&mut self) {
+        self.finish_collecting();
         for t in &self.tiers {
             t.health.stop();
         }
         if let Some(Runtime::Owned(rt)) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+impl Checkpointer {
+    /// Lets the background collections of finished saves write their
+    /// save records (at most 5 s each), so a checkpointer that is closed
+    /// or dropped leaves its history complete.
+    fn finish_collecting(&self) {
+        let tasks = std::mem::take(&mut *lock(&self.collecting));
+        if tasks.is_empty() {
+            return;
+        }
+        let Ok(handle) = self.handle() else { return };
+        let handle = handle.clone();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                handle.block_on(async {
+                    for t in tasks {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+                    }
+                })
+            });
+        });
     }
 }
 
