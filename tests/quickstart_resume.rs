@@ -456,9 +456,9 @@ fn report_names_both_restarts_and_the_waterfall_adds_up() {
         let restored = x["restored_step"].as_u64().expect("restored");
         assert_eq!(x["ended_step"], crashed, "{x}");
         assert_eq!(x["recorded"], true, "{x}");
-        // The newest committed save before the crash (one may have been in
-        // flight): at most 10 steps back, plus one save interval.
-        assert!(restored <= crashed && crashed - restored < 20, "{x}");
+        // The newest save committed before the crash (under load more
+        // than one may still have been in flight): a saved step below it.
+        assert!(restored < crashed && restored % 10 == 0, "{x}");
         assert_eq!(
             x["rollback_steps"].as_u64(),
             Some(crashed - restored),
