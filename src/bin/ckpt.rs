@@ -454,44 +454,40 @@ fn peer_serve(
     if let Some(id) = identity {
         config = config.with_identity(id);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("ckpt-peer")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("<tokio runtime>", e))?;
-    let server = {
-        let _guard = rt.enter();
-        ckpt_io::PeerServer::spawn(config)?
-    };
-    let addr = server.local_addr();
-    if json {
-        println!(
-            "{}",
-            json!({"event": "listening", "addr": addr.to_string(), "budget": budget, "pid": std::process::id()})
-        );
-    } else {
-        println!(
-            "ckpt peer-serve: listening on {addr}, budget {budget} bytes ({:.2} GiB), pid {}",
-            budget as f64 / (1u64 << 30) as f64,
-            std::process::id()
-        );
-    }
-    std::io::stdout().flush().ok();
-    let signal = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (mut term, mut int) = (
-            signal(SignalKind::terminate()).map_err(|e| Error::io("<SIGTERM handler>", e))?,
-            signal(SignalKind::interrupt()).map_err(|e| Error::io("<SIGINT handler>", e))?,
-        );
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        Ok::<_, Error>(name)
-    })?;
-    let (held, objects) = (server.used_bytes(), server.object_count());
-    rt.block_on(server.shutdown());
+    let (signal, held, objects) = ckpt_io::PeerServer::run_until(
+        config,
+        |server| {
+            let addr = server.local_addr();
+            if json {
+                println!(
+                    "{}",
+                    json!({"event": "listening", "addr": addr.to_string(), "budget": budget, "pid": std::process::id()})
+                );
+            } else {
+                println!(
+                    "ckpt peer-serve: listening on {addr}, budget {budget} bytes ({:.2} GiB), pid {}",
+                    budget as f64 / (1u64 << 30) as f64,
+                    std::process::id()
+                );
+            }
+            std::io::stdout().flush().ok();
+        },
+        |_| {
+            // Installed now, before the status line.
+            use tokio::signal::unix::{SignalKind, signal};
+            let term =
+                signal(SignalKind::terminate()).map_err(|e| Error::io("<SIGTERM handler>", e));
+            let int = signal(SignalKind::interrupt()).map_err(|e| Error::io("<SIGINT handler>", e));
+            async move {
+                let (mut term, mut int) = (term?, int?);
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                Ok::<_, Error>(name)
+            }
+        },
+    )?;
     if json {
         println!(
             "{}",

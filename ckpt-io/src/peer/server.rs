@@ -274,6 +274,28 @@ impl PeerServer {
     /// of a standalone server process. Returns only if the server cannot
     /// start.
     pub fn run_forever(config: PeerServerConfig) -> Result<()> {
+        Self::run_until(
+            config,
+            |h| tracing::info!(addr = %h.local_addr(), "peer server running"),
+            |_| std::future::pending::<Result<()>>(),
+        )
+        .map(|_| ())
+    }
+
+    /// Runs a server on a runtime of its own (2 worker threads) until the
+    /// future `stop` builds (on that runtime: a signal handler, say)
+    /// resolves; `started` then sees the running server (its address, to
+    /// announce). Then the server shuts down (connections closed,
+    /// memory dropped); returns what `stop` gave and the bytes and
+    /// objects the server held at that moment.
+    pub fn run_until<T, F>(
+        config: PeerServerConfig,
+        started: impl FnOnce(&PeerServerHandle),
+        stop: impl FnOnce(&PeerServerHandle) -> F,
+    ) -> Result<(T, u64, usize)>
+    where
+        F: std::future::Future<Output = Result<T>>,
+    {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ckpt-peer")
@@ -284,10 +306,17 @@ impl PeerServer {
             let _guard = rt.enter();
             PeerServer::spawn(config)?
         };
-        tracing::info!(addr = %handle.local_addr(), "peer server running");
-        rt.block_on(std::future::pending::<()>());
-        drop(handle);
-        Ok(())
+        // The stop condition first (a signal handler installed before the
+        // server is announced cannot miss a signal sent right after).
+        let stop = {
+            let _guard = rt.enter();
+            stop(&handle)
+        };
+        started(&handle);
+        let out = rt.block_on(stop);
+        let held = (handle.used_bytes(), handle.object_count());
+        rt.block_on(handle.shutdown());
+        Ok((out?, held.0, held.1))
     }
 }
 
