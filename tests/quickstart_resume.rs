@@ -269,6 +269,18 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// The compaction files (finished or half-written) in the quickstart run's
+/// step directories under `dir`.
+fn compaction_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("quickstart"))
+        .expect("run dir")
+        .filter_map(|e| std::fs::read_dir(e.ok()?.path()).ok())
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("compact."))
+        .collect()
+}
+
 /// `ckpt gc --compact` killed with SIGKILL at many points of its work:
 /// after each kill every committed step still verifies (no reference
 /// dangles), and a rerun finishes the job: only the kept steps remain,
@@ -337,13 +349,7 @@ fn gc_compact_killed_anywhere_leaves_every_committed_step_whole() {
         let status = child.wait().expect("wait");
         // What the kill left: steps still there, compaction files written.
         let left = steps(work.path());
-        let copies = std::fs::read_dir(work.path().join("quickstart"))
-            .expect("run dir")
-            .filter_map(|e| std::fs::read_dir(e.ok()?.path()).ok())
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.contains("compact."))
-            .count();
+        let copies = compaction_files(work.path()).len();
         eprintln!(
             "killed after {delay_ms} ms ({status}): steps {left:?}, compaction files {copies}"
         );
@@ -389,13 +395,7 @@ fn gc_compact_killed_anywhere_leaves_every_committed_step_whole() {
         assert_eq!(dirs, 2, "after a kill at {delay_ms} ms");
         // One compaction file (step 50's, step 60 points into it); what a
         // killed run left half-written is gone.
-        let copies: Vec<String> = std::fs::read_dir(work.path().join("quickstart"))
-            .expect("run dir")
-            .filter_map(|e| std::fs::read_dir(e.ok()?.path()).ok())
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.contains("compact."))
-            .collect();
+        let copies = compaction_files(work.path());
         assert_eq!(copies.len(), 1, "after a kill at {delay_ms} ms: {copies:?}");
     }
     assert!(
