@@ -67,6 +67,18 @@ fn save(ckpt: &Checkpointer, tier: &MemoryTier, step: u64) -> u64 {
     rt().block_on(tier.size(&shard)).expect("size")
 }
 
+/// Flips the byte at `at` of `frozen` in step 1's shard file (the file
+/// later steps' frozen chunks point into); returns that file's path.
+fn flip_frozen_byte(tier: &MemoryTier, at: u64) -> String {
+    let m1 = rt()
+        .block_on(store::load_manifest(tier, RUN, 1))
+        .expect("manifest");
+    let p = &m1.tensors["frozen"].pieces[0];
+    let path = format!("{}/{}", layout::step_dir(RUN, 1), p.file);
+    assert!(tier.tamper(&path, |v| v[(p.offset + at) as usize] ^= 1));
+    path
+}
+
 /// Restores `step` (or the newest) and checks it bit for bit.
 fn restore(ckpt: &Checkpointer, step: Option<u64>) -> ckpt_core::Result<ckpt_core::Restored> {
     let (mut f, mut t) = (vec![0u8; FROZEN], vec![0u8; TRAINED]);
@@ -196,12 +208,7 @@ fn a_corrupt_referenced_chunk_is_named_and_restore_falls_back() {
     }
     // Flip a byte of chunk 5 of `frozen` in step 1's file: steps 2 and 3
     // read it from there too.
-    let m1 = rt()
-        .block_on(store::load_manifest(&tier, RUN, 1))
-        .expect("manifest");
-    let p = &m1.tensors["frozen"].pieces[0];
-    let path = format!("{}/{}", layout::step_dir(RUN, 1), p.file);
-    assert!(tier.tamper(&path, |v| v[(p.offset + 5 * CHUNK + 3) as usize] ^= 1));
+    let path = flip_frozen_byte(&tier, 5 * CHUNK + 3);
     let e = restore(&ckpt, None).expect_err("every step shares the damaged chunk");
     let text = e.to_string();
     assert!(text.contains(&path) && text.contains("chunk 5"), "{text}");
@@ -472,12 +479,7 @@ fn compaction_refuses_to_copy_a_corrupt_chunk_and_changes_nothing() {
     for s in 1..=3 {
         save(&ckpt, &tier, s);
     }
-    let m1 = rt()
-        .block_on(store::load_manifest(&tier, RUN, 1))
-        .expect("manifest");
-    let p = &m1.tensors["frozen"].pieces[0];
-    let path = format!("{}/{}", layout::step_dir(RUN, 1), p.file);
-    assert!(tier.tamper(&path, |v| v[(p.offset + 7 * CHUNK) as usize] ^= 1));
+    let path = flip_frozen_byte(&tier, 7 * CHUNK);
     let before = rt()
         .block_on(store::load_manifest(&tier, RUN, 3))
         .expect("manifest");
