@@ -43,6 +43,10 @@
 
 use std::sync::Arc;
 
+/// Checkpoints of burn modules and optimizers (feature `burn`): the
+/// [`ckpt_burn`] crate.
+#[cfg(feature = "burn")]
+pub use ckpt_burn as burn;
 pub use ckpt_core::*;
 pub use ckpt_io::{LocalTier, MemoryTier};
 #[cfg(feature = "s3")]

@@ -642,3 +642,66 @@ fn peer_serve_sidecars_hold_erasure_coded_fragments() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
 }
+
+/// Long commands show progress on stderr: a plain final line with bytes and
+/// throughput when stderr is not a terminal, a bar redrawn in place on a
+/// terminal (a pseudo-terminal from `script`), nothing with `--json`;
+/// stdout is the result either way.
+#[test]
+fn verify_export_and_gc_show_progress() {
+    let loc = Loc::dir();
+    write_checkpoints(&loc);
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let v = loc.ckpt(&["verify", "--all"]);
+    assert!(v.status.success(), "{}", stderr(&v));
+    let err = stderr(&v);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("verify quickstart step 30 100%") && l.contains("/s")),
+        "no final progress line: {err}"
+    );
+    assert!(!err.contains('\r'), "no redraws off a terminal: {err:?}");
+    assert!(stdout(&v).contains("ok     quickstart step 30"));
+
+    let j = loc.ckpt(&["verify", "--json"]);
+    assert!(j.status.success());
+    assert_eq!(stderr(&j), "", "--json prints no progress");
+
+    let out = tempfile::tempdir().expect("tempdir");
+    let file = out.path().join("x.safetensors");
+    let e = loc.ckpt(&["export", "--out", file.to_str().unwrap()]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    assert!(
+        stderr(&e).contains("export quickstart step 30 100%"),
+        "{}",
+        stderr(&e)
+    );
+
+    let g = loc.ckpt(&["gc", "--keep-last", "1"]);
+    assert!(g.status.success(), "{}", stderr(&g));
+    assert!(
+        stderr(&g)
+            .lines()
+            .any(|l| l.starts_with("gc quickstart") && l.contains("2 steps")),
+        "{}",
+        stderr(&g)
+    );
+
+    // On a terminal: the bar, redrawn with carriage returns.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED the terminal half: no `script` (util-linux) to make a pseudo-terminal");
+        return;
+    }
+    let tty = run(Command::new("script").args([
+        "-qfec",
+        &format!("{} verify {}", ckpt_bin(), loc.loc),
+        "/dev/null",
+    ]));
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{shown}");
+    assert!(
+        shown.contains("\r\x1b[2Kverify quickstart step 30 [") && shown.contains("] 100%"),
+        "no bar on a terminal: {shown:?}"
+    );
+}

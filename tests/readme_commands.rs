@@ -40,6 +40,28 @@ fn readme_runs() -> Vec<(String, Vec<String>)> {
                     "--",
                     rest @ ..,
                 ] => (name.to_string(), rest),
+                // An example behind a feature: run when this test is built
+                // with it (CI builds every feature), said when not.
+                [
+                    "cargo",
+                    "run",
+                    "--release",
+                    "--features",
+                    features,
+                    "--example",
+                    name,
+                    "--",
+                    rest @ ..,
+                ] => {
+                    if features.split(',').all(enabled) {
+                        (name.to_string(), rest)
+                    } else {
+                        eprintln!(
+                            "SKIPPED `{name}`: this test is built without --features {features}"
+                        );
+                        continue;
+                    }
+                }
                 [
                     "cargo",
                     "run",
@@ -55,6 +77,16 @@ fn readme_runs() -> Vec<(String, Vec<String>)> {
         }
     }
     out
+}
+
+/// Whether this test binary was built with the package feature `f`.
+fn enabled(f: &str) -> bool {
+    match f {
+        "burn" => cfg!(feature = "burn"),
+        "burn-ndarray" => cfg!(feature = "burn-ndarray"),
+        "cuda" => cfg!(feature = "cuda"),
+        _ => false,
+    }
 }
 
 #[test]

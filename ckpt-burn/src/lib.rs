@@ -172,6 +172,9 @@ impl BurnSnapshot {
                 meta.optimizer.insert(ckpt_name, (name, param_id));
             }
         }
+        // burn keeps the optimizer's state in a hash map: its order
+        // changes from process to process, ckpt's does not.
+        optimizer.sort_by(|a, b| a.spec().name.cmp(&b.spec().name));
         let model = collector
             .tensors
             .into_iter()

@@ -11,6 +11,11 @@ use ckpt::{
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+#[path = "ckpt/progress.rs"]
+mod progress;
+
+use progress::Progress;
+
 #[derive(Parser)]
 #[command(
     name = "ckpt",
@@ -588,7 +593,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         c.compacted_steps, c.copied_chunks, c.copied_bytes, c.redirected_chunks
                     );
                 }
-                let r = store.gc(&run, &retention)?;
+                let bar = Progress::new(format!("gc {run}"), None, false);
+                let r =
+                    store.gc_with_progress(&run, &retention, &|_, bytes| bar.add_item(bytes, 1))?;
+                bar.finish();
                 println!(
                     "kept {:?}, deleted {:?}, removed leftovers {:?}",
                     r.kept_steps, r.deleted_steps, r.removed_leftovers
@@ -829,7 +837,13 @@ fn verify(target: &Target, step: Option<u64>, all: bool, json: bool) -> Result<E
     let mut bad = 0;
     for s in steps {
         let report = match store.manifest(&run, s) {
-            Ok(m) => store.verify(&m),
+            Ok(m) => {
+                let bar =
+                    Progress::new(format!("verify {run} step {s}"), Some(m.data_bytes()), json);
+                let r = store.verify_with_progress(&m, &|n| bar.add(n));
+                bar.finish();
+                r
+            }
             Err(e) => VerifyReport {
                 step: s,
                 chunks_ok: 0,
@@ -982,6 +996,11 @@ fn export(target: &Target, step: Option<u64>, out: &std::path::Path) -> Result<(
     let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
     w.write_all(&layout.header)
         .map_err(|e| Error::io(&tmp, e))?;
+    let bar = Progress::new(
+        format!("export {run} step {}", m.step),
+        Some(m.data_bytes()),
+        false,
+    );
     for (name, t) in &m.tensors {
         let n = ckpt::checked_nbytes(&t.shape, t.dtype)
             .ok_or_else(|| Error::tensor(name, "size overflows"))?;
@@ -989,7 +1008,9 @@ fn export(target: &Target, step: Option<u64>, out: &std::path::Path) -> Result<(
         let mut target = TensorMut::new(name.clone(), t.dtype, &t.shape, &mut buf);
         store.read(&m, &mut [&mut target])?;
         w.write_all(&buf).map_err(|e| Error::io(&tmp, e))?;
+        bar.add(n);
     }
+    bar.finish();
     let file = w
         .into_inner()
         .map_err(|e| Error::io(&tmp, e.into_error()))?;

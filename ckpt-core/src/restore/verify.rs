@@ -45,6 +45,16 @@ impl VerifyReport {
 
 /// Reads and checks every byte of the checkpoint `m` on `tier`.
 pub async fn verify_step(tier: &dyn Tier, m: &Manifest) -> VerifyReport {
+    verify_step_with(tier, m, &|_| {}).await
+}
+
+/// [`verify_step`], calling `progress` with the bytes of each span as it
+/// is read and checked (what a progress bar shows).
+pub async fn verify_step_with(
+    tier: &dyn Tier,
+    m: &Manifest,
+    progress: &(dyn Fn(u64) + Sync),
+) -> VerifyReport {
     let mut report = VerifyReport {
         step: m.step,
         chunks_ok: 0,
@@ -83,6 +93,7 @@ pub async fn verify_step(tier: &dyn Tier, m: &Manifest) -> VerifyReport {
                                 h.update(&bytes);
                             }
                             report.bytes += bytes.len() as u64;
+                            progress(bytes.len() as u64);
                         }
                         Err(e) => {
                             report.failures.push(format!("tensor `{name}`: {e}"));

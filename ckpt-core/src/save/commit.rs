@@ -324,6 +324,7 @@ async fn run_tier(
             &ctx.run,
             &job.policy.retention,
             Some(&ctx.incarnation),
+            &|_, _| {},
         )
         .await
         {

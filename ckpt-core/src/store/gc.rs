@@ -83,7 +83,19 @@ pub async fn select_with_references(
 /// step directories older than the newest committed step. Uncommitted
 /// steps newer than it may belong to a save in progress and are left alone.
 pub async fn gc(tier: &dyn Tier, run: &str, retention: &Retention) -> Result<GcReport> {
-    gc_running(tier, run, retention, None).await
+    gc_running(tier, run, retention, None, &|_, _| {}).await
+}
+
+/// [`gc`], calling `progress(step, bytes)` after each step it deletes
+/// (retention's, then crash leftovers), with the bytes that step's files
+/// held.
+pub async fn gc_with_progress(
+    tier: &dyn Tier,
+    run: &str,
+    retention: &Retention,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<GcReport> {
+    gc_running(tier, run, retention, None, progress).await
 }
 
 /// [`gc`], run by the coordinator of incarnation `running` after a commit:
@@ -95,6 +107,7 @@ pub(crate) async fn gc_running(
     run: &str,
     retention: &Retention,
     running: Option<&str>,
+    progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<GcReport> {
     let objects = tier.list(&format!("{run}/")).await?;
     let mut stale_agreements = Vec::new();
@@ -116,11 +129,16 @@ pub(crate) async fn gc_running(
         committed = crate::store::lineage::current(tier, run, committed, &lineage).await;
     }
     let mut by_step: BTreeMap<u64, bool> = BTreeMap::new();
-    for (r, s, _) in objects.iter().filter_map(|o| layout::parse_path(&o.path)) {
-        if r == run {
+    let mut step_bytes: BTreeMap<u64, u64> = BTreeMap::new();
+    for o in &objects {
+        if let Some((r, s, _)) = layout::parse_path(&o.path)
+            && r == run
+        {
             *by_step.entry(s).or_default() |= committed.binary_search(&s).is_ok();
+            *step_bytes.entry(s).or_default() += o.size;
         }
     }
+    let bytes_of = |s: u64| step_bytes.get(&s).copied().unwrap_or(0);
     let newest = committed.last().copied();
     let (kept_steps, deleted_steps, kept_for_references) =
         select_with_references(tier, run, &committed, retention).await?;
@@ -134,12 +152,14 @@ pub(crate) async fn gc_running(
     // the steps it points into.
     for &s in deleted_steps.iter().rev() {
         delete_step(tier, run, s).await?;
+        progress(s, bytes_of(s));
     }
     report.deleted_steps = deleted_steps;
     if let Some(newest) = newest {
         for (&s, &c) in &by_step {
             if !c && s < newest {
                 delete_step(tier, run, s).await?;
+                progress(s, bytes_of(s));
                 report.removed_leftovers.push(s);
             }
         }

@@ -15,10 +15,10 @@ mod reader;
 pub mod report;
 pub(crate) mod retention;
 
-pub use crate::restore::verify::{VerifyReport, verify_step};
+pub use crate::restore::verify::{VerifyReport, verify_step, verify_step_with};
 pub use compact::{CompactReport, compact};
 pub(crate) use gc::gc_running;
-pub use gc::{GcReport, abandon_steps, delete_step, gc, select_with_references};
+pub use gc::{GcReport, abandon_steps, delete_step, gc, gc_with_progress, select_with_references};
 pub(crate) use listing::committed_in;
 pub use listing::{
     StepEvent, StepNote, check_files, check_header, check_rank_files, committed_steps,

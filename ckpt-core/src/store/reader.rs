@@ -125,14 +125,44 @@ impl CheckpointStore {
     /// Reads back and checks every byte of the checkpoint `m` describes
     /// (file lengths, shard headers, every chunk).
     pub fn verify(&self, m: &Manifest) -> VerifyReport {
-        self.block_on(crate::store::verify_step(self.tier.as_ref(), m))
-            .unwrap_or_else(|e| VerifyReport::failed(m.step, e.to_string()))
+        self.verify_with_progress(m, &|_| {})
+    }
+
+    /// [`verify`](Self::verify), calling `progress` with the bytes of each
+    /// span as it is checked (in all, [`Manifest::data_bytes`]).
+    pub fn verify_with_progress(
+        &self,
+        m: &Manifest,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> VerifyReport {
+        self.block_on(crate::restore::verify::verify_step_with(
+            self.tier.as_ref(),
+            m,
+            progress,
+        ))
+        .unwrap_or_else(|e| VerifyReport::failed(m.step, e.to_string()))
     }
 
     /// Applies `retention` to `run` and removes crash leftovers.
     pub fn gc(&self, run: &str, retention: &Retention) -> Result<GcReport> {
+        self.gc_with_progress(run, retention, &|_, _| {})
+    }
+
+    /// [`gc`](Self::gc), calling `progress(step, bytes)` after each step
+    /// deleted, with the bytes its files held.
+    pub fn gc_with_progress(
+        &self,
+        run: &str,
+        retention: &Retention,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<GcReport> {
         retention.validate()?;
-        self.block_on(crate::store::gc(self.tier.as_ref(), run, retention))?
+        self.block_on(crate::store::gc_with_progress(
+            self.tier.as_ref(),
+            run,
+            retention,
+            progress,
+        ))?
     }
 
     /// The history of `run`: saves, restarts and their rollback, where its
