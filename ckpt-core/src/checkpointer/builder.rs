@@ -29,6 +29,12 @@ pub(crate) struct Settings {
     pub chunk_size: u64,
     pub busy: BusyPolicy,
     pub copy_threads: usize,
+    /// Copy threads of an overlapped save (its copy shares the cores with
+    /// the caller's forward and backward).
+    pub overlap_copy_threads: usize,
+    /// Most bytes per second an overlapped save's copy moves (`None`: no
+    /// cap).
+    pub overlap_copy_rate: Option<u64>,
     pub restore_threads: usize,
     pub blake3: bool,
     pub crc_while_staging: bool,
@@ -54,6 +60,8 @@ impl Settings {
             copy_threads: std::thread::available_parallelism()
                 .map(|n| n.get().min(8))
                 .unwrap_or(2),
+            overlap_copy_threads: 1,
+            overlap_copy_rate: None,
             restore_threads: 4,
             blake3: false,
             crc_while_staging: false,
@@ -90,6 +98,12 @@ impl Settings {
         }
         if self.copy_threads == 0 {
             return bad("copy threads must be at least 1".into());
+        }
+        if self.overlap_copy_threads == 0 {
+            return bad("overlapped-save copy threads must be at least 1".into());
+        }
+        if self.overlap_copy_rate == Some(0) {
+            return bad("an overlapped save's copy bandwidth must be above 0 bytes/s".into());
         }
         if self.restore_threads == 0 {
             return bad("restore threads must be at least 1".into());
@@ -283,6 +297,22 @@ impl CheckpointerBuilder {
     /// available cores, at most 8).
     pub fn copy_threads(mut self, n: usize) -> Self {
         self.settings.copy_threads = n;
+        self
+    }
+
+    /// Copy threads of [`save_overlapped`](crate::Checkpointer::save_overlapped)
+    /// (default 1): its copy runs while the caller's forward and backward
+    /// use the cores.
+    pub fn overlap_copy_threads(mut self, n: usize) -> Self {
+        self.settings.overlap_copy_threads = n;
+        self
+    }
+
+    /// Caps the bandwidth of an overlapped save's copy at `bytes_per_s`, so
+    /// that it leaves memory bandwidth to the training step (default: no
+    /// cap). The copy then takes at least `bytes / bytes_per_s`.
+    pub fn overlap_copy_bandwidth(mut self, bytes_per_s: u64) -> Self {
+        self.settings.overlap_copy_rate = Some(bytes_per_s);
         self
     }
 

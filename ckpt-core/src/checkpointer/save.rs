@@ -51,6 +51,98 @@ impl Checkpointer {
     /// [`Error::Unavailable`]); when every tier the save goes to is down,
     /// nothing is copied at all.
     pub fn save(&self, state: &TrainingState<'_>) -> Result<SaveHandle> {
+        self.save_impl(state, None)
+    }
+
+    /// Saves `state` while `during` runs: the copy into the staging pool
+    /// runs on copy threads of its own (see
+    /// [`overlap_copy_threads`](crate::CheckpointerBuilder::overlap_copy_threads)
+    /// and [`overlap_copy_bandwidth`](crate::CheckpointerBuilder::overlap_copy_bandwidth))
+    /// while `during` runs on the calling thread, and the call returns when
+    /// both are done. Then the flush goes on in the background, as after
+    /// [`save`](Self::save).
+    ///
+    /// This is the CheckFreq-style snapshot: save step `t`'s state while
+    /// step `t + 1`'s forward and backward pass run, which only read the
+    /// parameters and optimizer state. `state` borrows every tensor it
+    /// holds for the whole call, so `during` can read them but the borrow
+    /// checker refuses any `&mut` to them until the copy is finished: the
+    /// optimizer update comes after this call returns.
+    ///
+    /// The report's `math_stop` is the time the caller waited beyond
+    /// `during` (the planning before the copy, and the part of the copy not
+    /// hidden), which is also what the scheduler learns; `copy` is the
+    /// copy's own duration.
+    ///
+    /// Why a closure and not a guard returned at once: a guard can be
+    /// leaked (`std::mem::forget`), and a copy that outlived it would read
+    /// memory the caller is free to change; a closure cannot end before the
+    /// copy does, a panic in it included (the copy is waited for first).
+    ///
+    /// GPU tensors (feature `cuda`) copy on ckpt's own stream, as with
+    /// `save`: synchronize the stream that produced them before this call;
+    /// the optimizer's stream may write them once it returns.
+    ///
+    /// ```
+    /// use ckpt_core::{Checkpointer, MemoryTier, TensorRef, TierPolicy, TrainingState};
+    /// let ckpt = Checkpointer::builder("overlap")
+    ///     .tier(std::sync::Arc::new(MemoryTier::new()), TierPolicy::keep_last(2))
+    ///     .build()?;
+    /// let mut w = vec![0.5f32; 1 << 16];
+    /// let t = TensorRef::from_slice("w", &[1 << 16], &w);
+    /// let state = TrainingState::builder(1).model([&t]).without_optimizer().without_loop_state().build()?;
+    /// // forward + backward: reads `w` while it is copied.
+    /// let (h, grad) = ckpt.save_overlapped(&state, || w.iter().map(|x| x * 2.0).sum::<f32>());
+    /// let h = h?;
+    /// drop(state);
+    /// w[0] -= 1e-3 * grad; // the update, after the copy
+    /// let report = h.wait()?;
+    /// println!("copy {:?}, of which the loop waited {:?}", report.copy, report.math_stop);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// Changing a tensor while its copy runs does not compile:
+    ///
+    /// ```compile_fail,E0502
+    /// use ckpt_core::{Checkpointer, MemoryTier, TensorRef, TierPolicy, TrainingState};
+    /// # let ckpt = Checkpointer::builder("overlap")
+    /// #     .tier(std::sync::Arc::new(MemoryTier::new()), TierPolicy::keep_last(2))
+    /// #     .build().unwrap();
+    /// let mut w = vec![0.5f32; 1024];
+    /// let t = TensorRef::from_slice("w", &[1024], &w);
+    /// let state = TrainingState::builder(1).model([&t]).without_optimizer().without_loop_state().build().unwrap();
+    /// let (h, ()) = ckpt.save_overlapped(&state, || w[0] = 1.0); // error[E0502]: `w` is borrowed
+    /// ```
+    pub fn save_overlapped<R>(
+        &self,
+        state: &TrainingState<'_>,
+        during: impl FnOnce() -> R,
+    ) -> (Result<SaveHandle>, R) {
+        let mut during = Some(during);
+        let mut out = None;
+        let mut run = || {
+            if let Some(f) = during.take() {
+                out = Some(f());
+            }
+        };
+        let h = self.save_impl(state, Some(&mut run));
+        drop(run);
+        // A save that failed before its copy started did not run `during`.
+        let out = match out {
+            Some(o) => o,
+            None => during
+                .take()
+                .map(|f| f())
+                .unwrap_or_else(|| unreachable!("`during` runs exactly once")),
+        };
+        (h, out)
+    }
+
+    fn save_impl(
+        &self,
+        state: &TrainingState<'_>,
+        mut during: Option<&mut dyn FnMut()>,
+    ) -> Result<SaveHandle> {
         let step = state.step();
         self.log_start(step, None);
         let t0 = Instant::now();
@@ -112,17 +204,56 @@ impl Checkpointer {
         let sink = |k: usize, b: Bytes| {
             let _ = stage_tx.send(StageMsg::Block(k, b));
         };
-        let staged = copy::stage(
-            &pool,
-            &plan.sources,
-            self.settings.chunk_size,
-            self.settings.crc_while_staging,
-            self.settings.copy_threads,
-            self.settings.block_timeout,
-            self.gpu(),
-            &sink,
-        );
-        let math_stop = t0.elapsed();
+        let overlapped = during.is_some();
+        let (threads, rate) = if overlapped {
+            (
+                self.settings.overlap_copy_threads,
+                self.settings.overlap_copy_rate,
+            )
+        } else {
+            (self.settings.copy_threads, None)
+        };
+        let gpu = self.gpu();
+        let copy = || {
+            let t = Instant::now();
+            let r = copy::stage(
+                &pool,
+                &plan.sources,
+                self.settings.chunk_size,
+                self.settings.crc_while_staging,
+                threads,
+                self.settings.block_timeout,
+                gpu,
+                rate,
+                &sink,
+            );
+            (r, t.elapsed())
+        };
+        let (staged, copy_time, math_stop) = match during.as_mut() {
+            None => {
+                let (r, c) = copy();
+                (r, c, t0.elapsed())
+            }
+            Some(f) => {
+                // The copy on threads of its own, the caller's work here; the
+                // scope ends only when both have (a panic in `f` included).
+                let before = t0.elapsed();
+                std::thread::scope(|s| {
+                    let copier = s.spawn(copy);
+                    f();
+                    let waiting = Instant::now();
+                    let (r, c) = copier.join().unwrap_or_else(|_| {
+                        (
+                            Err(Error::Internal("the staging copy panicked".into())),
+                            Duration::ZERO,
+                        )
+                    });
+                    (r, c, before + waiting.elapsed())
+                })
+            }
+        };
+        report.copy = copy_time;
+        report.overlapped = overlapped;
         match staged {
             Ok(s) => {
                 report.waited = s.waited;

@@ -234,9 +234,12 @@ pub(crate) fn stage(
     threads: usize,
     block_timeout: Duration,
     gpu: Option<&dyn DeviceCopy>,
+    rate: Option<u64>,
     sink: &(dyn Fn(usize, Bytes) + Sync),
 ) -> Result<Staged> {
     let block_size = pool.block_size();
+    let started = std::time::Instant::now();
+    let copied = std::sync::atomic::AtomicU64::new(0);
     let chunk = usize::try_from(chunk_size)
         .map_err(|_| Error::Internal("chunk size too large for this platform".into()))?;
     let plan = plan(sources, block_size, chunk);
@@ -276,6 +279,14 @@ pub(crate) fn stage(
             let used = ops.last().map(|o| o.dst + o.len).unwrap_or(0);
             sink(k, block.freeze(used));
             done.push((k, crcs));
+            // A bandwidth cap: no faster than `rate` bytes/s on average.
+            if let Some(rate) = rate {
+                let total = copied.fetch_add(used as u64, Ordering::Relaxed) + used as u64;
+                let due = Duration::from_secs_f64(total as f64 / rate as f64);
+                if let Some(rest) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
         }
     };
 

@@ -51,6 +51,13 @@ pub struct SaveReport {
     /// Part of the math-stop spent waiting for staging memory held by an
     /// earlier flush (policy `Wait`).
     pub waited: Duration,
+    /// How long the copy into the staging pool took. For a plain save it
+    /// is most of the math-stop; for an overlapped one
+    /// ([`Checkpointer::save_overlapped`](crate::Checkpointer::save_overlapped))
+    /// `copy - math_stop` (about) was hidden behind the caller's work.
+    pub copy: Duration,
+    /// Whether the copy overlapped the caller's work.
+    pub overlapped: bool,
     /// Whether the save was skipped because the pool was busy (policy
     /// `Skip`); then nothing was written.
     pub skipped: bool,
@@ -87,6 +94,8 @@ impl SaveReport {
             bytes,
             staged_bytes,
             math_stop: Duration::ZERO,
+            copy: Duration::ZERO,
+            overlapped: false,
             waited: Duration::ZERO,
             skipped: false,
             tiers: Vec::new(),
