@@ -94,6 +94,11 @@ struct Args {
     /// Print nothing but the final digest.
     #[arg(long)]
     quiet: bool,
+    /// Overlapped saves: the copy of step t's state runs during step t+1's
+    /// forward and backward pass (`Checkpointer::save_overlapped`); the
+    /// loop waits only for what is not hidden.
+    #[arg(long)]
+    overlap: bool,
 }
 
 fn main() -> ExitCode {
@@ -250,11 +255,49 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Saves whose flush is still running: reported when done, without
     // ever waiting for them in the loop.
     let mut pending: VecDeque<SaveHandle> = VecDeque::new();
+    // With --overlap: a save of the current step waits for the next
+    // step's forward and backward pass to run beside its copy.
+    let mut overlap_due = false;
     while step < args.steps {
         let step_start = Instant::now();
-        let batch = loader.next_batch(0, 1, BATCH);
         let lr = sched.at(step);
-        let loss = model.train_step(&batch, lr, step + 1, &mut rng);
+        let loss = if overlap_due {
+            overlap_due = false;
+            let views = model.views();
+            let tower = TensorRef::from_slice("frozen.tower", &[frozen.len() as u64], &frozen);
+            // The loop state of `step`, before this step's batch is drawn.
+            let state = Shard::state_with_frozen(
+                &views,
+                (!frozen.is_empty()).then_some(&tower),
+                step,
+                &rng,
+                &loader,
+                &sched,
+            )?;
+            let batch = loader.next_batch(0, 1, BATCH);
+            // Forward and backward read the parameters being copied; the
+            // update below may change them only once the copy is done.
+            let (h, (loss, grads)) = ckpt.save_overlapped(&state, || {
+                let r = model.backward(&batch, &mut rng);
+                // --step-ms stands for an accelerator's forward and backward.
+                if let Some(rest) =
+                    std::time::Duration::from_millis(args.step_ms).checked_sub(step_start.elapsed())
+                {
+                    std::thread::sleep(rest);
+                }
+                r
+            });
+            let h = h?;
+            announce(&h, &out, state.nbytes());
+            drop(state);
+            drop(views);
+            model.update(&grads, lr, step + 1);
+            pending.push_back(h);
+            loss
+        } else {
+            let batch = loader.next_batch(0, 1, BATCH);
+            model.train_step(&batch, lr, step + 1, &mut rng)
+        };
         step += 1;
         if let Some(rest) =
             std::time::Duration::from_millis(args.step_ms).checked_sub(step_start.elapsed())
@@ -273,7 +316,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Some(n) => step.is_multiple_of(n),
             None => ckpt.should_save(step),
         };
-        if due || step == args.steps {
+        if due && args.overlap && step < args.steps {
+            overlap_due = true;
+        } else if due || step == args.steps {
             let views = model.views();
             let tower = TensorRef::from_slice("frozen.tower", &[frozen.len() as u64], &frozen);
             let state = Shard::state_with_frozen(
@@ -285,24 +330,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 &sched,
             )?;
             let h = ckpt.save(&state)?;
-            let r = h.report();
-            out.say(format!(
-                "step {step:>5}  save: math-stop {:.2} ms for {:.1} MiB{}",
-                ms(h.math_stop()),
-                state.nbytes() as f64 / (1 << 20) as f64,
-                if r.skipped {
-                    " (skipped: the staging pool is still held by an earlier flush)".to_string()
-                } else if r.waited.is_zero() {
-                    String::new()
-                } else {
-                    format!(" (waited {:?} for the previous flush)", r.waited)
-                }
-            ));
-            out.event(
-                "save",
-                serde_json::json!({"step": step, "math_stop_ms": ms(r.math_stop),
-                    "waited_ms": ms(r.waited), "skipped": r.skipped, "bytes": r.bytes}),
-            );
+            announce(&h, &out, state.nbytes());
             pending.push_back(h);
         }
         if args.crash_at_step == Some(step) {
@@ -331,6 +359,35 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("final-state-blake3: {digest}");
     out.event("final", serde_json::json!({"step": step, "digest": digest}));
     Ok(())
+}
+
+/// Says a save was made: its math-stop (and, overlapped, the copy it hid).
+fn announce(h: &SaveHandle, out: &Out, nbytes: u64) {
+    let r = h.report();
+    out.say(format!(
+        "step {:>5}  save: math-stop {:.2} ms for {:.1} MiB{}{}",
+        r.step,
+        ms(r.math_stop),
+        nbytes as f64 / (1 << 20) as f64,
+        if r.overlapped {
+            format!(" (overlapped: copy {:.2} ms)", ms(r.copy))
+        } else {
+            String::new()
+        },
+        if r.skipped {
+            " (skipped: the staging pool is still held by an earlier flush)".to_string()
+        } else if r.waited.is_zero() {
+            String::new()
+        } else {
+            format!(" (waited {:?} for the previous flush)", r.waited)
+        }
+    ));
+    out.event(
+        "save",
+        serde_json::json!({"step": r.step, "math_stop_ms": ms(r.math_stop),
+            "copy_ms": ms(r.copy), "overlapped": r.overlapped,
+            "waited_ms": ms(r.waited), "skipped": r.skipped, "bytes": r.bytes}),
+    );
 }
 
 /// Reports a finished save (waits for it if it is not finished).

@@ -496,3 +496,72 @@ fn report_names_both_restarts_and_the_waterfall_adds_up() {
         "{text}"
     );
 }
+
+/// `--overlap`: each save's copy runs during the next step's forward and
+/// backward (`save_overlapped`). A crashed and resumed overlapped run ends
+/// with the bytes of a plain run that never stopped, and with a training
+/// step at least as long as the copy, the loop waits for a small part of it.
+#[test]
+fn overlapped_saves_crash_and_resume_bit_exact() {
+    let qs = example("quickstart");
+    let clean = tempfile::tempdir().expect("tempdir");
+    let crashed = tempfile::tempdir().expect("tempdir");
+    let args = ["--steps", "60", "--every", "10", "--state-mb", "16"];
+    let want = digest(&run(Command::new(&qs)
+        .arg("--dir")
+        .arg(clean.path())
+        .args(args)
+        .arg("--quiet")));
+
+    let first = run(Command::new(&qs)
+        .arg("--dir")
+        .arg(crashed.path())
+        .args(args)
+        .args([
+            "--overlap",
+            "--step-ms",
+            "40",
+            "--json",
+            "--crash-at-step",
+            "43",
+        ]));
+    assert!(!first.status.success(), "the crashing run must die");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&first.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let saves: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "save").collect();
+    assert!(saves.len() >= 3, "saves at 10, 20, 30, 40: {events:?}");
+    for s in &saves {
+        assert_eq!(s["overlapped"], true, "{s}");
+        let (stop, copy) = (
+            s["math_stop_ms"].as_f64().unwrap(),
+            s["copy_ms"].as_f64().unwrap(),
+        );
+        assert!(copy > 0.0, "{s}");
+        // A 40 ms step hides a copy of 48 MiB; what the loop waits for is
+        // the planning before it (allow for a loaded machine).
+        assert!(
+            stop < 0.5 * copy + 5.0,
+            "math-stop {stop} ms of a {copy} ms copy: {s}"
+        );
+    }
+
+    let resumed = run(Command::new(&qs)
+        .arg("--dir")
+        .arg(crashed.path())
+        .args(args)
+        .arg("--overlap"));
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let out = String::from_utf8_lossy(&resumed.stdout);
+    // The save of step 40 ran during step 41 and may have been in flight at 43.
+    assert!(
+        out.contains("resumed from step 40") || out.contains("resumed from step 30"),
+        "{out}"
+    );
+    assert_eq!(digest(&resumed), want, "overlapped resume diverged:\n{out}");
+}
