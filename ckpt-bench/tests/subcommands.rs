@@ -169,6 +169,41 @@ fn train_reports_slowdowns_and_verifies_the_last_checkpoint() {
 }
 
 #[test]
+fn train_overlap_hides_the_copy_and_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows = bench(
+        &[
+            "train",
+            "--state-bytes",
+            "32M",
+            "--steps",
+            "6",
+            "--every",
+            "2",
+            "--iters",
+            "1",
+            "--overlap",
+            "--modes",
+            "none,async",
+            "--fwd-passes",
+            "4",
+        ],
+        dir.path(),
+    );
+    let modes: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
+    assert_eq!(modes, ["none", "async", "overlapped"]);
+    let (async_, over) = (&rows[1], &rows[2]);
+    assert_eq!(over["verified"], true);
+    assert_eq!(num(over, "fwd_passes"), 4.0);
+    // Saves at steps 2 and 4 overlap steps 3 and 5 (the last is plain).
+    assert_eq!(num(over, "saves_measured"), 2.0);
+    assert!(
+        num(over, "math_stop_per_save_s") < num(async_, "math_stop_per_save_s"),
+        "four read passes over 32 MiB hide its copy: {over} vs {async_}"
+    );
+}
+
+#[test]
 fn bad_arguments_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"))
