@@ -12,9 +12,9 @@
 
 use std::collections::VecDeque;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use ckpt::burn::BurnSnapshot;
+use ckpt::burn::{BurnSnapshot, PendingSnapshot};
 use ckpt::rng::Rng;
 use ckpt::schedule::{Policy, SchedulerConfig, parse_duration};
 use ckpt::{Checkpointer, SaveHandle, TierPolicy};
@@ -65,6 +65,11 @@ struct Args {
     /// Print nothing but the final digest.
     #[arg(long)]
     quiet: bool,
+    /// Read the model and optimizer out of burn on a thread of their own
+    /// (`BurnSnapshot::capture_in_background`) while training goes on;
+    /// the save follows when the capture is done.
+    #[arg(long)]
+    background_capture: bool,
 }
 
 /// The model: two hidden layers with ReLU.
@@ -174,7 +179,29 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     say(format!("schedule: {}", ckpt.explain_schedule()));
 
     let mut pending: VecDeque<SaveHandle> = VecDeque::new();
+    // --background-capture: a capture under way, with the step and loop
+    // state it belongs to, and how long the loop stopped to start it.
+    let mut capturing: Option<(PendingSnapshot, u64, Rng, Loader, Duration)> = None;
     while step < args.steps {
+        if capturing.as_ref().is_some_and(|c| c.0.is_ready())
+            && let Some((snap, at, rng_at, loader_at, started)) = capturing.take()
+        {
+            let snap = snap.wait()?;
+            let state = snap
+                .state(at)
+                .rng(&rng_at)
+                .data_loader(&loader_at)
+                .lr_schedule(&sched)
+                .build()?;
+            let h = ckpt.save(&state)?;
+            say(format!(
+                "step {at:>5}  save: captured in the background (the loop stopped {:.2} ms to start it) + math-stop {:.2} ms for {:.2} MiB",
+                ms(started),
+                ms(h.math_stop()),
+                snap.nbytes() as f64 / (1 << 20) as f64
+            ));
+            pending.push_back(h);
+        }
         let batch = loader.next_batch(0, 1, BATCH);
         let mut xs = Vec::with_capacity(BATCH * IN);
         let mut ys = Vec::with_capacity(BATCH);
@@ -202,7 +229,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Some(n) => step.is_multiple_of(n),
             None => ckpt.should_save(step),
         };
-        if due || step == args.steps {
+        if (due || step == args.steps) && args.background_capture && step < args.steps {
+            // Only one capture at a time: a due save while one is under way
+            // is left to the next interval.
+            if capturing.is_none() {
+                let t = Instant::now();
+                let c = BurnSnapshot::capture_in_background(model.clone(), optim.clone())?;
+                capturing = Some((c, step, rng.clone(), loader.clone(), t.elapsed()));
+            }
+        } else if due || step == args.steps {
             // The training loop waits for the capture (burn's tensors read
             // to host memory) and the save call; the flush runs behind.
             let t = Instant::now();
@@ -233,6 +268,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             std::process::abort();
         }
     }
+    // A capture still under way is abandoned: the last step is saved
+    // inline above.
+    drop(capturing);
     for h in pending.drain(..) {
         report(&h, &say);
     }

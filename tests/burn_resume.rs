@@ -120,3 +120,46 @@ fn burn_train_saves_on_the_schedulers_interval() {
     assert!(stdout.contains("resumed from step 40"), "{stdout}");
     assert_eq!(digest(&again), digest(&out));
 }
+
+/// `--background-capture`: burn's tensors are read on a thread of their
+/// own while training goes on; the checkpoints still hold the state of
+/// their step, so a crashed and resumed run ends with the bytes of a run
+/// that never stopped.
+#[test]
+fn burn_background_capture_resumes_bit_exact() {
+    let bin = example("burn_train");
+    let clean = tempfile::tempdir().expect("tempdir");
+    let crashed = tempfile::tempdir().expect("tempdir");
+    let args = ["--steps", "90", "--every", "10", "--hidden", "256"];
+    let want = digest(&run(Command::new(&bin)
+        .arg("--dir")
+        .arg(clean.path())
+        .args(args)
+        .arg("--quiet")));
+    let first = run(Command::new(&bin)
+        .arg("--dir")
+        .arg(crashed.path())
+        .args(args)
+        .args(["--background-capture", "--crash-at-step", "67"]));
+    assert_eq!(first.status.signal(), Some(libc::SIGABRT));
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(out.contains("captured in the background"), "{out}");
+    let resumed = run(Command::new(&bin)
+        .arg("--dir")
+        .arg(crashed.path())
+        .args(args)
+        .arg("--background-capture"));
+    let out = String::from_utf8_lossy(&resumed.stdout);
+    assert!(resumed.status.success(), "{out}");
+    let from: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("resumed from step "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the second run did not resume:\n{out}"));
+    assert!(
+        from > 0 && from % 10 == 0 && from <= 60,
+        "resumed from {from}:\n{out}"
+    );
+    assert_eq!(digest(&resumed), want, "{out}");
+}

@@ -9,7 +9,7 @@
 //! step even though the loop went on mutating it during the flush.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ckpt_core::{Checkpointer, TensorViewMut, TierPolicy};
 use clap::{Args, ValueEnum};
@@ -70,6 +70,11 @@ pub struct TrainArgs {
     /// state and write neither (default 0, or 2 with --overlap).
     #[arg(long)]
     pub fwd_passes: Option<u32>,
+    /// Milliseconds of accelerator time per step in the forward and
+    /// backward pass, during which the host only waits (a GPU job's
+    /// step): what an overlapped copy hides behind without competing.
+    #[arg(long, default_value_t = 0)]
+    pub fwd_ms: u64,
     /// Also run the overlapped mode (and give each step a forward and
     /// backward pass for its copy to hide behind).
     #[arg(long)]
@@ -97,7 +102,16 @@ pub struct TrainArgs {
 /// The forward and backward pass: `passes` reads of every byte (a
 /// reduction), memory-bound and read-only, as a step's passes over the
 /// parameters are. Returns the reduction so it is not optimized away.
-fn forward(tensors: &[Vec<u8>], passes: u32, threads: usize) -> u64 {
+fn forward(tensors: &[Vec<u8>], passes: u32, threads: usize, accel: Duration) -> u64 {
+    let start = Instant::now();
+    let acc = read_passes(tensors, passes, threads);
+    if let Some(rest) = accel.checked_sub(start.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    acc
+}
+
+fn read_passes(tensors: &[Vec<u8>], passes: u32, threads: usize) -> u64 {
     let read = |part: &[u8]| {
         let mut acc = 0u64;
         for _ in 0..passes {
@@ -163,6 +177,7 @@ fn run_once(
 ) -> Result<(f64, Vec<f64>), Box<dyn std::error::Error>> {
     let mut stops = Vec::new();
     let fwd = fwd_passes(a);
+    let accel = Duration::from_millis(a.fwd_ms);
     let last = first + a.steps - 1;
     // Overlapped: the step whose save runs during this step's forward and
     // backward pass.
@@ -174,12 +189,12 @@ fn run_once(
             Some(saved) => {
                 let views = synth::views(tensors);
                 let state = synth::state(&views, saved)?;
-                let (h, r) =
-                    ckpt.save_overlapped(&state, || forward(tensors, fwd, a.compute_threads));
+                let (h, r) = ckpt
+                    .save_overlapped(&state, || forward(tensors, fwd, a.compute_threads, accel));
                 sink ^= r;
                 stops.push(h?.math_stop().as_secs_f64());
             }
-            None => sink ^= forward(tensors, fwd, a.compute_threads),
+            None => sink ^= forward(tensors, fwd, a.compute_threads, accel),
         }
         compute(tensors, step, a.passes, a.compute_threads);
         if !step.is_multiple_of(a.every) {
@@ -206,10 +221,12 @@ fn run_once(
     Ok((t.elapsed().as_secs_f64(), stops))
 }
 
-/// Read passes per step: as given, else 2 with --overlap (the copy needs
-/// a forward and backward pass to hide behind), else 0.
+/// Read passes per step: as given, else 2 with --overlap and no
+/// accelerator time (the copy needs a forward and backward pass to hide
+/// behind), else 0.
 fn fwd_passes(a: &TrainArgs) -> u32 {
-    a.fwd_passes.unwrap_or(if a.overlap { 2 } else { 0 })
+    a.fwd_passes
+        .unwrap_or(if a.overlap && a.fwd_ms == 0 { 2 } else { 0 })
 }
 
 /// Restores the newest checkpoint and checks it equals `tensors`.
@@ -297,13 +314,14 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| floors::median(&mut loops[i].clone()));
     if !a.json {
         println!(
-            "train: {:.2} GiB state, {} steps, a save every {} ({} saves), {} read + {} update pass(es) per step, {} compute thread(s), {} runs per mode (median){}",
+            "train: {:.2} GiB state, {} steps, a save every {} ({} saves), {} read + {} update pass(es) and {} ms of accelerator time per step, {} compute thread(s), {} runs per mode (median){}",
             bytes as f64 / (1u64 << 30) as f64,
             a.steps,
             a.every,
             saves,
             fwd_passes(a),
             a.passes,
+            a.fwd_ms,
             a.compute_threads,
             iters,
             if modes.contains(&Mode::Overlapped) {
@@ -343,6 +361,7 @@ pub fn run(a: &TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
                     "every": a.every,
                     "passes": a.passes,
                     "fwd_passes": fwd_passes(a),
+                    "fwd_ms": a.fwd_ms,
                     "overlap_threads": a.overlap_threads,
                     "overlap_bandwidth": a.overlap_bandwidth,
                     "compute_threads": a.compute_threads,

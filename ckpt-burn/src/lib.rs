@@ -227,6 +227,51 @@ impl BurnSnapshot {
     }
 }
 
+/// A [`BurnSnapshot`] being captured on a thread of its own
+/// ([`BurnSnapshot::capture_in_background`]).
+pub struct PendingSnapshot {
+    handle: std::thread::JoinHandle<Result<BurnSnapshot>>,
+}
+
+impl PendingSnapshot {
+    /// Whether the capture has finished ([`wait`](Self::wait) then returns
+    /// at once).
+    pub fn is_ready(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// The snapshot, once captured.
+    pub fn wait(self) -> Result<BurnSnapshot> {
+        self.handle
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("the burn capture thread panicked".into())))
+    }
+}
+
+impl BurnSnapshot {
+    /// Captures `model` and `optim` (clones of the training loop's, which
+    /// cost a reference count per tensor) on a thread of its own, while
+    /// training goes on.
+    ///
+    /// This is safe because burn's tensors are values: an operation never
+    /// writes a buffer another tensor still holds (it reuses a buffer in
+    /// place only when it is the buffer's sole owner), so the clones keep
+    /// this step's parameters and optimizer state while the loop's
+    /// optimizer step makes new ones. The memory cost is one step's state
+    /// held until the capture is done. Save the snapshot with the loop
+    /// state of the step it was taken at.
+    pub fn capture_in_background<M: Module + 'static>(
+        model: M,
+        optim: ModuleOptimizer,
+    ) -> Result<PendingSnapshot> {
+        let handle = std::thread::Builder::new()
+            .name("ckpt-burn-capture".into())
+            .spawn(move || BurnSnapshot::capture(&model, &optim))
+            .map_err(|e| Error::Internal(format!("cannot start the capture thread: {e}")))?;
+        Ok(PendingSnapshot { handle })
+    }
+}
+
 /// A module and optimizer brought back from a checkpoint.
 pub struct Resumed<M> {
     /// The module, with the saved parameters (and their ids).
