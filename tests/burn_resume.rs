@@ -72,7 +72,7 @@ fn burn_crash_and_resume_is_bit_exact() {
     // Adam's moments, verified by the CLI.
     let inspect = run(Command::new(env!("CARGO_BIN_EXE_ckpt")).args([
         "inspect",
-        crashed.path().to_str().unwrap(),
+        crashed.path().to_str().expect("test setup"),
         "--run",
         "burn",
     ]));
@@ -88,7 +88,7 @@ fn burn_crash_and_resume_is_bit_exact() {
     }
     let verify = run(Command::new(env!("CARGO_BIN_EXE_ckpt")).args([
         "verify",
-        crashed.path().to_str().unwrap(),
+        crashed.path().to_str().expect("test setup"),
         "--all",
     ]));
     assert!(
@@ -158,7 +158,7 @@ fn burn_background_capture_resumes_bit_exact() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("the second run did not resume:\n{out}"));
     assert!(
-        from > 0 && from % 10 == 0 && from <= 60,
+        from > 0 && from.is_multiple_of(10) && from <= 60,
         "resumed from {from}:\n{out}"
     );
     assert_eq!(digest(&resumed), want, "{out}");

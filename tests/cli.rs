@@ -670,7 +670,7 @@ fn verify_export_and_gc_show_progress() {
 
     let out = tempfile::tempdir().expect("tempdir");
     let file = out.path().join("x.safetensors");
-    let e = loc.ckpt(&["export", "--out", file.to_str().unwrap()]);
+    let e = loc.ckpt(&["export", "--out", file.to_str().expect("utf-8 path")]);
     assert!(e.status.success(), "{}", stderr(&e));
     assert!(
         stderr(&e).contains("export quickstart step 30 100%"),

@@ -535,8 +535,8 @@ fn overlapped_saves_crash_and_resume_bit_exact() {
     for s in &saves {
         assert_eq!(s["overlapped"], true, "{s}");
         let (stop, copy) = (
-            s["math_stop_ms"].as_f64().unwrap(),
-            s["copy_ms"].as_f64().unwrap(),
+            s["math_stop_ms"].as_f64().expect("a number"),
+            s["copy_ms"].as_f64().expect("a number"),
         );
         assert!(copy > 0.0, "{s}");
         // A 40 ms step hides a copy of 48 MiB; what the loop waits for is

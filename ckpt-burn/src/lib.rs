@@ -422,10 +422,7 @@ pub fn restore_with<M: Module>(
 /// one (or the given step). A restore that falls back to an older step
 /// finds the same tensors there (a model's and its optimizer's tensors
 /// do not change between steps of one run).
-fn peek_layout(
-    ckpt: &Checkpointer,
-    opts: &RestoreOptions,
-) -> Result<Option<Vec<(String, DType, Vec<u64>)>>> {
+fn peek_layout(ckpt: &Checkpointer, opts: &RestoreOptions) -> Result<Option<Vec<Spec>>> {
     let mut last_err = None;
     let mut best: Option<ckpt_core::Manifest> = None;
     for tier in ckpt.tiers() {

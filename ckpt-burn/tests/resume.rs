@@ -61,7 +61,7 @@ fn train(mut model: Mlp, optim: &mut ModuleOptimizer, steps: std::ops::Range<u64
 
 /// Every parameter and optimizer tensor, by name, as bytes.
 fn state(model: &Mlp, optim: &ModuleOptimizer) -> Vec<(String, Vec<u8>)> {
-    let snap = BurnSnapshot::capture(model, optim).unwrap();
+    let snap = BurnSnapshot::capture(model, optim).expect("test setup");
     snap.tensors()
         .map(|t| match t.bytes() {
             TensorBytes::Shared(b) => (t.spec().name.clone(), b.to_vec()),
@@ -71,17 +71,17 @@ fn state(model: &Mlp, optim: &ModuleOptimizer) -> Vec<(String, Vec<u8>)> {
 }
 
 fn checkpointer(dir: &std::path::Path) -> Checkpointer {
-    let tier = Arc::new(ckpt_io::LocalTier::new(dir).unwrap());
+    let tier = Arc::new(ckpt_io::LocalTier::new(dir).expect("test setup"));
     Checkpointer::builder("burn-test")
         .tier(tier, TierPolicy::keep_last(3))
         .build()
-        .unwrap()
+        .expect("test setup")
 }
 
 #[test]
 fn crash_and_resume_is_bit_exact() {
     let device = Device::default().autodiff();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("test setup");
 
     // The uninterrupted run.
     let init = Mlp::new(&device);
@@ -94,15 +94,19 @@ fn crash_and_resume_is_bit_exact() {
     let at_12 = train(init, &mut optim, 0..12);
     {
         let ckpt = checkpointer(dir.path());
-        let snap = BurnSnapshot::capture(&at_12, &optim).unwrap();
+        let snap = BurnSnapshot::capture(&at_12, &optim).expect("test setup");
         let state = snap
             .state(12)
             .rng(&0u64)
             .data_loader(&12u64)
             .lr_schedule(&1e-2f64)
             .build()
-            .unwrap();
-        let report = ckpt.save(&state).unwrap().wait().unwrap();
+            .expect("test setup");
+        let report = ckpt
+            .save(&state)
+            .expect("test setup")
+            .wait()
+            .expect("test setup");
         assert!(report.bytes > snap.nbytes() / 2, "{report:?}");
         drop(ckpt);
     }
@@ -112,10 +116,16 @@ fn crash_and_resume_is_bit_exact() {
     let ckpt = checkpointer(dir.path());
     let fresh = Mlp::new(&device);
     let back = ckpt_burn::restore(&ckpt, fresh, AdamConfig::new().init())
-        .unwrap()
+        .expect("test setup")
         .expect("a checkpoint");
     assert_eq!(back.restored.step, 12);
-    assert_eq!(back.restored.loop_state.data_loader::<u64>().unwrap(), 12);
+    assert_eq!(
+        back.restored
+            .loop_state
+            .data_loader::<u64>()
+            .expect("test setup"),
+        12
+    );
     // Without the optimizer's moments the run would diverge: they matter.
     let mut adam_reset = AdamConfig::new().init();
     let diverged = train(back.model.clone(), &mut adam_reset, 12..20);
@@ -140,7 +150,7 @@ fn names_follow_the_module_path() {
     let device = Device::default().autodiff();
     let mut optim = AdamConfig::new().init();
     let model = train(Mlp::new(&device), &mut optim, 0..1);
-    let snap = BurnSnapshot::capture(&model, &optim).unwrap();
+    let snap = BurnSnapshot::capture(&model, &optim).expect("test setup");
     let names = snap.tensor_names();
     for want in [
         "model.input.weight",
@@ -156,37 +166,44 @@ fn names_follow_the_module_path() {
 #[test]
 fn a_model_of_another_shape_is_refused_by_name() {
     let device = Device::default().autodiff();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("test setup");
     let ckpt = checkpointer(dir.path());
     let mut optim = AdamConfig::new().init();
     let model = train(Mlp::new(&device), &mut optim, 0..2);
-    let snap = BurnSnapshot::capture(&model, &optim).unwrap();
-    ckpt.save(&snap.state(2).without_loop_state().build().unwrap())
-        .unwrap()
-        .wait()
-        .unwrap();
+    let snap = BurnSnapshot::capture(&model, &optim).expect("test setup");
+    ckpt.save(
+        &snap
+            .state(2)
+            .without_loop_state()
+            .build()
+            .expect("test setup"),
+    )
+    .expect("test setup")
+    .wait()
+    .expect("test setup");
 
     let mut other = Mlp::new(&device);
     other.hidden.push(LinearConfig::new(16, 16).init(&device));
-    let err = ckpt_burn::restore(&ckpt, other, AdamConfig::new().init())
-        .err()
-        .expect("a model with an extra layer cannot restore");
+    let Err(err) = ckpt_burn::restore(&ckpt, other, AdamConfig::new().init()) else {
+        panic!("a model with an extra layer cannot restore")
+    };
     assert!(matches!(err, Error::TensorMismatch { .. }), "{err}");
     assert!(err.to_string().contains("model.hidden.1.weight"), "{err}");
 
     let mut wide = Mlp::new(&device);
     wide.output = LinearConfig::new(16, 2).init(&device);
-    let err = ckpt_burn::restore(&ckpt, wide, AdamConfig::new().init())
-        .err()
-        .expect("a wider output layer cannot restore");
+    let Err(err) = ckpt_burn::restore(&ckpt, wide, AdamConfig::new().init()) else {
+        panic!("a wider output layer cannot restore")
+    };
     assert!(err.to_string().contains("model.output"), "{err}");
 }
 
 #[test]
 fn an_empty_store_is_a_fresh_start() {
     let device = Device::default().autodiff();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("test setup");
     let ckpt = checkpointer(dir.path());
-    let r = ckpt_burn::restore(&ckpt, Mlp::new(&device), AdamConfig::new().init()).unwrap();
+    let r =
+        ckpt_burn::restore(&ckpt, Mlp::new(&device), AdamConfig::new().init()).expect("test setup");
     assert!(r.is_none());
 }

@@ -42,8 +42,11 @@ fn work_longer_than_the_copy_hides_it() {
             .without_optimizer()
             .without_loop_state()
             .build()
-            .unwrap();
-        ckpt.save(&s).unwrap().wait().unwrap();
+            .expect("test setup");
+        ckpt.save(&s)
+            .expect("test setup")
+            .wait()
+            .expect("test setup");
     }
     let plain = {
         let t = TensorRef::from_slice("w", &[N as u64], &w);
@@ -52,9 +55,9 @@ fn work_longer_than_the_copy_hides_it() {
             .without_optimizer()
             .without_loop_state()
             .build()
-            .unwrap();
-        let h = ckpt.save(&s).unwrap();
-        h.wait().unwrap();
+            .expect("test setup");
+        let h = ckpt.save(&s).expect("test setup");
+        h.wait().expect("test setup");
         h.report()
     };
     assert!(!plain.overlapped);
@@ -65,7 +68,7 @@ fn work_longer_than_the_copy_hides_it() {
         .without_optimizer()
         .without_loop_state()
         .build()
-        .unwrap();
+        .expect("test setup");
     let call = Instant::now();
     let (h, sum) = ckpt.save_overlapped(&s, || {
         // "Forward and backward": reads the tensor being copied.
@@ -106,7 +109,7 @@ fn work_shorter_than_the_copy_waits_for_the_rest() {
         // 64 MiB/s: 32 MiB take at least 0.5 s.
         .overlap_copy_bandwidth(64 << 20)
         .build()
-        .unwrap();
+        .expect("test setup");
     let w = vec![1f32; N];
     let t = TensorRef::from_slice("w", &[N as u64], &w);
     let s = TrainingState::builder(1)
@@ -114,9 +117,9 @@ fn work_shorter_than_the_copy_waits_for_the_rest() {
         .without_optimizer()
         .without_loop_state()
         .build()
-        .unwrap();
+        .expect("test setup");
     let (h, ()) = ckpt.save_overlapped(&s, || std::thread::sleep(Duration::from_millis(100)));
-    let r = h.unwrap().wait().unwrap();
+    let r = h.expect("test setup").wait().expect("test setup");
     assert!(
         r.copy >= Duration::from_millis(450),
         "the cap holds the copy to 64 MiB/s: {:?}",
@@ -144,7 +147,7 @@ fn a_panic_in_the_work_waits_for_the_copy_and_leaves_the_checkpointer_usable() {
         .without_optimizer()
         .without_loop_state()
         .build()
-        .unwrap();
+        .expect("test setup");
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         ckpt.save_overlapped(&s, || panic!("backward failed"))
     }));
@@ -155,9 +158,9 @@ fn a_panic_in_the_work_waits_for_the_copy_and_leaves_the_checkpointer_usable() {
         .without_optimizer()
         .without_loop_state()
         .build()
-        .unwrap();
+        .expect("test setup");
     ckpt.save(&s)
-        .unwrap()
+        .expect("test setup")
         .wait()
         .expect("the next save commits");
     drop(ckpt);
@@ -172,11 +175,12 @@ fn zero_overlap_threads_or_bandwidth_are_config_errors() {
         Checkpointer::builder("x").overlap_copy_threads(0),
         Checkpointer::builder("x").overlap_copy_bandwidth(0),
     ] {
-        let e = b
+        let Err(e) = b
             .tier(Arc::new(MemoryTier::new()), TierPolicy::keep_last(1))
             .build()
-            .err()
-            .expect("refused");
+        else {
+            panic!("refused")
+        };
         assert!(e.to_string().contains("overlapped"), "{e}");
     }
 }

@@ -26,10 +26,12 @@
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod direct_read;
+mod direct_write;
 mod fault;
 mod local;
 
 pub use ckpt_core::MemoryTier;
+pub use direct_write::supports_direct_writes;
 pub use fault::{Fault, FaultTier, Op, OpKind};
 pub use local::LocalTier;
 

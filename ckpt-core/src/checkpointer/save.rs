@@ -120,20 +120,20 @@ impl Checkpointer {
     ) -> (Result<SaveHandle>, R) {
         let mut during = Some(during);
         let mut out = None;
-        let mut run = || {
-            if let Some(f) = during.take() {
-                out = Some(f());
-            }
-        };
-        let h = self.save_impl(state, Some(&mut run));
-        drop(run);
-        // A save that failed before its copy started did not run `during`.
-        let out = match out {
-            Some(o) => o,
-            None => during
-                .take()
-                .map(|f| f())
-                .unwrap_or_else(|| unreachable!("`during` runs exactly once")),
+        let h = self.save_impl(
+            state,
+            Some(&mut || {
+                if let Some(f) = during.take() {
+                    out = Some(f());
+                }
+            }),
+        );
+        // A save that failed (or was skipped) before its copy started did
+        // not run `during`: it runs now.
+        let out = match (out, during) {
+            (Some(o), _) => o,
+            (None, Some(f)) => f(),
+            (None, None) => unreachable!("`during` runs exactly once"),
         };
         (h, out)
     }

@@ -381,6 +381,7 @@ mod tests {
             2,
             Duration::from_secs(5),
             None,
+            None,
             &|k, bytes| {
                 got.lock().expect("lock").push((k, bytes));
             },
@@ -408,6 +409,7 @@ mod tests {
             true,
             2,
             Duration::from_secs(5),
+            None,
             None,
             &|_, bytes| {
                 // Dropping immediately returns the block, as a finished flush would.
@@ -483,6 +485,7 @@ mod tests {
                 1,
                 Duration::from_secs(5),
                 Some(&HostAsDevice { fail: false }),
+                None,
                 &|k, bytes| got.lock().expect("lock").push((k, bytes.to_vec())),
             )
             .expect("stage");
@@ -512,6 +515,7 @@ mod tests {
             2,
             Duration::from_secs(5),
             Some(&HostAsDevice { fail: true }),
+            None,
             &|_, _| {},
         )
         .expect_err("fails");
@@ -532,6 +536,7 @@ mod tests {
             false,
             1,
             Duration::from_secs(5),
+            None,
             None,
             &|_, _| {},
         );
