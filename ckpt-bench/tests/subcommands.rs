@@ -50,6 +50,9 @@ fn stage_flush_restore_report_ours_beside_the_floors() {
     let flush = bench(&[&["flush"][..], &small].concat(), dir.path());
     assert!(num(&flush[0], "durable_s") > 0.0);
     assert!(num(&flush[0], "raw_write_floor_s") > 0.0);
+    let best = num(&flush[0], "best_floor_s");
+    assert!(best > 0.0 && best <= num(&flush[0], "raw_write_floor_s"));
+    assert!(num(&flush[0], "ratio_to_best_floor") > 0.0);
 
     let restore = bench(&[&["restore"][..], &small].concat(), dir.path());
     assert!(num(&restore[0], "restore_s") > 0.0);
