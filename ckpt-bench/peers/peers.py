@@ -12,8 +12,11 @@ a memcpy of the state into a reused, pre-touched buffer and a raw write +
 fsync of the same bytes in 8 MiB writes.
 
 Tools: safetensors (numpy save_file + fsync), Orbax's async
-CheckpointManager on jax CPU, and, where torch is installed, torch.save +
-fsync and (with CUDA) torch.distributed.checkpoint.async_save from the GPU.
+CheckpointManager on jax CPU, ckpt itself (target/release/ckpt-bench stage
+and flush on the same state and directory), and, where torch is installed,
+torch.save + fsync and torch.distributed.checkpoint.async_save on CPU
+tensors (the default stager, the caching DefaultStager, the thread and the
+process checkpointer), and from the GPU where CUDA is available.
 """
 import argparse
 import importlib.metadata
@@ -324,41 +327,75 @@ class TorchSave(Bench):
 
 
 class TorchDcp(Bench):
-    """torch.distributed.checkpoint.async_save of tensors on `device` (CUDA in
-    the benchmark), single process without a process group (no_dist=True),
-    default stager and FileSystemWriter. Blocking: until async_save returns
-    (staging to CPU memory). Durable: until its future's result() returns
+    """torch.distributed.checkpoint.async_save of tensors on `device`, single
+    process without a process group (no_dist=True), FileSystemWriter.
+    `stager`: "default" (DCP's own, made per save) or "cached" (one
+    DefaultStager with async staging, kept across saves: its staging buffers
+    are reused); `kind`: the thread or the process checkpointer. Blocking:
+    until staging completes (async_save's return, or its
+    staging_completion future). Durable: until the upload future's result
     (the writer fsyncs its files by default), plus an fsync pass over the
     checkpoint directory (dcp_finished_s is without it)."""
 
     packages = ("numpy", "torch")
-    notes = (
-        "async_save blocks for staging to CPU memory; its FileSystemWriter fsyncs "
-        "its files (sync_files=True), not the directory; durable adds an fsync "
-        "pass over the checkpoint"
-    )
 
-    def __init__(self, spec: Spec, workdir: Path, device: str):
+    def __init__(self, spec: Spec, workdir: Path, device: str, stager: str, kind: str):
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
         # Single process on purpose: no_dist=True.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
         self.torch = torch
         self.dcp = dcp
+        self.kind = AsyncCheckpointerType.PROCESS if kind == "process" else AsyncCheckpointerType.THREAD
         self.state = {name: torch.from_numpy(a).to(device) for name, a in spec.arrays()}
         if device == "cuda":
             torch.cuda.synchronize()
+        self.stager = None
+        if stager == "cached":
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = device == "cuda"
+            # On the CPU: no pinned memory (it needs CUDA), staging on the
+            # stager's own thread, buffers kept across saves.
+            self.stager = DefaultStager(StagingOptions(
+                use_pinned_memory=cuda, use_shared_memory=kind == "process",
+                use_async_staging=True, use_non_blocking_copy=cuda,
+            ))
         self.workdir = workdir
+        # The process checkpointer needs a process group even for one rank:
+        # a gloo group of one, its store a file (no network).
+        self.no_dist = kind != "process"
+        if not self.no_dist:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method=f"file://{workdir.resolve()}/.pg-store",
+                                    rank=0, world_size=1)
+        self.notes = (
+            f"{'caching DefaultStager (async staging, buffers reused)' if stager == 'cached' else 'default stager'}, "
+            f"{kind} checkpointer, on {device}; blocked until staging completes; its FileSystemWriter "
+            "fsyncs its files (sync_files=True), not the directory; durable adds an fsync pass over "
+            "the checkpoint"
+        )
 
     def path(self, step: int) -> Path:
         return self.workdir / f"step-{step}"
 
     def save(self, step: int) -> dict:
         t = time.perf_counter()
-        future = self.dcp.async_save(self.state, checkpoint_id=self.path(step), no_dist=True)
+        kwargs = {"checkpoint_id": self.path(step), "no_dist": self.no_dist,
+                  "async_checkpointer_type": self.kind}
+        if self.stager is not None:
+            kwargs["async_stager"] = self.stager
+        r = self.dcp.async_save(self.state, **kwargs)
+        upload = getattr(r, "upload_completion", r)
+        staging = getattr(r, "staging_completion", None)
+        if staging is not None:
+            staging.result()
         blocking = time.perf_counter() - t
-        future.result()
+        upload.result()
         finished = time.perf_counter() - t
         fsync_tree(self.path(step))
         durable = time.perf_counter() - t
@@ -372,6 +409,36 @@ class TorchDcp(Bench):
     def remove(self, step: int) -> None:
         shutil.rmtree(self.path(step))
 
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()
+        if not self.no_dist:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class Ckpt(Bench):
+    """ckpt itself, through `target/release/ckpt-bench` on the same state
+    size, tensor count and directory: `stage` for the math-stop and peak
+    RSS, `flush` for save -> durable (crc32c on), in this process's run."""
+
+    packages = ("numpy",)
+    notes = "ckpt-bench stage (math-stop, peak RSS) and flush (save -> durable, crc32c on)"
+
+    def __init__(self, spec: Spec, workdir: Path, iters: int):
+        root = Path(__file__).resolve().parents[2]
+        self.bin = root / "target" / "release" / "ckpt-bench"
+        if not self.bin.exists():
+            raise FileNotFoundError(f"{self.bin} (cargo build --release -p ckpt-bench)")
+        self.args = ["--state-bytes", str(spec.state_bytes), "--tensors", str(spec.tensors),
+                     "--iters", str(iters), "--dir", str(workdir), "--json"]
+
+    def run(self, sub: str) -> dict:
+        out = subprocess.run([str(self.bin), sub, *self.args], stdout=subprocess.PIPE,
+                             text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
 
 # Floors first, then the tools; torch ones last (optional).
 TOOLS = {
@@ -379,22 +446,38 @@ TOOLS = {
     "raw_write_floor": ("raw write + fsync floor", RawWriteFloor),
     "safetensors": ("safetensors save_file + fsync", Safetensors),
     "orbax": ("orbax async CheckpointManager", Orbax),
+    "ckpt": ("ckpt (ckpt-bench stage + flush)", Ckpt),
     "torch_save": ("torch.save + fsync", TorchSave),
-    "torch_dcp": ("torch DCP async_save (CUDA)", TorchDcp),
+    "torch_dcp": ("torch DCP async_save", TorchDcp),
+    "torch_dcp_cached": ("torch DCP, caching stager", TorchDcp),
+    "torch_dcp_process": ("torch DCP, process ckptr", TorchDcp),
+    "torch_dcp_cuda": ("torch DCP async_save (CUDA)", TorchDcp),
+}
+
+# The DCP variants: (device, stager, checkpointer kind).
+DCP = {
+    "torch_dcp": ("cpu", "default", "thread"),
+    "torch_dcp_cached": ("cpu", "cached", "thread"),
+    "torch_dcp_process": ("cpu", "default", "process"),
+    "torch_dcp_cuda": ("cuda", "default", "thread"),
 }
 
 
 def make_bench(tool: str, spec: Spec, workdir: Path) -> Bench | str:
     """The bench for `tool`, or the reason it is skipped."""
-    if tool in ("torch_save", "torch_dcp"):
+    if tool.startswith("torch"):
         try:
             import torch
         except (ImportError, OSError) as e:
             return f"skipping torch: {e} (peers.sh --with-torch installs it)"
-        if tool == "torch_dcp":
-            if not torch.cuda.is_available():
-                return "skipping torch DCP async_save: CUDA is not available"
-            return TorchDcp(spec, workdir, "cuda")
+        if tool in DCP:
+            device, stager, kind = DCP[tool]
+            if device == "cuda" and not torch.cuda.is_available():
+                return "skipping torch DCP async_save on CUDA: CUDA is not available"
+            try:
+                return TorchDcp(spec, workdir, device, stager, kind)
+            except Exception as e:  # noqa: BLE001 - a variant this torch lacks
+                return f"skipping {tool}: {type(e).__name__}: {e}"
     return TOOLS[tool][1](spec, workdir)
 
 
@@ -402,6 +485,8 @@ def run_worker(tool: str, spec: Spec, iters: int, workdir: Path) -> dict:
     """Runs one tool in this process: a verified warm-up save, then `iters`
     measured saves. Returns its result, or {"skipped": reason}."""
     workdir.mkdir(parents=True)
+    if tool == "ckpt":
+        return run_ckpt(spec, iters, workdir)
     bench = make_bench(tool, spec, workdir)
     if isinstance(bench, str):
         return {"skipped": bench}
@@ -442,6 +527,33 @@ def run_worker(tool: str, spec: Spec, iters: int, workdir: Path) -> dict:
     result["notes"] = bench.notes
     result["versions"] = versions(*bench.packages)
     return result
+
+
+def run_ckpt(spec: Spec, iters: int, workdir: Path) -> dict:
+    """ckpt's row, from ckpt-bench's own measurements in this run."""
+    try:
+        bench = Ckpt(spec, workdir, iters)
+    except FileNotFoundError as e:
+        return {"skipped": f"skipping ckpt: no {e}"}
+    stage = bench.run("stage")
+    flush = bench.run("flush")
+    return {
+        "tool": "ckpt",
+        "state_bytes": spec.state_bytes,
+        "tensors": spec.tensors,
+        "iters": iters,
+        "blocking_s": stage["async_math_stop_s"],
+        "blocking_min_s": stage.get("async_math_stop_min_s", stage["async_math_stop_s"]),
+        "blocking_max_s": stage.get("async_math_stop_max_s", stage["async_math_stop_s"]),
+        "durable_s": flush["durable_s"],
+        "durable_min_s": None,
+        "durable_max_s": None,
+        "peak_rss_bytes": stage["peak_rss_bytes"],
+        "peak_rss_over_state": stage["peak_rss_bytes"] / spec.state_bytes,
+        "verified": None,
+        "notes": bench.notes,
+        "versions": versions(),
+    }
 
 
 def spawn(tool: str, args: argparse.Namespace, rundir: Path) -> dict:
@@ -527,6 +639,7 @@ def main() -> None:
             if "skipped" in r:
                 print(r["skipped"], file=sys.stderr)
                 if tool == "torch_save":  # no torch: no DCP either
+                    print("skipping torch DCP: torch is not installed", file=sys.stderr)
                     break
                 continue
             results.append(r)

@@ -8,13 +8,13 @@
 //! newest release that builds with Rust 1.95).
 //!
 //! - The module's parameters are walked with burn's own
-//!   [`ModuleVisitor`](burn::module::ModuleVisitor) and saved under their
+//!   [`ModuleVisitor`] and saved under their
 //!   module path: `model.layers.0.weight`. Each is read once, in the form
 //!   burn saves (`Param::transform_for_save`), into a host buffer that ckpt
 //!   then flushes *by reference* ([`SharedTensor`]): no second copy into
 //!   the staging pool.
 //! - The optimizer's state comes from burn's
-//!   [`OptimizerRecord`](burn::optim::OptimizerRecord): each state tensor is
+//!   [`OptimizerRecord`]: each state tensor is
 //!   saved under the path of the parameter it belongs to,
 //!   `optimizer.layers.0.weight.momentum.moment_1`, and its scalars (Adam's
 //!   step count, ...) in a small JSON tensor `burn.meta` beside the
