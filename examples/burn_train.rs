@@ -187,13 +187,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             && let Some((snap, at, rng_at, loader_at, started)) = capturing.take()
         {
             let snap = snap.wait()?;
-            let state = snap
-                .state(at)
-                .rng(&rng_at)
-                .data_loader(&loader_at)
-                .lr_schedule(&sched)
-                .build()?;
-            let h = ckpt.save(&state)?;
+            let h = save(&ckpt, &snap, (at, &rng_at, &loader_at, &sched))?;
             say(format!(
                 "step {at:>5}  save: captured in the background (the loop stopped {:.2} ms to start it) + math-stop {:.2} ms for {:.2} MiB",
                 ms(started),
@@ -243,13 +237,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             let snap = BurnSnapshot::capture(&model, &optim)?;
             let capture = t.elapsed();
-            let state = snap
-                .state(step)
-                .rng(&rng)
-                .data_loader(&loader)
-                .lr_schedule(&sched)
-                .build()?;
-            let h = ckpt.save(&state)?;
+            let h = save(&ckpt, &snap, (step, &rng, &loader, &sched))?;
             say(format!(
                 "step {step:>5}  save: capture {:.2} ms + math-stop {:.2} ms for {:.2} MiB",
                 ms(capture),
@@ -289,6 +277,21 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     h.update(&serde_json::to_vec(&(&rng, &loader))?);
     println!("final-state-blake3: {}", h.finalize().to_hex());
     Ok(())
+}
+
+/// Saves `snap` as step `step` with its loop state.
+fn save(
+    ckpt: &Checkpointer,
+    snap: &BurnSnapshot,
+    (step, rng, loader, sched): (u64, &Rng, &Loader, &LrSchedule),
+) -> ckpt::Result<SaveHandle> {
+    let state = snap
+        .state(step)
+        .rng(rng)
+        .data_loader(loader)
+        .lr_schedule(sched)
+        .build()?;
+    ckpt.save(&state)
 }
 
 fn report(h: &SaveHandle, say: &dyn Fn(String)) {

@@ -263,34 +263,33 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let lr = sched.at(step);
         let loss = if overlap_due {
             overlap_due = false;
-            let views = model.views();
-            let tower = TensorRef::from_slice("frozen.tower", &[frozen.len() as u64], &frozen);
-            // The loop state of `step`, before this step's batch is drawn.
-            let state = Shard::state_with_frozen(
-                &views,
-                (!frozen.is_empty()).then_some(&tower),
-                step,
-                &rng,
-                &loader,
-                &sched,
-            )?;
+            // The loop state of `step` (serialized as the state is built),
+            // before this step's batch is drawn.
+            let (rng_at, loader_at) = (rng.clone(), loader.clone());
             let batch = loader.next_batch(0, 1, BATCH);
-            // Forward and backward read the parameters being copied; the
-            // update below may change them only once the copy is done.
-            let (h, (loss, grads)) = ckpt.save_overlapped(&state, || {
-                let r = model.backward(&batch, &mut rng);
-                // --step-ms stands for an accelerator's forward and backward.
-                if let Some(rest) =
-                    std::time::Duration::from_millis(args.step_ms).checked_sub(step_start.elapsed())
-                {
-                    std::thread::sleep(rest);
-                }
-                r
-            });
-            let h = h?;
-            announce(&h, &out, state.nbytes());
-            drop(state);
-            drop(views);
+            let (h, (loss, grads)) = with_state(
+                &model,
+                &frozen,
+                (step, &rng_at, &loader_at, &sched),
+                |state| {
+                    // Forward and backward read the parameters being
+                    // copied; the update below may change them only once
+                    // the copy is done.
+                    let (h, r) = ckpt.save_overlapped(state, || {
+                        let r = model.backward(&batch, &mut rng);
+                        // --step-ms stands for an accelerator's forward
+                        // and backward.
+                        if let Some(rest) = std::time::Duration::from_millis(args.step_ms)
+                            .checked_sub(step_start.elapsed())
+                        {
+                            std::thread::sleep(rest);
+                        }
+                        r
+                    });
+                    Ok((h?, r))
+                },
+            )?;
+            announce(&h, &out);
             model.update(&grads, lr, step + 1);
             pending.push_back(h);
             loss
@@ -319,18 +318,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         if due && args.overlap && step < args.steps {
             overlap_due = true;
         } else if due || step == args.steps {
-            let views = model.views();
-            let tower = TensorRef::from_slice("frozen.tower", &[frozen.len() as u64], &frozen);
-            let state = Shard::state_with_frozen(
-                &views,
-                (!frozen.is_empty()).then_some(&tower),
-                step,
-                &rng,
-                &loader,
-                &sched,
-            )?;
-            let h = ckpt.save(&state)?;
-            announce(&h, &out, state.nbytes());
+            let h = with_state(&model, &frozen, (step, &rng, &loader, &sched), |state| {
+                ckpt.save(state)
+            })?;
+            announce(&h, &out);
             pending.push_back(h);
         }
         if args.crash_at_step == Some(step) {
@@ -361,9 +352,31 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Builds the state of the model (and the frozen tower, if any) at `step`
+/// with its loop state, and hands it to `f`.
+fn with_state<R>(
+    model: &Shard,
+    frozen: &[f32],
+    (step, rng, loader, sched): (u64, &Rng, &Loader, &LrSchedule),
+    f: impl FnOnce(&ckpt::TrainingState<'_>) -> ckpt::Result<R>,
+) -> ckpt::Result<R> {
+    let views = model.views();
+    let tower = TensorRef::from_slice("frozen.tower", &[frozen.len() as u64], frozen);
+    let state = Shard::state_with_frozen(
+        &views,
+        (!frozen.is_empty()).then_some(&tower),
+        step,
+        rng,
+        loader,
+        sched,
+    )?;
+    f(&state)
+}
+
 /// Says a save was made: its math-stop (and, overlapped, the copy it hid).
-fn announce(h: &SaveHandle, out: &Out, nbytes: u64) {
+fn announce(h: &SaveHandle, out: &Out) {
     let r = h.report();
+    let nbytes = r.bytes;
     out.say(format!(
         "step {:>5}  save: math-stop {:.2} ms for {:.1} MiB{}{}",
         r.step,

@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
-use common::{digest, example, run};
+use common::{digest, example, resumed_from, run};
 
 #[test]
 fn burn_crash_and_resume_is_bit_exact() {
@@ -51,12 +51,7 @@ fn burn_crash_and_resume_is_bit_exact() {
         String::from_utf8_lossy(&resumed.stderr)
     );
     let out = String::from_utf8_lossy(&resumed.stdout);
-    let from: u64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("resumed from step "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("the second run did not resume:\n{out}"));
+    let from = resumed_from(&resumed);
     // The save of step 70 may have been in flight at the abort.
     assert!(
         from == 70 || from == 60,
@@ -151,12 +146,7 @@ fn burn_background_capture_resumes_bit_exact() {
         .arg("--background-capture"));
     let out = String::from_utf8_lossy(&resumed.stdout);
     assert!(resumed.status.success(), "{out}");
-    let from: u64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("resumed from step "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("the second run did not resume:\n{out}"));
+    let from = resumed_from(&resumed);
     assert!(
         from > 0 && from.is_multiple_of(10) && from <= 60,
         "resumed from {from}:\n{out}"

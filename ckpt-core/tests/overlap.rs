@@ -9,6 +9,16 @@ use ckpt_core::{Checkpointer, MemoryTier, TensorMut, TensorRef, TierPolicy, Trai
 
 const N: usize = 8 << 20; // 32 MiB of f32
 
+/// A state of one model tensor and nothing else.
+fn bare<'a>(step: u64, t: &'a TensorRef<'a>) -> TrainingState<'a> {
+    TrainingState::builder(step)
+        .model([t])
+        .without_optimizer()
+        .without_loop_state()
+        .build()
+        .expect("state")
+}
+
 fn checkpointer(tier: Arc<MemoryTier>) -> Checkpointer {
     Checkpointer::builder("overlap")
         .tier(tier, TierPolicy::keep_last(4))
@@ -37,12 +47,7 @@ fn work_longer_than_the_copy_hides_it() {
     // Warm the pool (its first use allocates and pre-faults it).
     {
         let t = TensorRef::from_slice("w", &[N as u64], &w);
-        let s = TrainingState::builder(1)
-            .model([&t])
-            .without_optimizer()
-            .without_loop_state()
-            .build()
-            .expect("test setup");
+        let s = bare(1, &t);
         ckpt.save(&s)
             .expect("test setup")
             .wait()
@@ -50,12 +55,7 @@ fn work_longer_than_the_copy_hides_it() {
     }
     let plain = {
         let t = TensorRef::from_slice("w", &[N as u64], &w);
-        let s = TrainingState::builder(2)
-            .model([&t])
-            .without_optimizer()
-            .without_loop_state()
-            .build()
-            .expect("test setup");
+        let s = bare(2, &t);
         let h = ckpt.save(&s).expect("test setup");
         h.wait().expect("test setup");
         h.report()
@@ -63,12 +63,7 @@ fn work_longer_than_the_copy_hides_it() {
     assert!(!plain.overlapped);
     let work = (plain.copy * 6).max(Duration::from_millis(150));
     let t = TensorRef::from_slice("w", &[N as u64], &w);
-    let s = TrainingState::builder(3)
-        .model([&t])
-        .without_optimizer()
-        .without_loop_state()
-        .build()
-        .expect("test setup");
+    let s = bare(3, &t);
     let call = Instant::now();
     let (h, sum) = ckpt.save_overlapped(&s, || {
         // "Forward and backward": reads the tensor being copied.
@@ -112,12 +107,7 @@ fn work_shorter_than_the_copy_waits_for_the_rest() {
         .expect("test setup");
     let w = vec![1f32; N];
     let t = TensorRef::from_slice("w", &[N as u64], &w);
-    let s = TrainingState::builder(1)
-        .model([&t])
-        .without_optimizer()
-        .without_loop_state()
-        .build()
-        .expect("test setup");
+    let s = bare(1, &t);
     let (h, ()) = ckpt.save_overlapped(&s, || std::thread::sleep(Duration::from_millis(100)));
     let r = h.expect("test setup").wait().expect("test setup");
     assert!(
@@ -142,23 +132,13 @@ fn a_panic_in_the_work_waits_for_the_copy_and_leaves_the_checkpointer_usable() {
     let ckpt = checkpointer(tier.clone());
     let w = vec![2f32; N];
     let t = TensorRef::from_slice("w", &[N as u64], &w);
-    let s = TrainingState::builder(1)
-        .model([&t])
-        .without_optimizer()
-        .without_loop_state()
-        .build()
-        .expect("test setup");
+    let s = bare(1, &t);
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         ckpt.save_overlapped(&s, || panic!("backward failed"))
     }));
     assert!(panicked.is_err());
     drop(s);
-    let s = TrainingState::builder(2)
-        .model([&t])
-        .without_optimizer()
-        .without_loop_state()
-        .build()
-        .expect("test setup");
+    let s = bare(2, &t);
     ckpt.save(&s)
         .expect("test setup")
         .wait()

@@ -46,6 +46,17 @@ pub fn digest(out: &Output) -> String {
         .to_string()
 }
 
+/// The step of the `resumed from step N` line of an example's output.
+pub fn resumed_from(out: &Output) -> u64 {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("resumed from step "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the run did not resume:\n{stdout}"))
+}
+
 /// A child process whose stdout is one JSON object per line (the
 /// examples' `--json`), read on a thread of its own; every event is stamped
 /// with the time it arrived.
