@@ -70,7 +70,33 @@ scripts/garage-server.sh start
   # shellcheck disable=SC1091
   source target/garage-test-server.env
   export CKPT_REQUIRE_S3=1
-  cargo test --all-features --no-fail-fast -p ckpt-io --test s3 \
-    -p ckpt --test cli --test quickstart_resume --test multi_rank_commit
+  # The test binaries the s3s-fs phase built, run as cargo runs them (from
+  # their package's directory): a narrower `cargo test -p ...` would resolve
+  # other features for shared dependencies and build burn a second time.
+  status=0
+  ran=0
+  while read -r exe dir; do
+    echo "-- $(basename "$exe") against Garage"
+    (cd "$dir" && "$exe") || status=1
+    ran=$((ran + 1))
+  done < <(cargo test --workspace --all-features --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, os, sys
+want = {("ckpt-io", "s3"), ("ckpt", "cli"), ("ckpt", "quickstart_resume"), ("ckpt", "multi_rank_commit")}
+for line in sys.stdin:
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in t.get("kind", []):
+        # path+file:///dir#name@version, or path+file:///dir/name#version
+        url, frag = m["package_id"].split("#", 1)
+        pkg = frag.split("@")[0] if "@" in frag else url.rsplit("/", 1)[-1]
+        if (pkg, t["name"]) in want:
+            print(m["executable"], os.path.dirname(m["manifest_path"]))
+')
+  if [ "$ran" -ne 4 ]; then
+    echo "expected 4 test binaries for the Garage phase, found $ran" >&2
+    exit 1
+  fi
+  exit "$status"
 )
 du -sh target 2>/dev/null | awk '{print "== target/: " $1}'
