@@ -301,8 +301,11 @@ impl CheckpointerBuilder {
     }
 
     /// Copy threads of [`save_overlapped`](crate::Checkpointer::save_overlapped)
-    /// (default 1): its copy runs while the caller's forward and backward
-    /// use the cores.
+    /// while the caller's closure runs (default 1: the forward and backward
+    /// pass use the cores too). Once the closure has returned and the
+    /// caller waits, the blocks left are copied by all
+    /// [`copy_threads`](Self::copy_threads), so the part not hidden costs
+    /// what a plain save's copy would.
     pub fn overlap_copy_threads(mut self, n: usize) -> Self {
         self.settings.overlap_copy_threads = n;
         self

@@ -205,14 +205,20 @@ impl Checkpointer {
             let _ = stage_tx.send(StageMsg::Block(k, b));
         };
         let overlapped = during.is_some();
+        // An overlapped copy starts with `overlap_copy_threads` workers;
+        // once the caller's work is done and it waits, every copy thread
+        // may take the blocks left (the caller is idle then).
         let (threads, rate) = if overlapped {
             (
-                self.settings.overlap_copy_threads,
+                self.settings
+                    .copy_threads
+                    .max(self.settings.overlap_copy_threads),
                 self.settings.overlap_copy_rate,
             )
         } else {
             (self.settings.copy_threads, None)
         };
+        let gate = overlapped.then(|| copy::Gate::new(self.settings.overlap_copy_threads));
         let gpu = self.gpu();
         let copy = || {
             let t = Instant::now();
@@ -225,6 +231,7 @@ impl Checkpointer {
                 self.settings.block_timeout,
                 gpu,
                 rate,
+                gate.as_ref(),
                 &sink,
             );
             (r, t.elapsed())
@@ -242,6 +249,9 @@ impl Checkpointer {
                     let copier = s.spawn(copy);
                     f();
                     let waiting = Instant::now();
+                    if let Some(g) = &gate {
+                        g.raise(self.settings.copy_threads);
+                    }
                     let (r, c) = copier.join().unwrap_or_else(|_| {
                         (
                             Err(Error::Internal("the staging copy panicked".into())),

@@ -220,6 +220,50 @@ fn fill(
     Ok(crcs)
 }
 
+/// How many of a copy's workers may take blocks: an overlapped save's copy
+/// runs with a few while the caller works, then with all of them once the
+/// caller waits for it.
+pub(crate) struct Gate {
+    allowed: Mutex<usize>,
+    raised: std::sync::Condvar,
+}
+
+impl Gate {
+    /// Workers `0..n` may work.
+    pub(crate) fn new(n: usize) -> Self {
+        Self {
+            allowed: Mutex::new(n.max(1)),
+            raised: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Workers `0..n` may work from now on.
+    pub(crate) fn raise(&self, n: usize) {
+        let mut a = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+        *a = (*a).max(n);
+        self.raised.notify_all();
+    }
+
+    /// Waits until `worker` may work (`true`) or the copy is `finished`
+    /// without it (`false`).
+    fn admit(&self, worker: usize, finished: &dyn Fn() -> bool) -> bool {
+        let mut a = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if worker < *a {
+                return true;
+            }
+            if finished() {
+                return false;
+            }
+            a = self
+                .raised
+                .wait_timeout(a, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
 /// Copies `sources` into pool blocks with `threads` workers, calling
 /// `sink(block_index, bytes)` for every filled block (from worker threads,
 /// in any order), and returns the per-chunk checksums if `checksum` (else
@@ -235,6 +279,7 @@ pub(crate) fn stage(
     block_timeout: Duration,
     gpu: Option<&dyn DeviceCopy>,
     rate: Option<u64>,
+    gate: Option<&Gate>,
     sink: &(dyn Fn(usize, Bytes) + Sync),
 ) -> Result<Staged> {
     let block_size = pool.block_size();
@@ -254,11 +299,20 @@ pub(crate) fn stage(
     };
     let threads = threads.clamp(1, plan.len().max(1));
 
-    let work = || -> WorkerResult {
+    let finished = || {
+        failed.load(Ordering::Relaxed)
+            || *next.lock().unwrap_or_else(|e| e.into_inner()) >= plan.len()
+    };
+    let work = |worker: usize| -> WorkerResult {
         let mut done = Vec::new();
         let mut waited = Duration::ZERO;
         loop {
             if failed.load(Ordering::Relaxed) {
+                return Ok((done, waited));
+            }
+            if let Some(g) = gate
+                && !g.admit(worker, &finished)
+            {
                 return Ok((done, waited));
             }
             // Take the next block index and its memory together, so blocks
@@ -291,13 +345,15 @@ pub(crate) fn stage(
     };
 
     let results: Vec<WorkerResult> = if threads == 1 {
-        vec![work()]
+        vec![work(0)]
     } else {
         std::thread::scope(|s| {
+            let work = &work;
+            let failed = &failed;
             let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        let r = work();
+                .map(|worker| {
+                    s.spawn(move || {
+                        let r = work(worker);
                         if r.is_err() {
                             failed.store(true, Ordering::Relaxed);
                         }
@@ -382,6 +438,7 @@ mod tests {
             Duration::from_secs(5),
             None,
             None,
+            None,
             &|k, bytes| {
                 got.lock().expect("lock").push((k, bytes));
             },
@@ -409,6 +466,7 @@ mod tests {
             true,
             2,
             Duration::from_secs(5),
+            None,
             None,
             None,
             &|_, bytes| {
@@ -486,6 +544,7 @@ mod tests {
                 Duration::from_secs(5),
                 Some(&HostAsDevice { fail: false }),
                 None,
+                None,
                 &|k, bytes| got.lock().expect("lock").push((k, bytes.to_vec())),
             )
             .expect("stage");
@@ -516,6 +575,7 @@ mod tests {
             Duration::from_secs(5),
             Some(&HostAsDevice { fail: true }),
             None,
+            None,
             &|_, _| {},
         )
         .expect_err("fails");
@@ -536,6 +596,7 @@ mod tests {
             false,
             1,
             Duration::from_secs(5),
+            None,
             None,
             None,
             &|_, _| {},
