@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{digest, example, run};
+use common::{digest, durable_steps, example, resumed_from, run};
 
 #[test]
 fn crash_and_resume_is_bit_exact() {
@@ -43,17 +43,16 @@ fn crash_and_resume_is_bit_exact() {
         String::from_utf8_lossy(&resumed.stderr)
     );
     let out = String::from_utf8_lossy(&resumed.stdout);
-    // The save of step 70 may still have been in flight when the process
-    // aborted at step 73; then step 60 is the newest committed checkpoint.
-    let from: u64 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("resumed from step "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("the second run did not resume:\n{out}"));
+    // Saves are asynchronous: the saves of steps 60 and 70 may still have
+    // been in flight when the process aborted at step 73 (a loaded machine
+    // makes them slower than the steps). The resume starts from the newest
+    // step reported durable, or a newer one whose report the abort cut off.
+    let from = resumed_from(&resumed);
+    let durable = durable_steps(&first);
+    let newest = durable.iter().copied().max().unwrap_or(0);
     assert!(
-        from == 70 || from == 60,
-        "resumed from step {from}, expected 70 (or 60 if 70 was in flight):\n{out}"
+        from > 0 && from.is_multiple_of(10) && from <= 70 && from >= newest,
+        "resumed from step {from}; steps durable before the abort: {durable:?}:\n{out}"
     );
     assert_eq!(
         digest(&resumed),

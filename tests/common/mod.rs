@@ -57,6 +57,20 @@ pub fn resumed_from(out: &Output) -> u64 {
         .unwrap_or_else(|| panic!("the run did not resume:\n{stdout}"))
 }
 
+/// The steps an example reported durable (`step N  durable ...`) before
+/// it stopped: a crashed run's resume starts from the newest of them or a
+/// newer one whose report the abort cut off, never from an older one.
+pub fn durable_steps(out: &Output) -> Vec<u64> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (first, step, what) = (words.next()?, words.next()?, words.next()?);
+            (first == "step" && what == "durable").then(|| step.parse().ok())?
+        })
+        .collect()
+}
+
 /// A child process whose stdout is one JSON object per line (the
 /// examples' `--json`), read on a thread of its own; every event is stamped
 /// with the time it arrived.
