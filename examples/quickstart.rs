@@ -392,7 +392,10 @@ fn announce(h: &SaveHandle, out: &Out) {
         } else if r.waited.is_zero() {
             String::new()
         } else {
-            format!(" (waited {:?} for the previous flush)", r.waited)
+            format!(
+                " (of which {:?} waiting for staging blocks a flush still held)",
+                r.waited
+            )
         }
     ));
     out.event(
@@ -416,7 +419,7 @@ fn report_durable(h: &SaveHandle, out: &Out, schedule: Option<&Checkpointer>) {
                 "committed": t.committed,
                 "flush_ms": ms(t.flush),
                 "commit_ms": ms(t.commit),
-                "durable_ms": ms(r.math_stop + t.flush + t.commit),
+                "durable_ms": ms(t.durable_at.unwrap_or(r.math_stop + t.flush + t.commit)),
                 "written": t.written,
                 "referenced": t.referenced,
                 "error": t.error.as_ref().map(ToString::to_string),

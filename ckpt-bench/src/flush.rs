@@ -1,5 +1,10 @@
 //! `ckpt-bench flush`: time from save to durable on a local directory,
-//! beside the raw sequential write bandwidth of the same directory.
+//! beside the raw sequential write bandwidth of the same directory. With
+//! `--alongside peer|s3`, the same saves also go to a second tier, and the
+//! local tier's time to durable is measured with and without it
+//! (interleaved), with the staging pool's occupancy over a save.
+
+use std::sync::Arc;
 
 use ckpt_core::{Checkpointer, TierPolicy};
 use clap::Args;
@@ -17,6 +22,12 @@ pub struct FlushArgs {
     /// The tier under test.
     #[command(flatten)]
     pub target: crate::tiers::TierArgs,
+    /// Also attach this tier (to the same saves, from the same staged
+    /// blocks) and measure the local tier's time to durable with and
+    /// without it; `--tier local` only. `s3` takes the bucket from
+    /// `--s3-url`.
+    #[arg(long, value_enum)]
+    pub alongside: Option<crate::tiers::TierKind>,
     /// One JSON object per result.
     #[arg(long)]
     pub json: bool,
@@ -39,6 +50,34 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         .tier(opened.tier.clone(), TierPolicy::keep_last(1))
         .staging_capacity(bytes)
         .build()?;
+    // The second tier and a checkpointer that writes to both.
+    let alongside = match a.alongside {
+        None => None,
+        Some(kind) => {
+            if a.target.tier != crate::tiers::TierKind::Local
+                || kind == crate::tiers::TierKind::Local
+            {
+                return Err("--alongside takes peer or s3, beside --tier local".into());
+            }
+            let other = crate::tiers::open(
+                kind,
+                &a.state.dir,
+                a.target.s3_url.as_deref(),
+                2 * bytes + (64 << 20),
+            )?;
+            let both = Checkpointer::builder(format!("{run}-both"))
+                .tier(
+                    Arc::new(ckpt_io::LocalTier::new(&a.state.dir)?),
+                    TierPolicy::keep_last(1),
+                )
+                .tier(other.tier.clone(), TierPolicy::keep_last(1))
+                .staging_capacity(bytes)
+                .build()?;
+            Some((other, both))
+        }
+    };
+    let (mut with_local, mut with_other) = (vec![], vec![]);
+    let mut last_with: Option<ckpt_core::SaveReport> = None;
     let (mut durable, mut raw, mut direct) = (vec![], vec![], vec![]);
     for i in 0..a.state.iters {
         // Alternate so drift in the device's state affects both alike. The
@@ -52,10 +91,30 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         let state = synth::state(&views, i as u64 + 1)?;
         let report = ckpt.save(&state)?.wait()?;
         durable.push(report.durable_after().ok_or("not committed")?.as_secs_f64());
+        if let Some((_, both)) = &alongside {
+            let r = both.save(&state)?.wait()?;
+            let at = |t: usize| {
+                r.tiers
+                    .get(t)
+                    .and_then(|t| t.durable_at)
+                    .map(|d| d.as_secs_f64())
+                    .ok_or_else(|| format!("tier {t} did not commit: {:?}", r.tiers.get(t)))
+            };
+            with_local.push(at(0)?);
+            with_other.push(at(1)?);
+            last_with = Some(r);
+        }
     }
     let (d, r) = (floors::median(&mut durable), floors::median(&mut raw));
     let od = (!direct.is_empty()).then(|| floors::median(&mut direct));
     let best = od.map_or(r, |o| if r.is_nan() { o } else { o.min(r) });
+    let with = alongside.as_ref().map(|(other, _)| {
+        let (l, o) = (
+            floors::median(&mut with_local),
+            floors::median(&mut with_other),
+        );
+        (other.tier.location(), l, o)
+    });
     let result = json!({
         "bench": "flush",
         "tier": format!("{:?}", a.target.tier).to_lowercase(),
@@ -69,6 +128,15 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         // The headline: against the faster of the two floors.
         "best_floor_s": best,
         "ratio_to_best_floor": d / best,
+        "alongside": with.as_ref().map(|(loc, l, o)| json!({
+            "location": loc,
+            "local_durable_s": l,
+            "local_ratio_to_alone": l / d,
+            "alongside_durable_s": o,
+            "staging": last_with.as_ref().map(|r| r.staging.iter()
+                .map(|s| json!([s.at.as_secs_f64(), s.in_use_bytes]))
+                .collect::<Vec<_>>()),
+        })),
     });
     if a.json {
         println!("{result}");
@@ -114,7 +182,53 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
+    if let (false, Some((loc, l, o))) = (a.json, &with) {
+        println!(
+            "local tier with {loc} attached: durable in {l:.3} s = {:.3}x local alone; {loc} durable in {o:.3} s",
+            l / d
+        );
+        if let Some(r) = &last_with {
+            println!("{}", occupancy(r, bytes));
+        }
+    }
     drop(ckpt);
+    drop(alongside);
+    let _ = std::fs::remove_dir_all(a.state.dir.join(format!("{run}-both")));
     let _ = std::fs::remove_dir_all(a.state.dir.join(run));
     Ok(())
+}
+
+/// The staging pool's occupancy during one save, as a line per tenth of
+/// the save, with the moment each tier was durable.
+fn occupancy(r: &ckpt_core::SaveReport, bytes: u64) -> String {
+    let end = r.total.as_secs_f64();
+    let mut out = format!(
+        "staging pool during the last save ({:.0} MiB staged):",
+        bytes as f64 / (1u64 << 20) as f64
+    );
+    for i in 0..=10 {
+        let t = end * f64::from(i) / 10.0;
+        let used = r
+            .staging
+            .iter()
+            .take_while(|s| s.at.as_secs_f64() <= t)
+            .last()
+            .map_or(0, |s| s.in_use_bytes);
+        let held: Vec<&str> = r
+            .tiers
+            .iter()
+            .filter(|tr| tr.durable_at.is_none_or(|d| d.as_secs_f64() > t))
+            .map(|tr| tr.tier.as_str())
+            .collect();
+        out.push_str(&format!(
+            "\n  t={t:>6.2} s  {:>6.0} MiB in use  tiers still flushing: {}",
+            used as f64 / (1u64 << 20) as f64,
+            if held.is_empty() {
+                "none".to_string()
+            } else {
+                held.join(", ")
+            }
+        ));
+    }
+    out
 }

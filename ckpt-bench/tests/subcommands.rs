@@ -66,6 +66,57 @@ fn stage_flush_restore_report_ours_beside_the_floors() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// `flush --alongside peer`: the local tier's time to durable with a peer
+/// tier attached to the same saves, and the pool's occupancy over a save.
+#[test]
+fn flush_alongside_a_peer_tier_reports_both_and_the_pool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bench(
+        &[
+            "flush",
+            "--state-bytes",
+            "32M",
+            "--tensors",
+            "4",
+            "--iters",
+            "2",
+            "--alongside",
+            "peer",
+        ],
+        dir.path(),
+    );
+    let with = &out[0]["alongside"];
+    check_alongside(with, 32 << 20, "peer://127.0.0.1:");
+}
+
+/// What `--alongside` reports hangs together: both tiers durable, the pool
+/// full of the save at some point and empty once every tier is done.
+fn check_alongside(with: &Value, bytes: u64, location: &str) {
+    assert!(
+        with["location"]
+            .as_str()
+            .is_some_and(|l| l.starts_with(location)),
+        "{with}"
+    );
+    assert!(num(with, "local_durable_s") > 0.0, "{with}");
+    assert!(num(with, "alongside_durable_s") > 0.0, "{with}");
+    assert!(num(with, "local_ratio_to_alone") > 0.0, "{with}");
+    let staging = with["staging"].as_array().expect("staging samples");
+    assert!(
+        (2..=ckpt_core::STAGING_SAMPLES + 1).contains(&staging.len()),
+        "{with}"
+    );
+    let at = |s: &Value| s[0].as_f64().expect("time");
+    let used = |s: &Value| s[1].as_u64().expect("bytes");
+    assert!(staging.windows(2).all(|w| at(&w[0]) <= at(&w[1])), "{with}");
+    let peak = staging.iter().map(used).max().unwrap_or(0);
+    assert!(
+        peak >= bytes,
+        "the pool held the whole save at its peak: {with}"
+    );
+    assert_eq!(staging.last().map(used), Some(0), "{with}");
+}
+
 #[test]
 fn fingerprint_reports_the_replica_check_beside_the_memcpy_floor() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -274,6 +325,34 @@ fn flush_and_restore_on_s3() {
         };
         assert!(num(&v, key) > 0.0, "{v}");
     }
+}
+
+/// `flush --alongside s3`: the bundled S3 server beside the local tier.
+#[test]
+fn flush_alongside_s3() {
+    let Some(s3) = s3s::Bundled::get("flush_alongside_s3") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = s3.location("al");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"));
+    s3.env(&mut cmd);
+    let out = cmd
+        .args(["flush", "--alongside", "s3", "--s3-url", &url])
+        .args(["--state-bytes", "32M", "--tensors", "4", "--iters", "2"])
+        .args(["--json", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run ckpt-bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().expect("a line"))
+            .expect("json");
+    check_alongside(&v["alongside"], 32 << 20, "s3://");
 }
 
 /// README's `ckpt-bench plan` command prints README's table.

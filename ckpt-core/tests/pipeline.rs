@@ -435,3 +435,76 @@ fn failure_log_counts_unclean_restarts_only() {
     // miscount would show "2 failures" and time out here).
     failures_seen(&c, "1 failures");
 }
+
+/// A save's report says when each tier was durable, counted from the save's
+/// start (math-stop included, once), and how full the staging pool was
+/// until every tier finished.
+#[test]
+fn reports_time_each_tier_from_the_save_start_and_the_pools_occupancy() {
+    let tier = MemoryTier::new();
+    let ckpt = Checkpointer::builder("r")
+        .tier(Arc::new(tier.clone()), TierPolicy::keep_last(2))
+        // About 0.2 s to write the 1 MiB state.
+        .tier(
+            Arc::new(MemoryTier::new()),
+            TierPolicy::keep_last(2).rate_limit(5 << 20),
+        )
+        .block_size(64 << 10)
+        .build()
+        .expect("build");
+    let (w, m) = (data(200_000, 1), data(62_144, 2));
+    let bytes = ((w.len() + m.len()) * 4) as u64;
+    let r = save_step(&ckpt, 1, &w, &m);
+    let (fast, slow) = (&r.tiers[0], &r.tiers[1]);
+    let (fast_at, slow_at) = (
+        fast.durable_at.expect("fast tier committed"),
+        slow.durable_at.expect("slow tier committed"),
+    );
+    assert!(fast_at >= r.math_stop && slow_at >= r.math_stop, "{r:?}");
+    assert!(fast_at <= r.total && slow_at <= r.total, "{r:?}");
+    assert!(slow_at >= Duration::from_millis(150), "{r:?}");
+    assert_eq!(r.durable_after(), Some(slow_at.max(fast_at)));
+
+    let s = &r.staging;
+    assert!(
+        s.len() >= 2 && s.len() <= ckpt_core::STAGING_SAMPLES + 1,
+        "{s:?}"
+    );
+    assert!(s.windows(2).all(|p| p[0].at <= p[1].at), "{s:?}");
+    let peak = s.iter().map(|p| p.in_use_bytes).max().unwrap_or(0);
+    assert!(peak >= bytes, "the pool held the whole save: {s:?}");
+    // The slow tier held the blocks after the fast one was durable.
+    let held_after_fast = s
+        .iter()
+        .filter(|p| p.at > fast_at && p.at < slow_at)
+        .any(|p| p.in_use_bytes > 0);
+    assert!(held_after_fast, "fast {fast_at:?}, slow {slow_at:?}: {s:?}");
+    assert_eq!(s.last().map(|p| p.in_use_bytes), Some(0), "{s:?}");
+}
+
+/// A save larger than the pool streams through it: the time its copy
+/// waited for blocks to come back is part of the math-stop and reported,
+/// and the pool never holds more than its capacity.
+#[test]
+fn a_save_larger_than_the_pool_reports_the_wait_inside_its_math_stop() {
+    let ckpt = Checkpointer::builder("r")
+        .tier(
+            Arc::new(MemoryTier::new()),
+            TierPolicy::keep_last(1).rate_limit(4 << 20),
+        )
+        .block_size(64 << 10)
+        .staging_capacity(4 * (64 << 10))
+        .build()
+        .expect("build");
+    let (w, m) = (data(200_000, 3), data(62_144, 4));
+    let r = save_step(&ckpt, 1, &w, &m);
+    assert!(r.is_durable());
+    assert!(
+        r.waited >= Duration::from_millis(100),
+        "1 MiB through 256 KiB at 4 MiB/s waits: {r:?}"
+    );
+    assert!(r.math_stop >= r.waited, "{r:?}");
+    assert!(r.math_stop >= r.copy, "{r:?}");
+    let peak = r.staging.iter().map(|p| p.in_use_bytes).max().unwrap_or(0);
+    assert_eq!(peak, 4 * (64 << 10), "{:?}", r.staging);
+}

@@ -142,7 +142,7 @@ pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Res
                 return Err(eof(offset, buf.len()));
             }
             let (head, tail) = std::mem::take(&mut out).split_at_mut(want);
-            head.copy_from_slice(&bounce[skip..skip + want]);
+            ckpt_core::stream_copy(head, &bounce[skip..skip + want]);
             out = tail;
             pos += want as u64;
             first = false;

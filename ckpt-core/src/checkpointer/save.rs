@@ -179,7 +179,7 @@ impl Checkpointer {
             report.math_stop = t0.elapsed();
             return Ok(SaveHandle::finished(report, Vec::new(), t0.elapsed()));
         }
-        let ctx = Arc::new(self.save_ctx(state, &plan, &pool));
+        let ctx = Arc::new(self.save_ctx(state, &plan, &pool, t0));
         let flushes = self.start_flushes(index, &ctx, &rt);
         if flushes.outs.is_empty() && !flushes.runs.is_empty() {
             tracing::debug!(
@@ -278,7 +278,7 @@ impl Checkpointer {
         drop(saves);
         report.math_stop = math_stop;
         tracing::info!(step, bytes = report.bytes, staged = report.staged_bytes, math_stop = ?math_stop, waited = ?report.waited, "staged");
-        let h = self.collect_in_background(report, flushes.runs, t0, &rt);
+        let h = self.collect_in_background(report, flushes.runs, t0, &pool, &rt);
         let mut inflight = lock(&self.inflight);
         inflight.retain(|h| !h.is_done());
         inflight.push(h.clone());
@@ -325,6 +325,7 @@ impl Checkpointer {
         state: &TrainingState<'_>,
         plan: &SavePlan<'_>,
         pool: &StagingPool,
+        started: Instant,
     ) -> SaveCtx {
         let s = &self.settings;
         SaveCtx {
@@ -336,6 +337,7 @@ impl Checkpointer {
             attempt: crate::format::layout::new_attempt(&s.incarnation, state.step()),
             chunk_size: s.chunk_size,
             created_unix_ms: unix_ms(),
+            started,
             parent: lock(&self.last_step).replace(state.step()),
             lineage: lock(&self.lineage).clone(),
             loop_state: state.loop_state().clone(),
@@ -473,8 +475,10 @@ impl Checkpointer {
         report: SaveReport,
         runs: Vec<TierRun>,
         t0: Instant,
+        pool: &StagingPool,
         rt: &tokio::runtime::Handle,
     ) -> SaveHandle {
+        let pool = pool.clone();
         let math_stop = report.math_stop;
         let (step, bytes) = (report.step, report.bytes);
         let handle = SaveHandle::pending(report);
@@ -539,7 +543,7 @@ impl Checkpointer {
                         .map(|r| crate::store::history::TierRecord {
                             tier: r.tier.clone(),
                             committed: r.committed,
-                            durable_s: (math_stop + r.flush + r.commit).as_secs_f64(),
+                            durable_s: r.durable_at.unwrap_or(math_stop + r.flush + r.commit).as_secs_f64(),
                             written: r.written,
                             referenced: r.referenced,
                         })
@@ -547,7 +551,8 @@ impl Checkpointer {
                 };
                 (tier.clone(), run.clone(), record)
             });
-            finisher.finish(reports, total);
+            let staging = pool.occupancy(t0, t0 + total, crate::save::handle::STAGING_SAMPLES);
+            finisher.finish(reports, total, staging);
             if let Some((tier, run, record)) = history
                 && let Err(e) = crate::store::history::append(tier.as_ref(), &run, &record, saves).await
             {

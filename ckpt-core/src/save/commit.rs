@@ -83,6 +83,9 @@ pub(crate) async fn flush_tier(ctx: Arc<SaveCtx>, mut job: TierJob) -> TierRepor
         retention: total.saturating_sub(durable),
         written: bytes.0,
         referenced: bytes.1,
+        durable_at: committed_at
+            .filter(|_| result.is_ok())
+            .map(|c| (start + c).saturating_duration_since(ctx.started)),
         committed: result.is_ok(),
         error: result.err(),
     };

@@ -82,7 +82,8 @@ struct Op {
 pub(crate) struct Staged {
     /// Per input tensor, crc32c of each chunk.
     pub crcs: Vec<Vec<u32>>,
-    /// Time spent waiting for blocks to come back from a running flush.
+    /// Time the copy stood still waiting for blocks to come back from a
+    /// running flush.
     pub waited: Duration,
     /// Blocks used.
     #[cfg_attr(not(test), allow(dead_code))]
@@ -377,7 +378,9 @@ pub(crate) fn stage(
     let mut waited = Duration::ZERO;
     for r in results {
         let (done, w) = r?;
-        waited = waited.max(w);
+        // Blocks are taken one at a time (under `next`), so the workers'
+        // waits never overlap: their sum is the time the copy stood still.
+        waited += w;
         for (k, crcs) in done {
             per_block[k] = Some(crcs);
         }

@@ -14,7 +14,9 @@ use crate::sync::{lock, wait};
 pub struct TierReport {
     /// The tier's location.
     pub tier: String,
-    /// Time from the start of the flush until the shard was durable.
+    /// Time from the start of this tier's flush (when the save started,
+    /// or when this tier's previous save finished) until the shard was
+    /// durable.
     pub flush: Duration,
     /// Time spent committing (rank manifest, waiting for other ranks,
     /// MANIFEST).
@@ -27,6 +29,11 @@ pub struct TierReport {
     /// Bytes of this rank's data the tier already held (an incremental
     /// save's unchanged chunks), not written again.
     pub referenced: u64,
+    /// Time from the start of the save (the call) until the step's commit
+    /// marker was durable on this tier (for a rank other than the
+    /// coordinator: its own piece); `None` if it did not commit. The
+    /// math-stop is part of it.
+    pub durable_at: Option<Duration>,
     /// Whether this rank's data and the step's commit marker are durable on
     /// the tier. For a rank other than the coordinator: its own piece.
     pub committed: bool,
@@ -48,8 +55,9 @@ pub struct SaveReport {
     pub staged_bytes: u64,
     /// The blocking part of the save: the time the training loop stopped.
     pub math_stop: Duration,
-    /// Part of the math-stop spent waiting for staging memory held by an
-    /// earlier flush (policy `Wait`).
+    /// Part of the math-stop the copy stood still, waiting for staging
+    /// blocks a flush still held: an earlier save's (policy `Wait`), or this
+    /// save's own when it is larger than the pool and streams through it.
     pub waited: Duration,
     /// How long the copy into the staging pool took. For a plain save it
     /// is most of the math-stop; for an overlapped one
@@ -67,7 +75,16 @@ pub struct SaveReport {
     /// Time from the start of the save until every tier finished,
     /// retention included.
     pub total: Duration,
+    /// The staging pool's occupancy from the start of the save until every
+    /// tier finished (at most [`STAGING_SAMPLES`] points): beside each
+    /// tier's `durable_at` it shows which tier held the staged blocks, and
+    /// for how long. Blocks of an earlier save a slow tier still holds
+    /// count too.
+    pub staging: Vec<crate::StagingSample>,
 }
+
+/// Most points in [`SaveReport::staging`].
+pub const STAGING_SAMPLES: usize = 64;
 
 impl TierReport {
     /// The report of a tier that did not run this save (down, or a failed
@@ -80,6 +97,7 @@ impl TierReport {
             retention: Duration::ZERO,
             written: 0,
             referenced: 0,
+            durable_at: None,
             committed: false,
             error: Some(error),
         }
@@ -100,17 +118,14 @@ impl SaveReport {
             skipped: false,
             tiers: Vec::new(),
             total: Duration::ZERO,
+            staging: Vec::new(),
         }
     }
 
     /// Time from the start of the save until the last tier that committed
     /// had its commit marker durable (retention excluded).
     pub fn durable_after(&self) -> Option<Duration> {
-        self.tiers
-            .iter()
-            .filter(|t| t.committed)
-            .map(|t| self.math_stop + t.flush + t.commit)
-            .max()
+        self.tiers.iter().filter_map(|t| t.durable_at).max()
     }
 
     /// Whether at least one tier committed the checkpoint.
@@ -135,10 +150,16 @@ impl Shared {
         })
     }
 
-    pub(crate) fn finish(&self, tiers: Vec<TierReport>, total: Duration) {
+    pub(crate) fn finish(
+        &self,
+        tiers: Vec<TierReport>,
+        total: Duration,
+        staging: Vec<crate::StagingSample>,
+    ) {
         let mut g = lock(&self.report);
         g.0.tiers = tiers;
         g.0.total = total;
+        g.0.staging = staging;
         g.1 = true;
         drop(g);
         self.done.notify_all();
@@ -191,13 +212,19 @@ impl SaveHandle {
     /// tier to write to).
     pub(crate) fn finished(report: SaveReport, tiers: Vec<TierReport>, total: Duration) -> Self {
         let h = Self::pending(report);
-        h.finish(tiers, total);
+        h.finish(tiers, total, Vec::new());
         h
     }
 
-    /// Completes the save with every tier's report.
-    pub(crate) fn finish(&self, tiers: Vec<TierReport>, total: Duration) {
-        self.shared.finish(tiers, total);
+    /// Completes the save with every tier's report (and the pool's
+    /// occupancy during it).
+    pub(crate) fn finish(
+        &self,
+        tiers: Vec<TierReport>,
+        total: Duration,
+        staging: Vec<crate::StagingSample>,
+    ) {
+        self.shared.finish(tiers, total, staging);
     }
 
     /// Step of the save.

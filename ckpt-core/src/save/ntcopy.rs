@@ -22,7 +22,7 @@ const STREAM_MIN: usize = 256 << 10;
 /// Copies `src` into `dst` (same length). Large copies bypass the cache on
 /// x86-64; the copied bytes are visible to other threads once this returns
 /// and the usual synchronization (a channel send) publishes them.
-pub(crate) fn stream_copy(dst: &mut [u8], src: &[u8]) {
+pub fn stream_copy(dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "stream_copy: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if src.len() >= STREAM_MIN {

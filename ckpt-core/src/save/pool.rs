@@ -37,6 +37,21 @@ static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
 #[cfg(feature = "cuda")]
 static CUDA_REGISTER_WARNED: AtomicBool = AtomicBool::new(false);
 
+/// Occupancy changes the pool remembers (two per block a save uses: 2 GiB
+/// of 8 MiB blocks is 512).
+const TIMELINE_LEN: usize = 1 << 16;
+
+/// The staging pool's occupancy at one moment of a save
+/// ([`SaveReport::staging`](crate::SaveReport::staging)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StagingSample {
+    /// Time since the save started.
+    pub at: Duration,
+    /// Bytes of the pool holding staged data a tier still needs, from `at`
+    /// until the next sample.
+    pub in_use_bytes: u64,
+}
+
 /// Default block size: 8 MiB.
 pub const DEFAULT_BLOCK_SIZE: usize = 8 << 20;
 
@@ -55,6 +70,9 @@ struct PoolInner {
     locked: bool,
     free: Mutex<Vec<usize>>,
     returned: Condvar,
+    /// Blocks in use after each change, newest last (taken while `free` is
+    /// held, so in the order the changes happened).
+    timeline: Mutex<std::collections::VecDeque<(Instant, u32)>>,
     /// The mapping's registration with the CUDA driver, if any; dropped
     /// (unregistered) before the mapping (`Drop for PoolInner`).
     #[cfg(feature = "cuda")]
@@ -74,8 +92,19 @@ impl PoolInner {
     fn release(&self, index: usize) {
         let mut free = lock(&self.free);
         free.push(index);
+        self.record(free.len());
         drop(free);
         self.returned.notify_all();
+    }
+
+    /// Records the occupancy after a change, `free` blocks being free
+    /// (called with the free list locked).
+    fn record(&self, free: usize) {
+        let mut t = lock(&self.timeline);
+        if t.len() >= TIMELINE_LEN {
+            t.pop_front();
+        }
+        t.push_back((Instant::now(), (self.blocks - free) as u32));
     }
 }
 
@@ -176,6 +205,7 @@ impl StagingPool {
                 locked,
                 free: Mutex::new((0..blocks).rev().collect()),
                 returned: Condvar::new(),
+                timeline: Mutex::new(std::collections::VecDeque::new()),
                 #[cfg(feature = "cuda")]
                 cuda: Mutex::new(None),
             }),
@@ -334,7 +364,15 @@ impl StagingPool {
             ))
         };
         let (index, waited) = self
-            .when_free(timeout, |f| !f.is_empty(), Vec::pop)
+            .when_free(
+                timeout,
+                |f| !f.is_empty(),
+                |f| {
+                    let index = f.pop();
+                    self.inner.record(f.len());
+                    index
+                },
+            )
             .ok_or_else(stuck)?;
         let block = Block {
             pool: self.inner.clone(),
@@ -346,6 +384,61 @@ impl StagingPool {
             Duration::ZERO
         };
         Ok((block, waited))
+    }
+
+    /// The occupancy from `from` to `to`: the blocks in use at `from`, then
+    /// every change, thinned to at most `points` samples by keeping the
+    /// fullest of each time slice (so a pool that was full is never shown
+    /// less full).
+    pub(crate) fn occupancy(
+        &self,
+        from: Instant,
+        to: Instant,
+        points: usize,
+    ) -> Vec<StagingSample> {
+        let block = self.inner.block_size as u64;
+        let t = lock(&self.inner.timeline);
+        let before = t
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= from)
+            .map_or(0, |(_, n)| *n);
+        let mut all = vec![(from, before)];
+        all.extend(t.iter().filter(|(at, _)| *at > from && *at <= to).copied());
+        drop(t);
+        let span = to
+            .saturating_duration_since(from)
+            .max(Duration::from_nanos(1));
+        let slices = points.max(3) as u128 - 2;
+        let last = all.last().copied();
+        let mut out: Vec<StagingSample> = Vec::new();
+        let mut slice_of_last = None;
+        let sample = |at: Instant, n: u32| StagingSample {
+            at: at.saturating_duration_since(from),
+            in_use_bytes: u64::from(n) * block,
+        };
+        for (at, n) in all {
+            let s = sample(at, n);
+            let slice = s.at.as_nanos() * slices / span.as_nanos();
+            match out.last_mut() {
+                // Same slice: keep its first time and its fullest point.
+                Some(prev) if slice_of_last == Some(slice) => {
+                    prev.in_use_bytes = prev.in_use_bytes.max(s.in_use_bytes);
+                }
+                _ => {
+                    out.push(s);
+                    slice_of_last = Some(slice);
+                }
+            }
+        }
+        // The state it ended in, as it was.
+        if let Some((at, n)) = last {
+            let end = sample(at, n);
+            if out.last() != Some(&end) {
+                out.push(end);
+            }
+        }
+        out
     }
 
     /// Waits until every block is free (no flush holds staged data).

@@ -33,6 +33,8 @@ pub(crate) struct SaveCtx {
     pub attempt: String,
     pub chunk_size: u64,
     pub created_unix_ms: u64,
+    /// When the save was called (its report's times count from here).
+    pub started: std::time::Instant,
     /// The step this process restored or saved before this one.
     pub parent: Option<u64>,
     /// The run's rollbacks as this process knows them.
