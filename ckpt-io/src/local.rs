@@ -348,6 +348,7 @@ impl Tier for LocalTier {
         Capabilities::NONE
             .with_atomic_create(true)
             .with_survives_process(true)
+            .with_read_alignment(if self.direct_reads { 4096 } else { 0 })
     }
 
     fn create<'a>(&'a self, rel: &'a str) -> BoxFuture<'a, Result<Box<dyn TierWriter>>> {

@@ -235,6 +235,33 @@ fn corrupted_byte_in_a_shard_is_located_and_restore_falls_back() {
     );
 }
 
+/// Restore reads a local shard through aligned buffers of its own and
+/// copies out while verifying; the bytes past the last aligned offset are
+/// read straight into the caller's buffer. A flip in either part, and in
+/// the first and last byte, is caught and named.
+#[test]
+fn corrupted_bytes_anywhere_in_a_tensor_are_caught() {
+    let (_dir, s) = three_steps();
+    let m = s.manifest(3).expect("manifest");
+    let w = m.tensors["w"].pieces[0].clone();
+    let clean = fs::read(s.shard(3)).expect("read shard");
+    let last = w.length - 1;
+    for at in [0, CHUNK - 1, 3 * CHUNK + 17, last - 100, last] {
+        let mut bytes = clean.clone();
+        bytes[(w.offset + at) as usize] ^= 0x40;
+        fs::write(s.shard(3), &bytes).expect("write shard");
+        match s.read_step(3) {
+            Err(Error::Corrupt { path, chunk, .. }) => {
+                assert!(is_shard_3(&path), "{path}");
+                assert_eq!(chunk as u64, at / CHUNK, "byte {at}");
+            }
+            other => panic!("byte {at} of w flipped: expected Corrupt, got {other:?}"),
+        }
+    }
+    fs::write(s.shard(3), &clean).expect("write shard");
+    assert_eq!(s.read_step(3).expect("clean again"), w.length);
+}
+
 #[test]
 fn truncated_shard_is_incomplete_and_restore_falls_back() {
     let (_dir, s) = three_steps();

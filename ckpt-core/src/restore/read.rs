@@ -223,12 +223,32 @@ fn read_pool<'a>(
         failed.store(true, Ordering::Relaxed);
         Err(e)
     };
+    // Aligned buffers for tiers whose reads are zero-copy only into
+    // aligned memory: one per reader and verifier, so readers block (and
+    // stop reading ahead) when the verifiers fall behind.
+    let align = tier.capabilities().read_alignment;
+    let bounces = (align.is_power_of_two() && align > 1)
+        .then(|| {
+            let unit = READ_UNIT.max(chunk_size) / chunk_size * chunk_size;
+            BouncePool::new(threads + verifiers, unit as usize, align)
+        })
+        .transpose()?;
     let verifier = || -> Result<()> {
         loop {
             let Ok(v) = lock(&verify_rx).recv() else {
                 return Ok(());
             };
-            if let Err(e) = verify_spans(&v.spans, v.buf, chunk_size, v.crcs) {
+            let r = match v {
+                Verify::InPlace { spans, buf, crcs } => verify_spans(&spans, buf, chunk_size, crcs),
+                Verify::Bounced(mut job) => {
+                    let r = job.copy_out(chunk_size);
+                    if let Some(pool) = &bounces {
+                        pool.put(job.bounce);
+                    }
+                    r
+                }
+            };
+            if let Err(e) = r {
                 return fail(e);
             }
         }
@@ -238,11 +258,18 @@ fn read_pool<'a>(
             let Some(unit) = lock(&queue).pop() else {
                 return Ok(());
             };
-            let (n, verify) =
-                match handle.block_on(run_unit(tier, &m.run, m.step, unit, chunk_size)) {
-                    Ok(x) => x,
-                    Err(e) => return fail(e),
-                };
+            let (n, verify) = match handle.block_on(run_unit(
+                tier,
+                &m.run,
+                m.step,
+                unit,
+                chunk_size,
+                bounces.as_ref(),
+                &failed,
+            )) {
+                Ok(x) => x,
+                Err(e) => return fail(e),
+            };
             *lock(&total) += n;
             // The verifiers outlive every reader, so the send only fails if
             // one of them failed already.
@@ -275,11 +302,178 @@ fn read_pool<'a>(
     Ok(*lock(&total))
 }
 
+/// How to read `span` into `buf` through one of `pool`'s aligned buffers:
+/// (aligned file offset to read from, bytes before the span's first byte,
+/// bytes at the end read straight into `buf`). `None` when the read is
+/// zero-copy as it is (an aligned caller buffer) or too small to gain.
+fn bounce_plan(span: &Span, buf: &[u8], pool: &BouncePool) -> Option<(u64, usize, usize)> {
+    let a = pool.align as u64;
+    let len = buf.len() as u64;
+    let zero_copy = (buf.as_ptr() as u64).is_multiple_of(a)
+        && span.offset.is_multiple_of(a)
+        && len.is_multiple_of(a);
+    let start = span.offset / a * a;
+    let end = (span.offset + len) / a * a;
+    if zero_copy || end <= span.offset || (end - start) as usize > pool.len {
+        return None;
+    }
+    Some((
+        start,
+        (span.offset - start) as usize,
+        (span.offset + len - end) as usize,
+    ))
+}
+
 /// A buffer read but not yet verified.
-struct Verify<'a> {
-    spans: Vec<Span>,
+enum Verify<'a> {
+    /// Read in place: check it.
+    InPlace {
+        spans: Vec<Span>,
+        buf: &'a mut [u8],
+        crcs: &'a [u32],
+    },
+    /// Read into an aligned buffer: check and copy out.
+    Bounced(Bounced<'a>),
+}
+
+/// Bytes to copy within [`copy_out`](Bounced::copy_out): checked against
+/// their crc while in cache, then streamed to the caller's buffer.
+const COPY_SPAN: usize = 256 << 10;
+
+/// One span read into an aligned buffer: `bounce[skip..]` holds the first
+/// `buf.len() - tail` bytes of the span; the last `tail` bytes were read
+/// straight into `buf` (less than one alignment unit).
+struct Bounced<'a> {
+    span: Span,
+    bounce: Bounce,
+    skip: usize,
+    tail: usize,
     buf: &'a mut [u8],
     crcs: &'a [u32],
+}
+
+impl Bounced<'_> {
+    /// Verifies every chunk of the span (crc32c of the bytes read, taken
+    /// from the aligned buffer while each piece is in cache) and copies
+    /// them into the caller's buffer.
+    fn copy_out(&mut self, chunk_size: u64) -> Result<()> {
+        let len = self.buf.len();
+        let head = len - self.tail;
+        let src = &self.bounce.as_slice()[self.skip..self.skip + head];
+        let chunk = chunk_size.max(1) as usize;
+        let mut index = self.span.first_chunk;
+        let mut at = 0usize;
+        while at < len {
+            let end = (at + chunk).min(len);
+            let mut crc = 0u32;
+            let mut pos = at;
+            while pos < end {
+                if pos < head {
+                    let stop = (pos + COPY_SPAN).min(end).min(head);
+                    let piece = &src[pos..stop];
+                    crc = crc32c::crc32c_append(crc, piece);
+                    crate::save::ntcopy::stream_copy(&mut self.buf[pos..stop], piece);
+                    pos = stop;
+                } else {
+                    crc = crc32c::crc32c_append(crc, &self.buf[pos..end]);
+                    pos = end;
+                }
+            }
+            let want = self.crcs.get(index).copied();
+            if want != Some(crc) {
+                return Err(Error::Corrupt {
+                    path: self.span.path.clone(),
+                    chunk: index,
+                    expected: want.unwrap_or(0),
+                    found: crc,
+                });
+            }
+            at = end;
+            index += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Size of a transparent huge page on x86-64 and most arm64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// An aligned read buffer on transparent huge pages where the kernel allows
+/// (a direct read's DMA list has a segment per physically contiguous run,
+/// and virtual disks cap the segments per request).
+struct Bounce {
+    map: memmap2::MmapMut,
+    start: usize,
+    len: usize,
+}
+
+impl Bounce {
+    fn new(len: usize) -> Result<Self> {
+        let mut map = memmap2::MmapMut::map_anon(len + HUGE_PAGE)
+            .map_err(|e| Error::io("<restore read buffer>", e))?;
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let start = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
+        // Fault it in now, not inside the first read.
+        map.iter_mut().step_by(4096).for_each(|b| *b = 0);
+        Ok(Self { map, start, len })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map[self.start..self.start + self.len]
+    }
+}
+
+/// The aligned buffers of one restore.
+struct BouncePool {
+    free: Mutex<Vec<Bounce>>,
+    returned: std::sync::Condvar,
+    /// Bytes each buffer holds: a read unit plus one alignment unit (a span
+    /// rarely starts on an aligned offset).
+    len: usize,
+    align: usize,
+}
+
+impl BouncePool {
+    fn new(n: usize, unit: usize, align: usize) -> Result<Self> {
+        let len = unit + align;
+        let free = (0..n.max(1))
+            .map(|_| Bounce::new(len))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            free: Mutex::new(free),
+            returned: std::sync::Condvar::new(),
+            len,
+            align,
+        })
+    }
+
+    /// A free buffer, or `None` once the restore has `failed`.
+    fn take(&self, failed: &AtomicBool) -> Option<Bounce> {
+        let mut free = lock(&self.free);
+        loop {
+            if failed.load(Ordering::Relaxed) {
+                return None;
+            }
+            if let Some(b) = free.pop() {
+                return Some(b);
+            }
+            free = self
+                .returned
+                .wait_timeout(free, std::time::Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn put(&self, b: Bounce) {
+        lock(&self.free).push(b);
+        self.returned.notify_one();
+    }
 }
 
 /// Reads `spans` (of one piece, in order, starting at the first span's
@@ -357,18 +551,54 @@ pub(crate) fn verify_spans(
 /// Reads one unit. A direct read is returned for verification by the
 /// caller's verifier threads; a scattered one is verified here, before its
 /// pieces are copied out of the scratch buffer.
+#[allow(clippy::too_many_arguments)]
 async fn run_unit<'a>(
     tier: &dyn Tier,
     run: &str,
     step: u64,
     unit: Unit<'a>,
     chunk_size: u64,
+    bounces: Option<&BouncePool>,
+    failed: &AtomicBool,
 ) -> Result<(u64, Option<Verify<'a>>)> {
     match unit {
         Unit::Direct { spans, buf, crcs } => {
-            read_spans(tier, &spans, buf).await?;
             let n = buf.len() as u64;
-            Ok((n, Some(Verify { spans, buf, crcs })))
+            if let (Some(pool), [span]) = (bounces, spans.as_slice())
+                && span.zstd.is_none()
+                && let Some((start, skip, tail)) = bounce_plan(span, buf, pool)
+            {
+                // Straight into an aligned buffer of ours (zero-copy on the
+                // tier's side); the verifier copies it out.
+                let Some(mut bounce) = pool.take(failed) else {
+                    return Ok((0, None));
+                };
+                let head = buf.len() - tail;
+                let read = async {
+                    let aligned = &mut bounce.as_mut_slice()[..skip + head];
+                    tier.read_into(&span.path, start, aligned).await?;
+                    if tail > 0 {
+                        let off = span.offset + head as u64;
+                        tier.read_into(&span.path, off, &mut buf[head..]).await?;
+                    }
+                    Ok::<_, Error>(())
+                };
+                if let Err(e) = read.await {
+                    pool.put(bounce);
+                    return Err(e);
+                }
+                let job = Bounced {
+                    span: span.clone(),
+                    bounce,
+                    skip,
+                    tail,
+                    buf,
+                    crcs,
+                };
+                return Ok((n, Some(Verify::Bounced(job))));
+            }
+            read_spans(tier, &spans, buf).await?;
+            Ok((n, Some(Verify::InPlace { spans, buf, crcs })))
         }
         Unit::Scatter {
             name,

@@ -19,9 +19,21 @@
 /// soon).
 const STREAM_MIN: usize = 256 << 10;
 
-/// Copies `src` into `dst` (same length). Large copies bypass the cache on
-/// x86-64; the copied bytes are visible to other threads once this returns
-/// and the usual synchronization (a channel send) publishes them.
+/// Copies `src` into `dst` (same length), as the staging copy does: copies
+/// of 256 KiB and more bypass the cache on x86-64 (non-temporal stores,
+/// fenced before returning, so the usual synchronization, a channel send or
+/// a lock, publishes the bytes to other threads). For bulk copies whose
+/// destination is not read again soon: staging, restore bounce buffers.
+///
+/// # Panics
+/// If the lengths differ, like [`slice::copy_from_slice`].
+///
+/// ```
+/// let src = vec![7u8; 1 << 20];
+/// let mut dst = vec![0u8; 1 << 20];
+/// ckpt_core::stream_copy(&mut dst, &src);
+/// assert_eq!(dst, src);
+/// ```
 pub fn stream_copy(dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "stream_copy: lengths differ");
     #[cfg(target_arch = "x86_64")]

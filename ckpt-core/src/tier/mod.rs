@@ -59,6 +59,13 @@ pub struct Capabilities {
     /// is larger fails on this tier at once, naming what is needed, instead
     /// of uploading it and failing at the end.
     pub max_object: Option<u64>,
+    /// [`Tier::read_into`] goes straight into the caller's memory (no copy
+    /// on the tier's side) when the buffer's address, the offset and the
+    /// length are multiples of this (a local file read with `O_DIRECT`:
+    /// 4096); 0 if alignment makes no difference. Restore then reads into
+    /// aligned buffers of its own and copies out on its verifier threads,
+    /// so the readers never stop to copy.
+    pub read_alignment: usize,
 }
 
 impl Capabilities {
@@ -75,6 +82,7 @@ impl Capabilities {
         survives_node: false,
         buffered_write: 0,
         max_object: None,
+        read_alignment: 0,
     };
 
     /// Declares whether `put(.., PutMode::Create)` is atomic against
@@ -99,6 +107,13 @@ impl Capabilities {
     /// Declares whether data survives the loss of this node.
     pub const fn with_survives_node(mut self, on: bool) -> Self {
         self.survives_node = on;
+        self
+    }
+
+    /// Declares the alignment that makes [`Tier::read_into`] zero-copy
+    /// (a power of two, or 0 for none).
+    pub const fn with_read_alignment(mut self, align: usize) -> Self {
+        self.read_alignment = align;
         self
     }
 
