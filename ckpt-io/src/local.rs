@@ -281,36 +281,96 @@ impl LocalTier {
     }
 }
 
+/// Blocks queued for a shard file's writer thread beyond the one it is
+/// writing.
+const WRITE_QUEUE: usize = 2;
+
+/// A shard file being written. Its blocks go to a thread of its own, which
+/// writes them back to back: the next write starts the moment the last one
+/// returns, without waiting for an async task to be scheduled, so a busy
+/// runtime (another tier's upload, hashing) cannot leave the disk idle
+/// between writes. The queue holds staged blocks by reference; each is
+/// written without waiting for later ones, so a save streaming through a
+/// small pool always gets its blocks back. Dropped without `finish` or
+/// `abort` (a cancelled save), the thread ends once its queue is written and
+/// the temp file is left for retention, as a crash would leave it.
 struct LocalWriter {
-    file: Option<DirectWriter<File>>,
+    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    /// The file once every queued block is written, or the first error.
+    thread: Option<std::thread::JoinHandle<Result<DirectWriter<File>>>>,
     temp: PathBuf,
     path: PathBuf,
+}
+
+impl LocalWriter {
+    fn start(mut file: DirectWriter<File>, temp: PathBuf, path: PathBuf) -> Result<Self> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        // Named by its final path: that is the file the user knows.
+        let name = path.clone();
+        let thread = std::thread::Builder::new()
+            .name("ckpt-local-write".into())
+            .spawn(move || {
+                while let Some(data) = rx.blocking_recv() {
+                    file.write(&name, &data).map_err(|e| Error::io(&name, e))?;
+                }
+                Ok(file)
+            })
+            .map_err(|e| Error::io(&temp, e))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            temp,
+            path,
+        })
+    }
+
+    /// Waits for the writer thread: the file, or the error it stopped on.
+    async fn join(&mut self) -> Result<DirectWriter<File>> {
+        self.tx = None;
+        let thread = self.thread.take().ok_or_else(|| {
+            Error::InvalidState(format!("write after failure on {}", self.temp.display()))
+        })?;
+        blocking(move || {
+            thread
+                .join()
+                .map_err(|_| Error::Internal("a local writer thread panicked".into()))?
+        })
+        .await
+    }
 }
 
 impl TierWriter for LocalWriter {
     fn write(&mut self, data: Bytes) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let mut file = self.file.take().ok_or_else(|| {
-                Error::InvalidState(format!("write after failure on {}", self.temp.display()))
-            })?;
-            // Named by its final path: that is the file the user knows.
-            let path = self.path.clone();
-            let file = blocking(move || {
-                file.write(&path, &data).map_err(|e| Error::io(&path, e))?;
-                Ok(file)
-            })
-            .await?;
-            self.file = Some(file);
-            Ok(())
+            let sent = match &self.tx {
+                Some(tx) => tx.send(data).await.is_ok(),
+                None => false,
+            };
+            if sent {
+                return Ok(());
+            }
+            // The thread stopped: its error is this write's.
+            match self.join().await {
+                Err(e) => Err(e),
+                Ok(_) => Err(Error::Internal(format!(
+                    "the writer of {} stopped early",
+                    self.path.display()
+                ))),
+            }
         })
     }
 
-    fn finish(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+    fn finish(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
-            let LocalWriter { file, temp, path } = *self;
-            let file = file.ok_or_else(|| {
-                Error::InvalidState(format!("finish after failure on {}", temp.display()))
-            })?;
+            let written = self.join().await;
+            let LocalWriter { temp, path, .. } = *self;
+            let file = match written {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = fs::remove_file(&temp);
+                    return Err(e);
+                }
+            };
             blocking(move || {
                 let file = match file.finish(&path) {
                     Ok(f) => f,
@@ -325,10 +385,10 @@ impl TierWriter for LocalWriter {
         })
     }
 
-    fn abort(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+    fn abort(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
-            let LocalWriter { file, temp, .. } = *self;
-            drop(file);
+            let _ = self.join().await;
+            let temp = self.temp.clone();
             blocking(move || match fs::remove_file(&temp) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -360,11 +420,8 @@ impl Tier for LocalTier {
                 let temp = temp_name(&path);
                 let (file, direct) =
                     direct_write::create(&temp, direct).map_err(|e| Error::io(&temp, e))?;
-                Ok(Box::new(LocalWriter {
-                    file: Some(DirectWriter::new(file, direct)),
-                    temp,
-                    path,
-                }) as Box<dyn TierWriter>)
+                let writer = DirectWriter::new(file, direct);
+                Ok(Box::new(LocalWriter::start(writer, temp, path)?) as Box<dyn TierWriter>)
             })
             .await
         })
