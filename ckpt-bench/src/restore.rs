@@ -81,13 +81,6 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let got = ckpt.restore(&mut refs)?.ok_or("checkpoint vanished")?;
         restore.push(t.elapsed().as_secs_f64());
-        if std::env::var_os("CKPT_BENCH_DEBUG").is_some() {
-            eprintln!(
-                "restore {:.3} direct floor {:?}",
-                t.elapsed().as_secs_f64(),
-                rawd.last()
-            );
-        }
         assert_eq!(got.step, 1);
     }
     if outs != tensors {

@@ -239,8 +239,10 @@ fn train_overlap_hides_the_copy_and_verifies() {
             "--overlap",
             "--modes",
             "none,async",
+            // Read passes lasting several times the copy, so that the copy
+            // finishes inside them even when other tests load the cores.
             "--fwd-passes",
-            "4",
+            "16",
         ],
         dir.path(),
     );
@@ -248,12 +250,12 @@ fn train_overlap_hides_the_copy_and_verifies() {
     assert_eq!(modes, ["none", "async", "overlapped"]);
     let (async_, over) = (&rows[1], &rows[2]);
     assert_eq!(over["verified"], true);
-    assert_eq!(num(over, "fwd_passes"), 4.0);
+    assert_eq!(num(over, "fwd_passes"), 16.0);
     // Saves at steps 2 and 4 overlap steps 3 and 5 (the last is plain).
     assert_eq!(num(over, "saves_measured"), 2.0);
     assert!(
         num(over, "math_stop_per_save_s") < num(async_, "math_stop_per_save_s"),
-        "four read passes over 32 MiB hide its copy: {over} vs {async_}"
+        "sixteen read passes over 32 MiB hide its copy: {over} vs {async_}"
     );
 }
 
@@ -284,6 +286,25 @@ fn bad_arguments_are_named() {
 #[path = "../../tests/common/s3s.rs"]
 mod s3s;
 
+/// Runs `ckpt-bench ARGS --json --dir DIR` with the bundled S3 server's
+/// environment; returns its first JSON line.
+fn s3_bench(s3: &s3s::Bundled, args: &[&str], dir: &std::path::Path) -> Value {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"));
+    s3.env(&mut cmd);
+    let out = cmd
+        .args(args)
+        .args(["--json", "--dir"])
+        .arg(dir)
+        .output()
+        .expect("run ckpt-bench");
+    assert!(
+        out.status.success(),
+        "ckpt-bench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().expect("a line")).expect("json")
+}
+
 /// `flush` and `restore` with `--tier s3`, on the bundled S3 server.
 #[test]
 fn flush_and_restore_on_s3() {
@@ -292,37 +313,24 @@ fn flush_and_restore_on_s3() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let url = s3.location("bench");
-    for sub in ["flush", "restore"] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"));
-        s3.env(&mut cmd);
-        let out = cmd
-            .args([sub, "--tier", "s3", "--s3-url", &url])
-            .args([
+    for (sub, key) in [("flush", "durable_s"), ("restore", "restore_s")] {
+        let v = s3_bench(
+            &s3,
+            &[
+                sub,
+                "--tier",
+                "s3",
+                "--s3-url",
+                &url,
                 "--state-bytes",
                 "16M",
                 "--tensors",
                 "4",
                 "--iters",
                 "2",
-                "--json",
-                "--dir",
-            ])
-            .arg(dir.path())
-            .output()
-            .expect("run ckpt-bench");
-        assert!(
-            out.status.success(),
-            "ckpt-bench {sub} --tier s3: {}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
+            dir.path(),
         );
-        let v: Value =
-            serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().expect("a line"))
-                .expect("json");
-        let key = if sub == "flush" {
-            "durable_s"
-        } else {
-            "restore_s"
-        };
         assert!(num(&v, key) > 0.0, "{v}");
     }
 }
@@ -335,23 +343,23 @@ fn flush_alongside_s3() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let url = s3.location("al");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"));
-    s3.env(&mut cmd);
-    let out = cmd
-        .args(["flush", "--alongside", "s3", "--s3-url", &url])
-        .args(["--state-bytes", "32M", "--tensors", "4", "--iters", "2"])
-        .args(["--json", "--dir"])
-        .arg(dir.path())
-        .output()
-        .expect("run ckpt-bench");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = s3_bench(
+        &s3,
+        &[
+            "flush",
+            "--alongside",
+            "s3",
+            "--s3-url",
+            &url,
+            "--state-bytes",
+            "32M",
+            "--tensors",
+            "4",
+            "--iters",
+            "2",
+        ],
+        dir.path(),
     );
-    let v: Value =
-        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().expect("a line"))
-            .expect("json");
     check_alongside(&v["alongside"], 32 << 20, "s3://");
 }
 
