@@ -227,12 +227,10 @@ fn read_pool<'a>(
     // aligned memory: one per reader and verifier, so readers block (and
     // stop reading ahead) when the verifiers fall behind.
     let align = tier.capabilities().read_alignment;
-    let bounces = (align.is_power_of_two() && align > 1)
-        .then(|| {
-            let unit = READ_UNIT.max(chunk_size) / chunk_size * chunk_size;
-            BouncePool::new(threads + verifiers, unit as usize, align)
-        })
-        .transpose()?;
+    let bounces = (align.is_power_of_two() && align > 1).then(|| {
+        let unit = READ_UNIT.max(chunk_size) / chunk_size * chunk_size;
+        BouncePool::new(threads + verifiers, unit as usize, align)
+    });
     let verifier = || -> Result<()> {
         loop {
             let Ok(v) = lock(&verify_rx).recv() else {
@@ -428,10 +426,14 @@ impl Bounce {
     }
 }
 
-/// The aligned buffers of one restore.
+/// The aligned buffers of one restore, made when first needed (a restore
+/// of small or aligned buffers makes none).
 struct BouncePool {
-    free: Mutex<Vec<Bounce>>,
+    /// Free buffers, and how many exist.
+    free: Mutex<(Vec<Bounce>, usize)>,
     returned: std::sync::Condvar,
+    /// Most buffers.
+    max: usize,
     /// Bytes each buffer holds: a read unit plus one alignment unit (a span
     /// rarely starts on an aligned offset).
     len: usize,
@@ -439,28 +441,33 @@ struct BouncePool {
 }
 
 impl BouncePool {
-    fn new(n: usize, unit: usize, align: usize) -> Result<Self> {
-        let len = unit + align;
-        let free = (0..n.max(1))
-            .map(|_| Bounce::new(len))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            free: Mutex::new(free),
+    fn new(max: usize, unit: usize, align: usize) -> Self {
+        Self {
+            free: Mutex::new((Vec::new(), 0)),
             returned: std::sync::Condvar::new(),
-            len,
+            max: max.max(1),
+            len: unit + align,
             align,
-        })
+        }
     }
 
-    /// A free buffer, or `None` once the restore has `failed`.
-    fn take(&self, failed: &AtomicBool) -> Option<Bounce> {
+    /// A free buffer (a new one while fewer than `max` exist), or `None`
+    /// once the restore has `failed`.
+    fn take(&self, failed: &AtomicBool) -> Result<Option<Bounce>> {
         let mut free = lock(&self.free);
         loop {
             if failed.load(Ordering::Relaxed) {
-                return None;
+                return Ok(None);
             }
-            if let Some(b) = free.pop() {
-                return Some(b);
+            if let Some(b) = free.0.pop() {
+                return Ok(Some(b));
+            }
+            if free.1 < self.max {
+                free.1 += 1;
+                drop(free);
+                return Bounce::new(self.len).map(Some).inspect_err(|_| {
+                    lock(&self.free).1 -= 1;
+                });
             }
             free = self
                 .returned
@@ -471,7 +478,7 @@ impl BouncePool {
     }
 
     fn put(&self, b: Bounce) {
-        lock(&self.free).push(b);
+        lock(&self.free).0.push(b);
         self.returned.notify_one();
     }
 }
@@ -570,7 +577,7 @@ async fn run_unit<'a>(
             {
                 // Straight into an aligned buffer of ours (zero-copy on the
                 // tier's side); the verifier copies it out.
-                let Some(mut bounce) = pool.take(failed) else {
+                let Some(mut bounce) = pool.take(failed)? else {
                     return Ok((0, None));
                 };
                 let head = buf.len() - tail;
