@@ -198,12 +198,7 @@ fn saves(
 /// Runs the benchmark.
 pub fn run(a: &CompressArgs) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&a.dir)?;
-    let opened = crate::tiers::open(
-        a.target.tier,
-        &a.dir,
-        a.target.s3_url.as_deref(),
-        8 * a.bytes + (64 << 20),
-    )?;
+    let opened = crate::tiers::open(a.target.tier, &a.dir, &a.target, 8 * a.bytes + (64 << 20))?;
     if !a.json {
         println!(
             "compress: {} MiB per tensor kind to {} ({} saves each, medians); ratio = bytes written / raw",

@@ -100,7 +100,7 @@ pub fn run(a: &IncrementalArgs) -> Result<(), Box<dyn std::error::Error>> {
     let opened = crate::tiers::open(
         a.target.tier,
         &a.state.dir,
-        a.target.s3_url.as_deref(),
+        &a.target,
         4 * bytes + (64 << 20),
     )?;
     let n = a.state.tensors.max(1);

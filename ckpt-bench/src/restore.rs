@@ -36,7 +36,7 @@ pub fn run(a: &RestoreArgs) -> Result<(), Box<dyn std::error::Error>> {
     let opened = crate::tiers::open(
         a.target.tier,
         &a.state.dir,
-        a.target.s3_url.as_deref(),
+        &a.target,
         2 * bytes + (64 << 20),
     )?;
     let ckpt = Checkpointer::builder(run.clone())

@@ -29,6 +29,18 @@ pub struct TierArgs {
     /// Bucket and prefix for `--tier s3`.
     #[arg(long)]
     pub s3_url: Option<String>,
+    /// How S3 request bodies are checked in transit.
+    #[arg(long, value_enum, default_value = "crc64nvme")]
+    pub s3_payload_checksum: S3Checksum,
+}
+
+/// `--s3-payload-checksum`: [`ckpt_io::PayloadChecksum`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum S3Checksum {
+    /// A CRC64-NVME header on every body, unsigned payload (the default).
+    Crc64nvme,
+    /// The SHA-256 of every body in the SigV4 signature.
+    Sha256,
 }
 
 /// A tier and whatever keeps it alive (the peer server and its runtime).
@@ -42,7 +54,7 @@ pub struct Opened {
 pub fn open(
     kind: TierKind,
     dir: &Path,
-    s3_url: Option<&str>,
+    args: &TierArgs,
     budget: u64,
 ) -> Result<Opened, Box<dyn std::error::Error>> {
     match kind {
@@ -74,11 +86,18 @@ pub fn open(
             })
         }
         TierKind::S3 => {
-            let url = s3_url.ok_or("--tier s3 needs --s3-url s3://bucket/prefix")?;
+            let url = args
+                .s3_url
+                .as_deref()
+                .ok_or("--tier s3 needs --s3-url s3://bucket/prefix")?;
+            let checksum = match args.s3_payload_checksum {
+                S3Checksum::Crc64nvme => ckpt_io::PayloadChecksum::Crc64Nvme,
+                S3Checksum::Sha256 => ckpt_io::PayloadChecksum::SignedSha256,
+            };
             Ok(Opened {
                 tier: Arc::new(ckpt_io::ObjectTier::from_url(
                     url,
-                    ckpt_io::ObjectTierConfig::default(),
+                    ckpt_io::ObjectTierConfig::default().with_payload_checksum(checksum),
                 )?),
                 _keep: None,
             })

@@ -101,6 +101,10 @@ fn check_alongside(with: &Value, bytes: u64, location: &str) {
     assert!(num(with, "local_durable_s") > 0.0, "{with}");
     assert!(num(with, "alongside_durable_s") > 0.0, "{with}");
     assert!(num(with, "local_ratio_to_alone") > 0.0, "{with}");
+    // One ratio per iteration (2), one balanced pair of them.
+    let pairs = with["local_ratio_pairs"].as_array().expect("pairs");
+    assert_eq!(pairs.len(), 2, "{with}");
+    assert!(num(with, "local_ratio_balanced") > 0.0, "{with}");
     let staging = with["staging"].as_array().expect("staging samples");
     assert!(
         (2..=ckpt_core::STAGING_SAMPLES + 1).contains(&staging.len()),
@@ -343,24 +347,41 @@ fn flush_alongside_s3() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let url = s3.location("al");
-    let v = s3_bench(
-        &s3,
-        &[
-            "flush",
-            "--alongside",
-            "s3",
-            "--s3-url",
-            &url,
-            "--state-bytes",
-            "32M",
-            "--tensors",
-            "4",
-            "--iters",
-            "2",
-        ],
-        dir.path(),
-    );
-    check_alongside(&v["alongside"], 32 << 20, "s3://");
+    for checksum in ["crc64nvme", "sha256"] {
+        let v = s3_bench(
+            &s3,
+            &[
+                "flush",
+                "--alongside",
+                "s3",
+                "--s3-url",
+                &url,
+                "--s3-payload-checksum",
+                checksum,
+                "--state-bytes",
+                "32M",
+                "--tensors",
+                "4",
+                "--iters",
+                "2",
+            ],
+            dir.path(),
+        );
+        check_alongside(&v["alongside"], 32 << 20, "s3://");
+    }
+    // What the runs wrote to the bucket is gone with them.
+    let tier = ckpt_io::ObjectTier::from_url(
+        &url,
+        ckpt_io::ObjectTierConfig::default()
+            .with_endpoint(s3.endpoint.clone())
+            .with_region(s3.region()),
+    )
+    .expect("tier");
+    let left = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(ckpt_core::Tier::list(&tier, ""))
+        .expect("list");
+    assert!(left.is_empty(), "left in the bucket: {left:?}");
 }
 
 /// README's `ckpt-bench plan` command prints README's table.

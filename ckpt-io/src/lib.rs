@@ -38,7 +38,7 @@ pub use local::LocalTier;
 #[cfg(feature = "s3")]
 pub mod object;
 #[cfg(feature = "s3")]
-pub use object::{ObjectTier, ObjectTierConfig};
+pub use object::{ObjectTier, ObjectTierConfig, PayloadChecksum};
 
 #[cfg(feature = "peer")]
 pub mod peer;

@@ -281,21 +281,22 @@ impl LocalTier {
     }
 }
 
-/// Blocks queued for a shard file's writer thread beyond the one it is
-/// writing.
-const WRITE_QUEUE: usize = 2;
-
 /// A shard file being written. Its blocks go to a thread of its own, which
 /// writes them back to back: the next write starts the moment the last one
 /// returns, without waiting for an async task to be scheduled, so a busy
 /// runtime (another tier's upload, hashing) cannot leave the disk idle
-/// between writes. The queue holds staged blocks by reference; each is
-/// written without waiting for later ones, so a save streaming through a
-/// small pool always gets its blocks back. Dropped without `finish` or
+/// between writes. The queue is unbounded: it holds blocks that are already
+/// in memory (staged, or the caller's zero-copy tensors) by reference, so
+/// queueing them costs nothing, and `write` never waits for the runtime to
+/// schedule it again before the thread has its next block. (A queue of two
+/// left the disk idle whenever another tier's parts kept the runtime's
+/// workers busy hashing.) Each block is written without waiting for later
+/// ones, so a save streaming through a small pool always gets its blocks
+/// back. Dropped without `finish` or
 /// `abort` (a cancelled save), the thread ends once its queue is written and
 /// the temp file is left for retention, as a crash would leave it.
 struct LocalWriter {
-    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    tx: Option<tokio::sync::mpsc::UnboundedSender<Bytes>>,
     /// The file once every queued block is written, or the first error.
     thread: Option<std::thread::JoinHandle<Result<DirectWriter<File>>>>,
     temp: PathBuf,
@@ -304,7 +305,7 @@ struct LocalWriter {
 
 impl LocalWriter {
     fn start(mut file: DirectWriter<File>, temp: PathBuf, path: PathBuf) -> Result<Self> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
         // Named by its final path: that is the file the user knows.
         let name = path.clone();
         let thread = std::thread::Builder::new()
@@ -343,7 +344,7 @@ impl TierWriter for LocalWriter {
     fn write(&mut self, data: Bytes) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let sent = match &self.tx {
-                Some(tx) => tx.send(data).await.is_ok(),
+                Some(tx) => tx.send(data).is_ok(),
                 None => false,
             };
             if sent {

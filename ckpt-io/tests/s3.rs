@@ -797,3 +797,251 @@ fn the_probe_reports_what_this_server_guarantees() {
         ckpt_core::CreateGuarantee::Ignored
     );
 }
+
+/// A TCP proxy on 127.0.0.1 in front of the server that flips one bit in
+/// the middle of the body of each of the next `flips` requests whose body
+/// is at least `min_body` bytes: a corrupting network path.
+struct CorruptingProxy {
+    addr: std::net::SocketAddr,
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    stop: std::sync::atomic::AtomicBool,
+    flips_left: std::sync::atomic::AtomicUsize,
+    min_body: usize,
+    /// The request lines of the requests it corrupted.
+    flipped: std::sync::Mutex<Vec<String>>,
+}
+
+impl CorruptingProxy {
+    fn start(upstream: &str) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        let upstream: std::net::SocketAddr = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("the test server's endpoint is http://ip:port");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(ProxyState {
+            stop: false.into(),
+            flips_left: 0.into(),
+            min_body: MIB,
+            flipped: Default::default(),
+        });
+        let st = state.clone();
+        std::thread::spawn(move || {
+            while !st.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let st = st.clone();
+                        std::thread::spawn(move || {
+                            let _ = client.set_nonblocking(false);
+                            if let Ok(server) = TcpStream::connect(upstream) {
+                                let _ = Self::relay(client, server, &st);
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self { addr, state }
+    }
+
+    /// Arms the proxy to corrupt the next `n` large request bodies.
+    fn corrupt_next(&self, n: usize) {
+        self.state
+            .flips_left
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn flipped(&self) -> Vec<String> {
+        self.state.flipped.lock().expect("lock").clone()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Copies responses back as they are; parses requests (head, then a
+    /// `Content-Length` body) and corrupts bodies as armed.
+    fn relay(
+        client: std::net::TcpStream,
+        server: std::net::TcpStream,
+        st: &ProxyState,
+    ) -> std::io::Result<()> {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::atomic::Ordering;
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        }
+        let (mut back_from, mut back_to) = (server.try_clone()?, client.try_clone()?);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from, &mut back_to);
+            let _ = back_to.shutdown(std::net::Shutdown::Both);
+        });
+        let mut from = BufReader::new(client);
+        let mut to = server;
+        loop {
+            let mut head = Vec::new();
+            loop {
+                let n = from.read_until(b'\n', &mut head)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                if head.ends_with(b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let len = text
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            from.read_exact(&mut body)?;
+            if len >= st.min_body
+                && st
+                    .flips_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                body[len / 2] ^= 0x10;
+                let line = text.lines().next().unwrap_or_default().to_string();
+                st.flipped.lock().expect("lock").push(line);
+            }
+            to.write_all(&head)?;
+            to.write_all(&body)?;
+        }
+    }
+}
+
+impl Drop for CorruptingProxy {
+    fn drop(&mut self) {
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_body_corrupted_in_transit_is_never_stored_as_sent() {
+    use ckpt_io::PayloadChecksum;
+    let Some(env) = s3_env("a_body_corrupted_in_transit_is_never_stored_as_sent") else {
+        return;
+    };
+    let server = std::env::var("CKPT_TEST_S3_SERVER").unwrap_or_default();
+    let proxy = CorruptingProxy::start(&env.endpoint);
+    // Short keys: s3s-fs names a multipart upload's temporary file after
+    // its key.
+    let prefix = format!(
+        "px{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let direct = tier(&env, &prefix, config(&env));
+    let runtime = rt();
+    for mode in [PayloadChecksum::Crc64Nvme, PayloadChecksum::SignedSha256] {
+        // One object of 3 MiB (a single PUT) and one of 12 MiB (three
+        // parts of 5 MiB).
+        for (shape, len) in [("put", 3 * MIB), ("multipart", 12 * MIB)] {
+            let cfg = config(&env)
+                .with_endpoint(proxy.endpoint())
+                .with_part_size(5 * MIB)
+                .with_payload_checksum(mode)
+                // One quick retry of a refused-and-retryable request.
+                .with_retry(RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: Duration::from_secs(20),
+                    ..RetryConfig::default()
+                });
+            let via = tier(&env, &prefix, cfg);
+            let key = format!("{mode:?}-{shape}");
+            let data = Bytes::from(pattern(len, len as u64));
+            proxy.corrupt_next(1);
+            let before = proxy.flipped().len();
+            let outcome = runtime.block_on(async {
+                let mut w = via.create(&key).await?;
+                w.write(data.clone()).await?;
+                w.finish().await
+            });
+            assert_eq!(
+                proxy.flipped().len(),
+                before + 1,
+                "{key}: the proxy corrupted no request"
+            );
+            // Whether what the server keeps under the key is what was sent.
+            let intact = runtime
+                .block_on(direct.get(&key))
+                .map(|stored| stored == data);
+            let unchecked = shape == "multipart"
+                && mode == PayloadChecksum::Crc64Nvme
+                && !s3s::verifies_part_checksums(&server);
+            eprintln!(
+                "{key} on {server}: upload {}, stored {}",
+                if outcome.is_ok() {
+                    "succeeded"
+                } else {
+                    "refused"
+                },
+                match &intact {
+                    Ok(true) => "intact",
+                    Ok(false) => "corrupt",
+                    Err(_) => "nothing",
+                }
+            );
+            match (outcome, intact) {
+                // The server refused the corrupted body and the retry
+                // carried the intact one (s3s-fs answers 500).
+                (Ok(()), Ok(true)) => assert!(
+                    !unchecked,
+                    "{key} on {server}: the part checksum was checked; update \
+                     verifies_part_checksums and docs/s3.md"
+                ),
+                // What docs/s3.md says of s3s-fs: it stores a part whose
+                // checksum does not match; restore's crc32c catches it.
+                (Ok(()), Ok(false)) => assert!(
+                    unchecked,
+                    "{key} on {server}: stored bytes differ from those sent"
+                ),
+                // Refused and not retried (Garage, AWS: 400): the upload
+                // fails, naming the object, so the save fails on this tier
+                // and commits nothing there.
+                (Err(e), stored) => {
+                    assert!(!unchecked, "{key} on {server}: refused: {e}");
+                    assert!(
+                        e.to_string().contains(&key),
+                        "{key}: error does not name it: {e}"
+                    );
+                    match stored {
+                        Err(Error::NotFound { .. }) => {}
+                        // s3s-fs checks a single PUT's checksum after
+                        // storing the object, and leaves it there: an
+                        // uncommitted leftover that retention removes.
+                        Ok(false) if s3s::keeps_refused_puts(&server) => {}
+                        Ok(same) => panic!(
+                            "{key} on {server}: refused, yet an object is there (intact: {same})"
+                        ),
+                        Err(other) => panic!("{key} on {server}: read after refusal: {other}"),
+                    }
+                }
+                (Ok(()), Err(e)) => panic!("{key} on {server}: uploaded, then read: {e}"),
+            }
+        }
+    }
+    runtime.block_on(async {
+        for p in paths(&direct.list("").await.expect("list")) {
+            direct.delete(&p).await.expect("cleanup");
+        }
+    });
+}

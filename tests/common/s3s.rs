@@ -186,3 +186,17 @@ pub fn expected_guarantee(server: &str) -> Option<&'static str> {
         _ => None,
     }
 }
+
+/// Whether the server named `server` (`CKPT_TEST_S3_SERVER`) checks an
+/// `x-amz-checksum-*` header on the parts of a multipart upload, not only
+/// on single `PUT`s. s3s-fs 0.14 does not (docs/s3.md); AWS S3, MinIO and
+/// Garage do.
+pub fn verifies_part_checksums(server: &str) -> bool {
+    !server.starts_with("s3s-fs")
+}
+
+/// Whether the server named `server` keeps an object whose single `PUT` it
+/// refused for a checksum mismatch (s3s-fs 0.14 checks after storing).
+pub fn keeps_refused_puts(server: &str) -> bool {
+    server.starts_with("s3s-fs")
+}

@@ -100,7 +100,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, Checksum};
 use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore, RetryConfig};
@@ -135,7 +135,36 @@ pub struct ObjectTierConfig {
     credentials: Option<(String, String)>,
     request_timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
+    payload_checksum: PayloadChecksum,
     options: Vec<(String, String)>,
+}
+
+/// How the bytes of every request body are protected on the way to the
+/// server. Either way a body altered in transit (a flipped bit on a NIC, a
+/// proxy, a bad DIMM on the path) is refused by the server instead of being
+/// stored as part of a checkpoint; the checkpoint's own crc32c, verified on
+/// every restore, is the last line behind both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PayloadChecksum {
+    /// An `x-amz-checksum-crc64nvme` header on every `PUT` and part
+    /// (`x-amz-checksum-algorithm: CRC64NVME` on the multipart upload), and
+    /// `UNSIGNED-PAYLOAD` in the SigV4 signature: the request is still
+    /// signed, its body is checked by the CRC. The CRC is SIMD-computed,
+    /// tens of GB/s, so the upload costs the saving host almost no CPU.
+    /// AWS S3, MinIO and Garage verify it on single `PUT`s and on every
+    /// part. **s3s-fs 0.14 verifies it on single `PUT`s only**, not on the
+    /// parts of a multipart upload (`ckpt-io/tests/s3.rs` pins what each
+    /// bundled server does); use [`PayloadChecksum::SignedSha256`] there if
+    /// the path to the server can corrupt data.
+    #[default]
+    Crc64Nvme,
+    /// The SHA-256 of every body in the SigV4 signature
+    /// (`x-amz-content-sha256`), which every S3-compatible server checks.
+    /// It costs the saving host about one core-second per GiB uploaded
+    /// (measured with SHA extensions; `BENCHMARKS.md`), which on a
+    /// busy host slows the other tiers of the same save.
+    SignedSha256,
 }
 
 impl Default for ObjectTierConfig {
@@ -153,6 +182,7 @@ impl Default for ObjectTierConfig {
             credentials: None,
             request_timeout: None,
             connect_timeout: None,
+            payload_checksum: PayloadChecksum::default(),
             options: Vec::new(),
         }
     }
@@ -176,6 +206,7 @@ impl fmt::Debug for ObjectTierConfig {
             )
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("payload_checksum", &self.payload_checksum)
             .field(
                 "options",
                 &self.options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
@@ -278,6 +309,16 @@ impl ObjectTierConfig {
         self
     }
 
+    /// How request bodies are checked in transit (default
+    /// [`PayloadChecksum::Crc64Nvme`]; overrides `AWS_UNSIGNED_PAYLOAD`,
+    /// and `AWS_CHECKSUM_ALGORITHM` for `Crc64Nvme`: with `SignedSha256` an
+    /// algorithm set there still adds its header). Used by [`ObjectTier::from_url`]; a store
+    /// given to [`ObjectTier::with_config`] keeps its own.
+    pub fn with_payload_checksum(mut self, checksum: PayloadChecksum) -> Self {
+        self.payload_checksum = checksum;
+        self
+    }
+
     /// Any other `AmazonS3Builder` key (`aws_session_token`,
     /// `aws_checksum_algorithm`, `aws_sse_kms_key_id`...), applied last.
     pub fn with_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -298,6 +339,11 @@ impl ObjectTierConfig {
     /// Whether `PutMode::Create` is a conditional `PUT`.
     pub fn conditional_put(&self) -> bool {
         self.conditional_put
+    }
+
+    /// How request bodies are checked in transit.
+    pub fn payload_checksum(&self) -> PayloadChecksum {
+        self.payload_checksum
     }
 
     fn validate(&self) -> Result<()> {
@@ -414,6 +460,12 @@ impl ObjectTier {
             b = b.with_virtual_hosted_style_request(v);
         }
         b = b.with_retry(config.retry.clone().unwrap_or_else(default_retry));
+        b = match config.payload_checksum {
+            PayloadChecksum::Crc64Nvme => b
+                .with_unsigned_payload(true)
+                .with_checksum_algorithm(Checksum::CRC64NVME),
+            PayloadChecksum::SignedSha256 => b.with_unsigned_payload(false),
+        };
         if let Some(t) = config.request_timeout {
             b = b.with_config(
                 AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
