@@ -932,9 +932,10 @@ impl Drop for CorruptingProxy {
 }
 
 #[test]
-fn a_body_corrupted_in_transit_is_never_stored_as_sent() {
+fn corrupted_request_bodies_are_resent_or_refused() {
     use ckpt_io::PayloadChecksum;
-    let Some(env) = s3_env("a_body_corrupted_in_transit_is_never_stored_as_sent") else {
+    use ckpt_io::object::DIGEST_ATTEMPTS;
+    let Some(env) = s3_env("corrupted_request_bodies_are_resent_or_refused") else {
         return;
     };
     let server = std::env::var("CKPT_TEST_S3_SERVER").unwrap_or_default();
@@ -951,91 +952,108 @@ fn a_body_corrupted_in_transit_is_never_stored_as_sent() {
     );
     let direct = tier(&env, &prefix, config(&env));
     let runtime = rt();
+    // Every combination: both checksums, a single PUT (3 MiB) and a
+    // multipart upload (12 MiB, three parts of 5 MiB), one corrupted
+    // request (the resend carries the intact bytes) or every request
+    // corrupted (the tier gives up).
     for mode in [PayloadChecksum::Crc64Nvme, PayloadChecksum::SignedSha256] {
-        // One object of 3 MiB (a single PUT) and one of 12 MiB (three
-        // parts of 5 MiB).
         for (shape, len) in [("put", 3 * MIB), ("multipart", 12 * MIB)] {
-            let cfg = config(&env)
-                .with_endpoint(proxy.endpoint())
-                .with_part_size(5 * MIB)
-                .with_payload_checksum(mode)
-                // One quick retry of a refused-and-retryable request.
-                .with_retry(RetryConfig {
-                    max_retries: 2,
-                    retry_timeout: Duration::from_secs(20),
-                    ..RetryConfig::default()
+            for every in [false, true] {
+                let cfg = config(&env)
+                    .with_endpoint(proxy.endpoint())
+                    .with_part_size(5 * MIB)
+                    .with_payload_checksum(mode)
+                    // Quick retries of a failed-and-retryable request
+                    // (s3s-fs answers 500 to a SHA-256 mismatch).
+                    .with_retry(RetryConfig {
+                        max_retries: 2,
+                        retry_timeout: Duration::from_secs(20),
+                        ..RetryConfig::default()
+                    });
+                let via = tier(&env, &prefix, cfg);
+                let key = format!("{mode:?}-{shape}-{}", if every { "all" } else { "one" });
+                let data = Bytes::from(pattern(len, len as u64));
+                let before = proxy.flipped().len();
+                proxy.corrupt_next(if every { usize::MAX } else { 1 });
+                let outcome = runtime.block_on(async {
+                    let mut w = via.create(&key).await?;
+                    w.write(data.clone()).await?;
+                    w.finish().await
                 });
-            let via = tier(&env, &prefix, cfg);
-            let key = format!("{mode:?}-{shape}");
-            let data = Bytes::from(pattern(len, len as u64));
-            proxy.corrupt_next(1);
-            let before = proxy.flipped().len();
-            let outcome = runtime.block_on(async {
-                let mut w = via.create(&key).await?;
-                w.write(data.clone()).await?;
-                w.finish().await
-            });
-            assert_eq!(
-                proxy.flipped().len(),
-                before + 1,
-                "{key}: the proxy corrupted no request"
-            );
-            // Whether what the server keeps under the key is what was sent.
-            let intact = runtime
-                .block_on(direct.get(&key))
-                .map(|stored| stored == data);
-            let unchecked = shape == "multipart"
-                && mode == PayloadChecksum::Crc64Nvme
-                && !s3s::verifies_part_checksums(&server);
-            eprintln!(
-                "{key} on {server}: upload {}, stored {}",
-                if outcome.is_ok() {
-                    "succeeded"
-                } else {
-                    "refused"
-                },
-                match &intact {
-                    Ok(true) => "intact",
-                    Ok(false) => "corrupt",
-                    Err(_) => "nothing",
-                }
-            );
-            match (outcome, intact) {
-                // The server refused the corrupted body and the retry
-                // carried the intact one (s3s-fs answers 500).
-                (Ok(()), Ok(true)) => assert!(
-                    !unchecked,
-                    "{key} on {server}: the part checksum was checked; update \
-                     verifies_part_checksums and docs/s3.md"
-                ),
-                // What docs/s3.md says of s3s-fs: it stores a part whose
-                // checksum does not match; restore's crc32c catches it.
-                (Ok(()), Ok(false)) => assert!(
-                    unchecked,
-                    "{key} on {server}: stored bytes differ from those sent"
-                ),
-                // Refused and not retried (Garage, AWS: 400): the upload
-                // fails, naming the object, so the save fails on this tier
-                // and commits nothing there.
-                (Err(e), stored) => {
-                    assert!(!unchecked, "{key} on {server}: refused: {e}");
-                    assert!(
-                        e.to_string().contains(&key),
-                        "{key}: error does not name it: {e}"
-                    );
-                    match stored {
-                        Err(Error::NotFound { .. }) => {}
-                        // s3s-fs checks a single PUT's checksum after
-                        // storing the object, and leaves it there: an
-                        // uncommitted leftover that retention removes.
-                        Ok(false) if s3s::keeps_refused_puts(&server) => {}
-                        Ok(same) => panic!(
-                            "{key} on {server}: refused, yet an object is there (intact: {same})"
-                        ),
-                        Err(other) => panic!("{key} on {server}: read after refusal: {other}"),
+                proxy.corrupt_next(0);
+                let flipped = proxy.flipped().len() - before;
+                let want = if every { DIGEST_ATTEMPTS } else { 1 };
+                assert!(
+                    flipped >= want,
+                    "{key}: the proxy corrupted {flipped} requests"
+                );
+                // Whether what the server keeps under the key is what
+                // was sent.
+                let intact = runtime
+                    .block_on(direct.get(&key))
+                    .map(|stored| stored == data);
+                let unchecked = shape == "multipart"
+                    && mode == PayloadChecksum::Crc64Nvme
+                    && !s3s::verifies_part_checksums(&server);
+                eprintln!(
+                    "{key} on {server}: {flipped} corrupted, upload {}, stored {}",
+                    if outcome.is_ok() {
+                        "succeeded"
+                    } else {
+                        "refused"
+                    },
+                    match &intact {
+                        Ok(true) => "intact",
+                        Ok(false) => "corrupt",
+                        Err(_) => "nothing",
                     }
+                );
+                match (outcome, intact) {
+                    // What docs/s3.md says of s3s-fs: it stores a part
+                    // whose checksum does not match; restore's crc32c
+                    // catches it.
+                    (Ok(()), Ok(false)) => assert!(
+                        unchecked,
+                        "{key} on {server}: stored bytes differ from those sent"
+                    ),
+                    _ if unchecked => panic!(
+                        "{key} on {server}: the part checksum was checked; update \
+                         verifies_part_checksums and docs/s3.md"
+                    ),
+                    // The server refused the corrupted body and the tier
+                    // (or object_store's retry, for a 500) sent it again.
+                    (Ok(()), Ok(true)) => assert!(
+                        !every,
+                        "{key} on {server}: every request was corrupted, yet the bytes are intact"
+                    ),
+                    // Refused every time: the upload fails, naming the
+                    // object, so the save fails on this tier and commits
+                    // nothing there.
+                    (Err(e), stored) => {
+                        assert!(
+                            every,
+                            "{key} on {server}: one corrupted request failed it: {e}"
+                        );
+                        assert!(
+                            e.to_string().contains(&key),
+                            "{key}: error does not name it: {e}"
+                        );
+                        match stored {
+                            Err(Error::NotFound { .. }) => {}
+                            // s3s-fs checks a single PUT's checksum after
+                            // storing the object, and leaves it there: an
+                            // uncommitted leftover that retention removes.
+                            Ok(false) if s3s::keeps_refused_puts(&server) => {}
+                            Ok(same) => panic!(
+                                "{key} on {server}: refused, yet an object is there (intact: {same})"
+                            ),
+                            Err(other) => {
+                                panic!("{key} on {server}: read after refusal: {other}")
+                            }
+                        }
+                    }
+                    (Ok(()), Err(e)) => panic!("{key} on {server}: uploaded, then read: {e}"),
                 }
-                (Ok(()), Err(e)) => panic!("{key} on {server}: uploaded, then read: {e}"),
             }
         }
     }

@@ -377,6 +377,10 @@ pub struct ObjectTier {
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn ObjectStore>,
+    /// The same client's part-level API, when the tier built it
+    /// ([`ObjectTier::from_url`]): multipart uploads then send each part
+    /// themselves and can send a refused one again.
+    parts: Option<PartStore>,
     /// Key prefix without leading or trailing `/` (may be empty).
     prefix: String,
     location: String,
@@ -386,6 +390,17 @@ struct Inner {
     /// What the server's conditional create turned out to guarantee
     /// (probed once, at the first commit or `ckpt ls`).
     create_guarantee: tokio::sync::OnceCell<CreateGuarantee>,
+}
+
+/// A [`MultipartStore`](object_store::multipart::MultipartStore) (which
+/// is not `Debug`).
+#[derive(Clone)]
+struct PartStore(Arc<dyn object_store::multipart::MultipartStore>);
+
+impl fmt::Debug for PartStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PartStore")
+    }
 }
 
 #[derive(Debug)]
@@ -427,7 +442,7 @@ impl ObjectTier {
     ) -> Result<Self> {
         let label = location_label.into();
         let target = Target::Opaque(format!("{label} ({store})"));
-        Self::build(store, prefix.into(), label, target, config)
+        Self::build(store, None, prefix.into(), label, target, config)
     }
 
     /// A tier for `s3://bucket/prefix`, configured from the `AWS_*`
@@ -504,11 +519,14 @@ impl ObjectTier {
             endpoint,
             bucket: bucket.to_string(),
         };
-        Self::build(Arc::new(store), prefix, location, target, config)
+        let store = Arc::new(store);
+        let parts = PartStore(store.clone());
+        Self::build(store, Some(parts), prefix, location, target, config)
     }
 
     fn build(
         store: Arc<dyn ObjectStore>,
+        parts: Option<PartStore>,
         prefix: String,
         location: String,
         target: Target,
@@ -526,6 +544,7 @@ impl ObjectTier {
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
+                parts,
                 prefix,
                 location,
                 target,
@@ -843,6 +862,49 @@ fn s3_error_code(text: &str) -> Option<String> {
     let start = text.find("<Code>")? + "<Code>".len();
     let len = text[start..].find("</Code>")?;
     Some(text[start..start + len].to_string())
+}
+
+/// S3 error codes of a request refused because its body did not match the
+/// checksum sent with it (AWS, MinIO: `BadDigest`,
+/// `XAmzContentSHA256Mismatch`, `XAmzContentChecksumMismatch`; Garage:
+/// `InvalidDigest`).
+const DIGEST_CODES: [&str; 4] = [
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentSHA256Mismatch",
+    "XAmzContentChecksumMismatch",
+];
+
+/// How many times the object tier sends a body the server refused because
+/// it did not match its checksum (altered on the way), counting the first.
+pub const DIGEST_ATTEMPTS: usize = 3;
+
+/// Whether the server refused the request because the body it received
+/// does not match its checksum: the bytes were altered on the way, and
+/// sending the same (intact) bytes again is the cure.
+fn refused_digest(e: &object_store::Error) -> bool {
+    http_status(e) == Some(400)
+        && s3_error_code(&chain_text(e)).is_some_and(|c| DIGEST_CODES.contains(&c.as_str()))
+}
+
+/// Runs `send` until it succeeds, fails otherwise, or has been refused for
+/// a checksum mismatch [`DIGEST_ATTEMPTS`] times; `what` names the request
+/// in the warning each resend logs.
+async fn resend_on_digest<T, F, Fut>(what: &str, mut send: F) -> object_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match send().await {
+            Err(e) if attempt < DIGEST_ATTEMPTS && refused_digest(&e) => {
+                tracing::warn!(request = what, attempt, error = %e, "the server refused a body that did not match its checksum (altered in transit); sending it again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The HTTP status of a failed response somewhere in the chain, read from

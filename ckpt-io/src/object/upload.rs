@@ -5,16 +5,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use object_store::multipart::PartId;
 use object_store::path::Path;
 use object_store::{
-    MultipartUpload, PutMode as StorePutMode, PutMultipartOptions, PutOptions, PutPayload,
+    MultipartId, MultipartUpload, PutMode as StorePutMode, PutMultipartOptions, PutOptions,
+    PutPayload,
 };
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 
 use ckpt_core::{Error, PutMode, Result, TierWriter};
 
-use super::{Inner, Op};
+use super::{Inner, Op, PartStore, resend_on_digest};
 
 /// `Tier::put`: one atomic `PUT`, conditional for `PutMode::Create`.
 pub(super) async fn put(inner: &Inner, path: &str, data: Bytes, mode: PutMode) -> Result<()> {
@@ -47,15 +49,28 @@ pub(super) async fn put(inner: &Inner, path: &str, data: Bytes, mode: PutMode) -
             }
         }
     };
-    match inner
-        .store
-        .put_opts(
-            &key,
-            PutPayload::from_bytes(data),
-            PutOptions::from(store_mode),
-        )
-        .await
-    {
+    let payload = PutPayload::from_bytes(data);
+    let sent = match store_mode {
+        // An overwrite refused for a checksum mismatch stored nothing
+        // (s3s-fs stores it anyway): sending it again is safe.
+        StorePutMode::Overwrite => {
+            resend_on_digest(path, || {
+                inner.store.put_opts(
+                    &key,
+                    payload.clone(),
+                    PutOptions::from(StorePutMode::Overwrite),
+                )
+            })
+            .await
+        }
+        mode => {
+            inner
+                .store
+                .put_opts(&key, payload, PutOptions::from(mode))
+                .await
+        }
+    };
+    match sent {
         Ok(_) => Ok(()),
         Err(e)
             if mode == PutMode::Create
@@ -84,18 +99,61 @@ pub(super) async fn put(inner: &Inner, path: &str, data: Bytes, mode: PutMode) -
 /// so an object no larger than one part goes up as a single `PUT` in
 /// `finish`. Parts upload as tasks on the runtime, at most
 /// `max_parts_in_flight` at a time, so they progress while the caller
-/// waits for its next buffer.
+/// waits for its next buffer. A part (or single `PUT`) the server refuses
+/// because its body no longer matches its checksum is sent again, up to
+/// [`DIGEST_ATTEMPTS`](super::DIGEST_ATTEMPTS) times in all, when the tier
+/// has the client's part-level API (tiers from
+/// [`ObjectTier::from_url`](super::ObjectTier::from_url)).
 pub(super) struct ObjectWriter {
     inner: Arc<Inner>,
     path: String,
     key: Path,
     pending: Vec<Bytes>,
     pending_len: usize,
-    upload: Option<Box<dyn MultipartUpload>>,
-    parts: JoinSet<object_store::Result<()>>,
+    upload: Option<Upload>,
+    /// Finished parts: `(index, id)` for [`Upload::Parts`].
+    parts: JoinSet<object_store::Result<Option<(usize, PartId)>>>,
     /// Parts started so far.
     parts_sent: u64,
     handle: Handle,
+}
+
+/// A multipart upload in progress.
+enum Upload {
+    /// Through `object_store`'s [`MultipartUpload`] (a store built by the
+    /// caller): it numbers the parts, so a refused part cannot be sent
+    /// again.
+    Managed(Box<dyn MultipartUpload>),
+    /// Part by part through the client's `MultipartStore`; `done` holds
+    /// each finished part's id at its index.
+    Parts {
+        store: PartStore,
+        id: MultipartId,
+        done: Vec<Option<PartId>>,
+    },
+}
+
+impl Upload {
+    async fn complete(&mut self, key: &Path) -> object_store::Result<()> {
+        match self {
+            Upload::Managed(u) => u.complete().await.map(|_| ()),
+            Upload::Parts { store, id, done } => {
+                let parts: Option<Vec<PartId>> = std::mem::take(done).into_iter().collect();
+                let parts = parts.ok_or_else(|| object_store::Error::Generic {
+                    store: "S3",
+                    source: "a part of the upload did not finish".into(),
+                })?;
+                store.0.complete_multipart(key, id, parts).await.map(|_| ())
+            }
+        }
+    }
+
+    async fn abort(&mut self, key: &Path) -> object_store::Result<()> {
+        match self {
+            Upload::Managed(u) => u.abort().await,
+            Upload::Parts { store, id, .. } => store.0.abort_multipart(key, id).await,
+        }
+    }
 }
 
 impl ObjectWriter {
@@ -142,13 +200,25 @@ impl ObjectWriter {
     /// `max_parts_in_flight` parts are uploading.
     async fn send_part(&mut self) -> Result<()> {
         if self.upload.is_none() {
-            let upload = self
-                .inner
-                .store
-                .put_multipart_opts(&self.key, PutMultipartOptions::default())
-                .await
-                .map_err(|e| self.inner.error(Op::CreateUpload, &self.path, e))?;
-            self.upload = Some(upload);
+            let started = match &self.inner.parts {
+                Some(store) => store
+                    .0
+                    .create_multipart(&self.key)
+                    .await
+                    .map(|id| Upload::Parts {
+                        store: store.clone(),
+                        id,
+                        done: Vec::new(),
+                    }),
+                None => self
+                    .inner
+                    .store
+                    .put_multipart_opts(&self.key, PutMultipartOptions::default())
+                    .await
+                    .map(Upload::Managed),
+            };
+            self.upload =
+                Some(started.map_err(|e| self.inner.error(Op::CreateUpload, &self.path, e))?);
         }
         while let Some(done) = self.parts.try_join_next() {
             self.part_result(done)?;
@@ -164,11 +234,32 @@ impl ObjectWriter {
                 self.path, self.inner.config.max_parts, self.inner.config.part_size
             )));
         }
+        let index = self.parts_sent as usize;
         self.parts_sent += 1;
         let payload: PutPayload = self.pending.drain(..).collect();
         self.pending_len = 0;
-        if let Some(upload) = self.upload.as_mut() {
-            self.parts.spawn_on(upload.put_part(payload), &self.handle);
+        match self.upload.as_mut() {
+            Some(Upload::Managed(upload)) => {
+                let part = upload.put_part(payload);
+                self.parts
+                    .spawn_on(async move { part.await.map(|()| None) }, &self.handle);
+            }
+            Some(Upload::Parts { store, id, done }) => {
+                done.push(None);
+                let (store, id, key) = (store.clone(), id.clone(), self.key.clone());
+                let what = format!("part {} of `{}`", index + 1, self.path);
+                self.parts.spawn_on(
+                    async move {
+                        resend_on_digest(&what, || {
+                            store.0.put_part(&key, &id, index, payload.clone())
+                        })
+                        .await
+                        .map(|part| Some((index, part)))
+                    },
+                    &self.handle,
+                );
+            }
+            None => {}
         }
         Ok(())
     }
@@ -181,11 +272,22 @@ impl ObjectWriter {
     }
 
     fn part_result(
-        &self,
-        done: std::result::Result<object_store::Result<()>, tokio::task::JoinError>,
+        &mut self,
+        done: std::result::Result<
+            object_store::Result<Option<(usize, PartId)>>,
+            tokio::task::JoinError,
+        >,
     ) -> Result<()> {
         match done {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some((index, part)))) => {
+                if let Some(Upload::Parts { done, .. }) = self.upload.as_mut()
+                    && let Some(slot) = done.get_mut(index)
+                {
+                    *slot = Some(part);
+                }
+                Ok(())
+            }
             Ok(Err(e)) => Err(self.inner.error(Op::UploadPart, &self.path, e)),
             Err(e) => Err(self.inner.backend(
                 false,
@@ -198,13 +300,13 @@ impl ObjectWriter {
         if self.upload.is_none() {
             let payload: PutPayload = self.pending.drain(..).collect();
             self.pending_len = 0;
-            return self
-                .inner
-                .store
-                .put_opts(&self.key, payload, PutOptions::default())
-                .await
-                .map(|_| ())
-                .map_err(|e| self.inner.error(Op::Put, &self.path, e));
+            let (store, key) = (&self.inner.store, &self.key);
+            return resend_on_digest(&self.path, || {
+                store.put_opts(key, payload.clone(), PutOptions::default())
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| self.inner.error(Op::Put, &self.path, e));
         }
         if self.pending_len > 0 {
             self.send_part().await?;
@@ -213,10 +315,10 @@ impl ObjectWriter {
             self.join_one().await?;
         }
         if let Some(mut upload) = self.upload.take()
-            && let Err(e) = upload.complete().await
+            && let Err(e) = upload.complete(&self.key).await
         {
             let err = self.inner.error(Op::CompleteUpload, &self.path, e);
-            if let Err(abort) = upload.abort().await {
+            if let Err(abort) = upload.abort(&self.key).await {
                 tracing::warn!(path = %self.path, error = %abort, "abort after a failed multipart completion failed");
             }
             return Err(err);
@@ -229,7 +331,7 @@ impl ObjectWriter {
         self.pending_len = 0;
         self.parts.shutdown().await;
         if let Some(mut upload) = self.upload.take() {
-            match upload.abort().await {
+            match upload.abort(&self.key).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.inner.error(Op::AbortUpload, &self.path, e)),
             }
@@ -270,8 +372,9 @@ impl Drop for ObjectWriter {
         self.parts.abort_all();
         if let Some(mut upload) = self.upload.take() {
             let path = std::mem::take(&mut self.path);
+            let key = self.key.clone();
             self.handle.spawn(async move {
-                if let Err(e) = upload.abort().await {
+                if let Err(e) = upload.abort(&key).await {
                     tracing::debug!(path, error = %e, "background abort of a dropped upload failed");
                 }
             });
