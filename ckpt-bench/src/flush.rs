@@ -28,6 +28,11 @@ pub struct FlushArgs {
     /// `--s3-url`.
     #[arg(long, value_enum)]
     pub alongside: Option<crate::tiers::TierKind>,
+    /// Rate limit of the `--alongside` tier, bytes per second (`300M`):
+    /// `TierPolicy::rate_limit`, which trades that tier's time to durable
+    /// for less interference with the local tier.
+    #[arg(long, value_parser = crate::synth::parse_bytes)]
+    pub alongside_rate: Option<u64>,
     /// One JSON object per result.
     #[arg(long)]
     pub json: bool,
@@ -65,7 +70,13 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
                     Arc::new(ckpt_io::LocalTier::new(&a.state.dir)?),
                     TierPolicy::keep_last(1),
                 )
-                .tier(other.tier.clone(), TierPolicy::keep_last(1))
+                .tier(
+                    other.tier.clone(),
+                    match a.alongside_rate {
+                        Some(r) => TierPolicy::keep_last(1).rate_limit(r),
+                        None => TierPolicy::keep_last(1),
+                    },
+                )
                 .staging_capacity(bytes)
                 .build()?;
             Some((other, both))
@@ -153,6 +164,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         "ratio_to_best_floor": d / best,
         "alongside": with.as_ref().map(|(loc, l, o)| json!({
             "location": loc,
+            "rate_limit": a.alongside_rate,
             "local_durable_s": l,
             "local_ratio_to_alone": l / d,
             "local_ratio_pairs": pair_list,

@@ -87,6 +87,33 @@ fn flush_alongside_a_peer_tier_reports_both_and_the_pool() {
     );
     let with = &out[0]["alongside"];
     check_alongside(with, 32 << 20, "peer://127.0.0.1:");
+
+    // Rate-limited to 64 MiB/s, the peer tier takes about half a second
+    // for 32 MiB; the local tier does not wait for it.
+    let out = bench(
+        &[
+            "flush",
+            "--state-bytes",
+            "32M",
+            "--tensors",
+            "4",
+            "--iters",
+            "2",
+            "--alongside",
+            "peer",
+            "--alongside-rate",
+            "64M",
+        ],
+        dir.path(),
+    );
+    let with = &out[0]["alongside"];
+    check_alongside(with, 32 << 20, "peer://127.0.0.1:");
+    assert_eq!(with["rate_limit"].as_u64(), Some(64 << 20), "{with}");
+    assert!(num(with, "alongside_durable_s") >= 0.3, "{with}");
+    assert!(
+        num(with, "local_durable_s") < num(with, "alongside_durable_s"),
+        "{with}"
+    );
 }
 
 /// What `--alongside` reports hangs together: both tiers durable, the pool
