@@ -66,53 +66,33 @@ fn stage_flush_restore_report_ours_beside_the_floors() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// The state of the `--alongside` tests: 32 MiB in 4 tensors, 2 iterations
+/// (one in each order).
+const SMALL_ALONGSIDE: [&str; 6] = ["--state-bytes", "32M", "--tensors", "4", "--iters", "2"];
+
 /// `flush --alongside peer`: the local tier's time to durable with a peer
 /// tier attached to the same saves, and the pool's occupancy over a save.
 #[test]
 fn flush_alongside_a_peer_tier_reports_both_and_the_pool() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = bench(
-        &[
-            "flush",
-            "--state-bytes",
-            "32M",
-            "--tensors",
-            "4",
-            "--iters",
-            "2",
-            "--alongside",
-            "peer",
-        ],
-        dir.path(),
-    );
-    let with = &out[0]["alongside"];
-    check_alongside(with, 32 << 20, "peer://127.0.0.1:");
-
+    let with = |extra: &[&str]| {
+        let mut args = vec!["flush", "--alongside", "peer"];
+        args.extend_from_slice(&SMALL_ALONGSIDE);
+        args.extend_from_slice(extra);
+        let out = bench(&args, dir.path());
+        let with = out[0]["alongside"].clone();
+        check_alongside(&with, 32 << 20, "peer://127.0.0.1:");
+        with
+    };
+    with(&[]);
     // Rate-limited to 64 MiB/s, the peer tier takes about half a second
     // for 32 MiB; the local tier does not wait for it.
-    let out = bench(
-        &[
-            "flush",
-            "--state-bytes",
-            "32M",
-            "--tensors",
-            "4",
-            "--iters",
-            "2",
-            "--alongside",
-            "peer",
-            "--alongside-rate",
-            "64M",
-        ],
-        dir.path(),
-    );
-    let with = &out[0]["alongside"];
-    check_alongside(with, 32 << 20, "peer://127.0.0.1:");
-    assert_eq!(with["rate_limit"].as_u64(), Some(64 << 20), "{with}");
-    assert!(num(with, "alongside_durable_s") >= 0.3, "{with}");
+    let limited = with(&["--alongside-rate", "64M"]);
+    assert_eq!(limited["rate_limit"].as_u64(), Some(64 << 20), "{limited}");
+    assert!(num(&limited, "alongside_durable_s") >= 0.3, "{limited}");
     assert!(
-        num(with, "local_durable_s") < num(with, "alongside_durable_s"),
-        "{with}"
+        num(&limited, "local_durable_s") < num(&limited, "alongside_durable_s"),
+        "{limited}"
     );
 }
 
@@ -375,25 +355,17 @@ fn flush_alongside_s3() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = s3.location("al");
     for checksum in ["crc64nvme", "sha256"] {
-        let v = s3_bench(
-            &s3,
-            &[
-                "flush",
-                "--alongside",
-                "s3",
-                "--s3-url",
-                &url,
-                "--s3-payload-checksum",
-                checksum,
-                "--state-bytes",
-                "32M",
-                "--tensors",
-                "4",
-                "--iters",
-                "2",
-            ],
-            dir.path(),
-        );
+        let mut args = vec![
+            "flush",
+            "--alongside",
+            "s3",
+            "--s3-url",
+            &url,
+            "--s3-payload-checksum",
+            checksum,
+        ];
+        args.extend_from_slice(&SMALL_ALONGSIDE);
+        let v = s3_bench(&s3, &args, dir.path());
         check_alongside(&v["alongside"], 32 << 20, "s3://");
     }
     // What the runs wrote to the bucket is gone with them.
