@@ -5,8 +5,14 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// Runs `ckpt-bench ARGS --json --dir DIR`; returns its JSON lines.
 fn bench(args: &[&str], dir: &std::path::Path) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"))
+    bench_with(Command::new(env!("CARGO_BIN_EXE_ckpt-bench")), args, dir)
+}
+
+/// [`bench`] with `cmd` (its environment set) as the command.
+fn bench_with(mut cmd: Command, args: &[&str], dir: &std::path::Path) -> Vec<Value> {
+    let out = cmd
         .args(args)
         .args(["--json", "--dir"])
         .arg(dir)
@@ -302,18 +308,10 @@ mod s3s;
 fn s3_bench(s3: &s3s::Bundled, args: &[&str], dir: &std::path::Path) -> Value {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"));
     s3.env(&mut cmd);
-    let out = cmd
-        .args(args)
-        .args(["--json", "--dir"])
-        .arg(dir)
-        .output()
-        .expect("run ckpt-bench");
-    assert!(
-        out.status.success(),
-        "ckpt-bench {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().expect("a line")).expect("json")
+    bench_with(cmd, args, dir)
+        .into_iter()
+        .next()
+        .expect("a JSON line")
 }
 
 /// `flush` and `restore` with `--tier s3`, on the bundled S3 server.
