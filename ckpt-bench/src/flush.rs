@@ -83,6 +83,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let (mut with_local, mut with_other) = (vec![], vec![]);
+    let mut other_failed: Vec<String> = Vec::new();
     let mut last_with: Option<ckpt_core::SaveReport> = None;
     let (mut durable, mut raw, mut direct) = (vec![], vec![], vec![]);
     for i in 0..a.state.iters {
@@ -115,10 +116,23 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
                     .get(t)
                     .and_then(|t| t.durable_at)
                     .map(|d| d.as_secs_f64())
-                    .ok_or_else(|| format!("tier {t} did not commit: {:?}", r.tiers.get(t)))
             };
-            with_local.push(at(0)?);
-            with_other.push(at(1)?);
+            with_local.push(
+                at(0).ok_or_else(|| {
+                    format!("the local tier did not commit: {:?}", r.tiers.first())
+                })?,
+            );
+            // A failed save of the attached tier (a server that timed out)
+            // is counted and said; the local tier's time is still measured.
+            match at(1) {
+                Some(d) => with_other.push(d),
+                None => other_failed.push(
+                    r.tiers
+                        .get(1)
+                        .and_then(|t| t.error.as_ref())
+                        .map_or_else(|| "not committed".to_string(), |e| e.to_string()),
+                ),
+            }
             last_with = Some(r);
         }
         if both_first {
@@ -172,6 +186,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
             // The headline: median over iteration pairs of both orders.
             "local_ratio_balanced": balanced_median,
             "alongside_durable_s": o,
+            "alongside_failed_saves": other_failed.len(),
             "staging": last_with.as_ref().map(|r| r.staging.iter()
                 .map(|s| json!([s.at.as_secs_f64(), s.in_use_bytes]))
                 .collect::<Vec<_>>()),
@@ -222,8 +237,13 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     if let (false, Some((loc, l, o))) = (a.json, &with) {
+        let other = if o.is_nan() {
+            "never durable".to_string()
+        } else {
+            format!("durable in {o:.3} s")
+        };
         println!(
-            "local tier with {loc} attached: durable in {l:.3} s = {:.3}x local alone; {loc} durable in {o:.3} s",
+            "local tier with {loc} attached: durable in {l:.3} s = {:.3}x local alone; {loc} {other}",
             l / d
         );
         let each: Vec<String> = pair_list.iter().map(|p| format!("{p:.3}")).collect();
@@ -235,6 +255,13 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "  both orders balanced (geometric mean of iterations 2k, 2k+1; median): {balanced_median:.3}x"
         );
+        if let Some(first) = other_failed.first() {
+            println!(
+                "  {loc} failed {} of {} saves (not in its durable time); the first: {first}",
+                other_failed.len(),
+                a.state.iters
+            );
+        }
         if let Some(r) = &last_with {
             println!("{}", occupancy(r, bytes));
         }

@@ -381,6 +381,36 @@ fn flush_alongside_s3() {
     assert!(left.is_empty(), "left in the bucket: {left:?}");
 }
 
+/// `flush --alongside s3` with credentials the server refuses: every save
+/// to it fails, the benchmark says so and still measures the local tier.
+#[test]
+fn flush_alongside_counts_the_attached_tiers_failed_saves() {
+    let Some(s3) = s3s::Bundled::get("flush_alongside_counts_the_attached_tiers_failed_saves")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = s3.location("refused");
+    let mut args = vec!["flush", "--alongside", "s3", "--s3-url", &url];
+    args.extend_from_slice(&SMALL_ALONGSIDE);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt-bench"));
+    s3.env(&mut cmd);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let v = bench_with(cmd, &args, dir.path())
+        .into_iter()
+        .next()
+        .expect("a JSON line");
+    let with = &v["alongside"];
+    assert_eq!(with["alongside_failed_saves"].as_u64(), Some(2), "{with}");
+    assert!(with["alongside_durable_s"].is_null(), "{with}");
+    assert!(num(with, "local_durable_s") > 0.0, "{with}");
+    assert_eq!(
+        with["local_ratio_pairs"].as_array().map(Vec::len),
+        Some(2),
+        "{with}"
+    );
+}
+
 /// README's `ckpt-bench plan` command prints README's table.
 #[test]
 fn readme_plan_command_prints_the_readme_table() {
