@@ -189,8 +189,8 @@ pub fn expected_guarantee(server: &str) -> Option<&'static str> {
 
 /// Whether the server named `server` (`CKPT_TEST_S3_SERVER`) checks an
 /// `x-amz-checksum-*` header on the parts of a multipart upload, not only
-/// on single `PUT`s. s3s-fs 0.14 does not (docs/s3.md); AWS S3, MinIO and
-/// Garage do.
+/// on single `PUT`s. s3s-fs 0.14 does not, Garage 2.5 does (docs/s3.md);
+/// AWS S3 and MinIO document that they do, and the test holds them to it.
 pub fn verifies_part_checksums(server: &str) -> bool {
     !server.starts_with("s3s-fs")
 }
