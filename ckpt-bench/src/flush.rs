@@ -274,7 +274,10 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         drop(both);
         other
     });
-    let mut remote = vec![(&opened, run.clone())];
+    let mut remote = Vec::new();
+    if a.target.tier != crate::tiers::TierKind::Local {
+        remote.push((&opened, run.clone()));
+    }
     if let Some(o) = &other {
         remote.push((o, format!("{run}-both")));
     }

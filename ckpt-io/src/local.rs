@@ -18,7 +18,8 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use ckpt_core::{Capabilities, Error, ObjectMeta, PutMode, Result, Tier, TierWriter};
@@ -292,11 +293,14 @@ impl LocalTier {
 /// left the disk idle whenever another tier's parts kept the runtime's
 /// workers busy hashing.) Each block is written without waiting for later
 /// ones, so a save streaming through a small pool always gets its blocks
-/// back. Dropped without `finish` or
-/// `abort` (a cancelled save), the thread ends once its queue is written and
-/// the temp file is left for retention, as a crash would leave it.
+/// back. `abort`, or a drop without `finish` (a cancelled save), stops the
+/// thread before its next block, so it never writes out a queue nobody
+/// will read; the blocks still queued are released. An aborted file is
+/// removed; a dropped one is left for retention, as a crash would leave it.
 struct LocalWriter {
     tx: Option<tokio::sync::mpsc::UnboundedSender<Bytes>>,
+    /// Set to make the thread stop before its next block.
+    stop: Arc<AtomicBool>,
     /// The file once every queued block is written, or the first error.
     thread: Option<std::thread::JoinHandle<Result<DirectWriter<File>>>>,
     temp: PathBuf,
@@ -306,12 +310,17 @@ struct LocalWriter {
 impl LocalWriter {
     fn start(mut file: DirectWriter<File>, temp: PathBuf, path: PathBuf) -> Result<Self> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         // Named by its final path: that is the file the user knows.
         let name = path.clone();
         let thread = std::thread::Builder::new()
             .name("ckpt-local-write".into())
             .spawn(move || {
                 while let Some(data) = rx.blocking_recv() {
+                    if stopped.load(Ordering::Relaxed) {
+                        break;
+                    }
                     file.write(&name, &data).map_err(|e| Error::io(&name, e))?;
                 }
                 Ok(file)
@@ -319,6 +328,7 @@ impl LocalWriter {
             .map_err(|e| Error::io(&temp, e))?;
         Ok(Self {
             tx: Some(tx),
+            stop,
             thread: Some(thread),
             temp,
             path,
@@ -337,6 +347,15 @@ impl LocalWriter {
                 .map_err(|_| Error::Internal("a local writer thread panicked".into()))?
         })
         .await
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        // Neither finished nor aborted: nobody will read what is queued.
+        if self.thread.is_some() {
+            self.stop.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -364,7 +383,10 @@ impl TierWriter for LocalWriter {
     fn finish(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
             let written = self.join().await;
-            let LocalWriter { temp, path, .. } = *self;
+            let (temp, path) = (
+                std::mem::take(&mut self.temp),
+                std::mem::take(&mut self.path),
+            );
             let file = match written {
                 Ok(f) => f,
                 Err(e) => {
@@ -388,6 +410,7 @@ impl TierWriter for LocalWriter {
 
     fn abort(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
+            self.stop.store(true, Ordering::Relaxed);
             let _ = self.join().await;
             let temp = self.temp.clone();
             blocking(move || match fs::remove_file(&temp) {

@@ -113,3 +113,87 @@ fn direct_writes_keep_checkpoints_out_of_the_page_cache() {
         "the buffered writer's file should be mostly cached: {buffered_in_cache} of {buffered_pages}"
     );
 }
+
+/// Counts the blocks still alive: each `Bytes` below owns one.
+struct Block(Arc<std::sync::atomic::AtomicUsize>, Vec<u8>);
+
+impl AsRef<[u8]> for Block {
+    fn as_ref(&self) -> &[u8] {
+        &self.1
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An aborted or dropped shard file gives back every block queued for its
+/// writer thread (a cancelled save's pool must get them back) without
+/// writing the queue out first, and an aborted one leaves no file at all.
+#[test]
+fn an_aborted_or_dropped_shard_file_releases_its_queued_blocks() {
+    use ckpt_core::Tier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tier = LocalTier::new(dir.path()).expect("tier");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for abort in [true, false] {
+        let alive = Arc::new(AtomicUsize::new(0));
+        rt.block_on(async {
+            let mut w = tier.create("run/big.bin").await.expect("create");
+            // 256 MiB, made first and then queued at once: far more than
+            // the thread writes before it is told to stop.
+            let blocks: Vec<bytes::Bytes> = (0..64)
+                .map(|_| {
+                    alive.fetch_add(1, Ordering::SeqCst);
+                    bytes::Bytes::from_owner(Block(alive.clone(), vec![7u8; 4 << 20]))
+                })
+                .collect();
+            for b in blocks {
+                w.write(b).await.expect("write");
+            }
+            if abort {
+                w.abort().await.expect("abort");
+            } else {
+                drop(w);
+            }
+        });
+        // A dropped writer's thread stops on its own: wait for it, bounded.
+        let start = std::time::Instant::now();
+        while alive.load(Ordering::SeqCst) > 0 && start.elapsed().as_secs() < 30 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            alive.load(Ordering::SeqCst),
+            0,
+            "abort {abort}: blocks held"
+        );
+        assert!(
+            !dir.path().join("run/big.bin").exists(),
+            "abort {abort}: the file appeared under its final name"
+        );
+        let left: Vec<(std::ffi::OsString, u64)> = std::fs::read_dir(dir.path().join("run"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| (e.file_name(), e.metadata().map_or(0, |m| m.len())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if abort {
+            assert!(left.is_empty(), "an aborted file left {left:?}");
+        } else {
+            // The crash-like leftover, for retention: it holds what was
+            // written before the drop, not the whole queue.
+            let written: u64 = left.iter().map(|(_, n)| n).sum();
+            assert!(
+                written < 128 << 20,
+                "the dropped writer wrote its queue out: {left:?}"
+            );
+            for (name, _) in &left {
+                std::fs::remove_file(dir.path().join("run").join(name)).expect("clean up");
+            }
+        }
+    }
+}
