@@ -38,6 +38,9 @@ pub struct FlushArgs {
     pub json: bool,
 }
 
+/// Writes in flight of the second `O_DIRECT` floor.
+const FLOOR_IN_FLIGHT: usize = 4;
+
 /// Runs the benchmark.
 pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&a.state.dir)?;
@@ -67,7 +70,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
             let other = crate::tiers::open(kind, &a.state.dir, &a.target, 2 * bytes + (64 << 20))?;
             let both = Checkpointer::builder(format!("{run}-both"))
                 .tier(
-                    Arc::new(ckpt_io::LocalTier::new(&a.state.dir)?),
+                    Arc::new(crate::tiers::local(&a.state.dir, &a.target)?),
                     TierPolicy::keep_last(1),
                 )
                 .tier(
@@ -85,7 +88,12 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
     let (mut with_local, mut with_other) = (vec![], vec![]);
     let mut other_failed: Vec<String> = Vec::new();
     let mut last_with: Option<ckpt_core::SaveReport> = None;
-    let (mut durable, mut raw, mut direct) = (vec![], vec![], vec![]);
+    let (mut durable, mut raw) = (vec![], vec![]);
+    // Each save's staging copy (the flush is held until it ends when the
+    // save fits the pool) and what follows it until durable.
+    let (mut copies, mut after_copy) = (vec![], vec![]);
+    // The O_DIRECT floor with 1 and with several writes in flight.
+    let (mut direct, mut direct_qd) = (vec![], vec![]);
     for i in 0..a.state.iters {
         // Alternate so drift in the device's state affects both alike. The
         // raw floors are for a local directory only, and left out beside a
@@ -93,14 +101,20 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         // iteration slowed that save (by up to 30%), whichever it was.
         if a.target.tier == crate::tiers::TierKind::Local && alongside.is_none() {
             raw.push(floors::raw_write(&a.state.dir, &tensors)?.as_secs_f64());
-            if let Some(d) = floors::raw_write_direct(&a.state.dir, &tensors) {
+            if let Some(d) = floors::raw_write_direct(&a.state.dir, &tensors, 1) {
                 direct.push(d.as_secs_f64());
+            }
+            if let Some(d) = floors::raw_write_direct(&a.state.dir, &tensors, FLOOR_IN_FLIGHT) {
+                direct_qd.push(d.as_secs_f64());
             }
         }
         let state = synth::state(&views, i as u64 + 1)?;
-        let alone = |durable: &mut Vec<f64>| -> Result<(), Box<dyn std::error::Error>> {
+        let mut alone = |durable: &mut Vec<f64>| -> Result<(), Box<dyn std::error::Error>> {
             let report = ckpt.save(&state)?.wait()?;
-            durable.push(report.durable_after().ok_or("not committed")?.as_secs_f64());
+            let d = report.durable_after().ok_or("not committed")?.as_secs_f64();
+            durable.push(d);
+            copies.push(report.copy.as_secs_f64());
+            after_copy.push(d - report.copy.as_secs_f64());
             Ok(())
         };
         // With a second tier, every other iteration saves with both tiers
@@ -154,8 +168,13 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let balanced_median = floors::median(&mut balanced);
     let (d, r) = (floors::median(&mut durable), floors::median(&mut raw));
+    let (copy, rest) = (floors::median(&mut copies), floors::median(&mut after_copy));
     let od = (!direct.is_empty()).then(|| floors::median(&mut direct));
-    let best = od.map_or(r, |o| if r.is_nan() { o } else { o.min(r) });
+    let odq = (!direct_qd.is_empty()).then(|| floors::median(&mut direct_qd));
+    let best = [od, odq]
+        .into_iter()
+        .flatten()
+        .fold(r, |b, o| if b.is_nan() { o } else { b.min(o) });
     let with = alongside.as_ref().map(|(other, _)| {
         let (l, o) = (
             floors::median(&mut with_local),
@@ -170,8 +189,13 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         "state_bytes": bytes,
         "iters": a.state.iters,
         "durable_s": d,
+        "copy_s": copy,
+        "durable_after_copy_s": rest,
         "raw_write_floor_s": r,
         "raw_write_direct_s": od,
+        "raw_write_direct_in_flight": FLOOR_IN_FLIGHT,
+        "raw_write_direct_in_flight_s": odq,
+        "local_writes_in_flight": a.target.local_writes_in_flight,
         "ratio_to_floor": d / r,
         // The headline: against the faster of the two floors.
         "best_floor_s": best,
@@ -210,27 +234,39 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
                 gib(r)
             );
         }
-        if let Some(od) = od {
-            println!(
-                "{:<40} {:>10.3} s {:>8.2} GiB/s",
-                "raw write O_DIRECT + fsync",
-                od,
-                gib(od)
-            );
+        for (label, floor) in [
+            ("raw write O_DIRECT + fsync, 1 in flight".to_string(), od),
+            (
+                format!("raw write O_DIRECT + fsync, {FLOOR_IN_FLIGHT} in flight"),
+                odq,
+            ),
+        ] {
+            if let Some(f) = floor {
+                println!("{label:<40} {f:>10.3} s {:>8.2} GiB/s", gib(f));
+            }
         }
         println!(
             "{:<40} {:>10.3} s {:>8.2} GiB/s",
-            "ckpt save -> durable (crc32c on)",
+            format!(
+                "ckpt save -> durable, {} in flight",
+                a.target.local_writes_in_flight
+            ),
             d,
             gib(d)
+        );
+        println!(
+            "  of which the staging copy {copy:.3} s, then {rest:.3} s to durable ({:.2} GiB/s)",
+            gib(rest)
         );
         if !best.is_nan() {
             println!(
                 "ratio to the best floor ({}): {:.2}x",
                 if od == Some(best) {
-                    "O_DIRECT"
+                    "O_DIRECT, 1 in flight".to_string()
+                } else if odq == Some(best) {
+                    format!("O_DIRECT, {FLOOR_IN_FLIGHT} in flight")
                 } else {
-                    "buffered"
+                    "buffered".to_string()
                 },
                 d / best
             );

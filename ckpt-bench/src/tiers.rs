@@ -32,6 +32,15 @@ pub struct TierArgs {
     /// How S3 request bodies are checked in transit.
     #[arg(long, value_enum, default_value = "crc64nvme")]
     pub s3_payload_checksum: S3Checksum,
+    /// `O_DIRECT` writes of a shard file in flight at once on a local
+    /// tier (`LocalTier::with_writes_in_flight`).
+    #[arg(long, default_value_t = ckpt_io::DEFAULT_WRITES_IN_FLIGHT)]
+    pub local_writes_in_flight: usize,
+}
+
+/// The local tier in `dir` as `args` configure it.
+pub fn local(dir: &Path, args: &TierArgs) -> Result<ckpt_io::LocalTier, ckpt_core::Error> {
+    Ok(ckpt_io::LocalTier::new(dir)?.with_writes_in_flight(args.local_writes_in_flight))
 }
 
 /// `--s3-payload-checksum`: [`ckpt_io::PayloadChecksum`].
@@ -59,7 +68,7 @@ pub fn open(
 ) -> Result<Opened, Box<dyn std::error::Error>> {
     match kind {
         TierKind::Local => Ok(Opened {
-            tier: Arc::new(ckpt_io::LocalTier::new(dir)?),
+            tier: Arc::new(local(dir, args)?),
             _keep: None,
         }),
         TierKind::Peer => {

@@ -59,6 +59,28 @@ fn stage_flush_restore_report_ours_beside_the_floors() {
     let best = num(&flush[0], "best_floor_s");
     assert!(best > 0.0 && best <= num(&flush[0], "raw_write_floor_s"));
     assert!(num(&flush[0], "ratio_to_best_floor") > 0.0);
+    // The save's staging copy and what follows it until durable.
+    let (copy, after) = (
+        num(&flush[0], "copy_s"),
+        num(&flush[0], "durable_after_copy_s"),
+    );
+    assert!(copy > 0.0 && after > 0.0 && after < num(&flush[0], "durable_s"));
+    // Both O_DIRECT floors, or neither (a file system without O_DIRECT).
+    let direct = [
+        flush[0]["raw_write_direct_s"].as_f64(),
+        flush[0]["raw_write_direct_in_flight_s"].as_f64(),
+    ];
+    assert_eq!(direct[0].is_some(), direct[1].is_some(), "{}", flush[0]);
+    for d in direct.into_iter().flatten() {
+        assert!(best <= d, "the best floor is the fastest: {}", flush[0]);
+    }
+    // Several writes in flight: the same save, committed.
+    let qd = bench(
+        &[&["flush", "--local-writes-in-flight", "3"][..], &small].concat(),
+        dir.path(),
+    );
+    assert_eq!(qd[0]["local_writes_in_flight"], 3);
+    assert!(num(&qd[0], "durable_s") > 0.0);
 
     let restore = bench(&[&["restore"][..], &small].concat(), dir.path());
     assert!(num(&restore[0], "restore_s") > 0.0);

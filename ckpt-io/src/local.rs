@@ -35,7 +35,11 @@ pub struct LocalTier {
     root: PathBuf,
     direct_reads: bool,
     direct_writes: bool,
+    writes_in_flight: usize,
 }
+
+/// Default of [`LocalTier::with_writes_in_flight`].
+pub const DEFAULT_WRITES_IN_FLIGHT: usize = 1;
 
 /// Runs blocking file I/O off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -162,6 +166,7 @@ impl LocalTier {
             root,
             direct_reads: true,
             direct_writes: true,
+            writes_in_flight: DEFAULT_WRITES_IN_FLIGHT,
         })
     }
 
@@ -184,6 +189,15 @@ impl LocalTier {
     /// buffered.
     pub fn with_direct_writes(mut self, on: bool) -> Self {
         self.direct_writes = on;
+        self
+    }
+
+    /// How many `O_DIRECT` writes of one shard file may be in flight at
+    /// once (default [`DEFAULT_WRITES_IN_FLIGHT`]; at least 1). Above 1,
+    /// helper threads write the staging blocks at their offsets, so the
+    /// device has the next write queued while one completes.
+    pub fn with_writes_in_flight(mut self, n: usize) -> Self {
+        self.writes_in_flight = n.max(1);
         self
     }
 
@@ -321,7 +335,7 @@ impl LocalWriter {
                     if stopped.load(Ordering::Relaxed) {
                         break;
                     }
-                    file.write(&name, &data).map_err(|e| Error::io(&name, e))?;
+                    file.write(&name, data).map_err(|e| Error::io(&name, e))?;
                 }
                 Ok(file)
             })
@@ -439,12 +453,13 @@ impl Tier for LocalTier {
         Box::pin(async move {
             let path = self.resolve(rel)?;
             let direct = self.direct_writes;
+            let in_flight = self.writes_in_flight;
             blocking(move || {
                 create_parent(&path)?;
                 let temp = temp_name(&path);
                 let (file, direct) =
                     direct_write::create(&temp, direct).map_err(|e| Error::io(&temp, e))?;
-                let writer = DirectWriter::new(file, direct);
+                let writer = DirectWriter::new(file, direct).with_in_flight(in_flight);
                 Ok(Box::new(LocalWriter::start(writer, temp, path)?) as Box<dyn TierWriter>)
             })
             .await

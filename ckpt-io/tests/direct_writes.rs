@@ -1,7 +1,8 @@
 //! The local tier's `O_DIRECT` writer on a real file system: a checkpoint
 //! saved through a `Checkpointer` reads back bit-exact, and its files do not
 //! land in the page cache (so a save does not evict the training job's own
-//! cached files), against the buffered writer that leaves them there.
+//! cached files), against the buffered writer that leaves them there; with
+//! one write in flight and with several.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use std::sync::Arc;
 use ckpt_core::{Checkpointer, TensorMut, TensorRef, TierPolicy, TrainingState};
 use ckpt_io::LocalTier;
 
-/// 24 MiB and 1000 bytes more: the last page is partial.
+/// 24 MiB and 1000 bytes more (f32): the last page is partial, and the
+/// file is several staging blocks.
 const N: usize = (6 << 20) + 250;
 
 /// Pages of `path` in the page cache, and pages in all (`mincore`).
@@ -34,16 +36,19 @@ fn resident(path: &Path) -> (usize, usize) {
     (vec.iter().filter(|b| **b & 1 == 1).count(), pages)
 }
 
-/// Saves one step of `N` f32 through a tier on `dir`; returns the shard
-/// file and the data.
-fn save(dir: &Path, direct: bool) -> (std::path::PathBuf, Vec<f32>) {
+/// Saves one step of `N` f32 through a tier on `dir` with `in_flight`
+/// writes at once; returns the shard file and the data.
+fn save(dir: &Path, direct: bool, in_flight: usize) -> (std::path::PathBuf, Vec<f32>) {
     let tier = Arc::new(
         LocalTier::new(dir)
             .expect("tier")
-            .with_direct_writes(direct),
+            .with_direct_writes(direct)
+            .with_writes_in_flight(in_flight),
     );
+    // Blocks of 1 MiB: the file is 24 of them, so several are in flight.
     let ckpt = Checkpointer::builder("dw")
         .tier(tier.clone(), TierPolicy::keep_last(2))
+        .block_size(1 << 20)
         .build()
         .expect("checkpointer");
     let w: Vec<f32> = (0..N).map(|i| (i as f32) * 0.5 - 7.0).collect();
@@ -63,7 +68,10 @@ fn save(dir: &Path, direct: bool) -> (std::path::PathBuf, Vec<f32>) {
     ckpt.restore(&mut [&mut TensorMut::from_slice("w", &[N as u64], &mut back)])
         .expect("restore")
         .expect("a checkpoint");
-    assert!(back == w, "restored bytes differ (direct: {direct})");
+    assert!(
+        back == w,
+        "restored bytes differ (direct: {direct}, {in_flight} in flight)"
+    );
     let shard = walk(dir)
         .into_iter()
         .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -94,28 +102,56 @@ fn direct_writes_keep_checkpoints_out_of_the_page_cache() {
         );
         return;
     }
-    let (d, b) = (base.path().join("direct"), base.path().join("buffered"));
-    let (direct_file, _) = save(&d, true);
-    let (buffered_file, _) = save(&b, false);
-    let (in_cache, pages) = resident(&direct_file);
-    let (buffered_in_cache, buffered_pages) = resident(&buffered_file);
-    eprintln!(
-        "page cache after a save: O_DIRECT {in_cache} of {pages} pages, buffered {buffered_in_cache} of {buffered_pages}"
-    );
-    // The header and the partial last page went through the cache (and the
-    // restore read it with O_DIRECT, which caches nothing).
-    assert!(
-        in_cache <= 8,
-        "{in_cache} of {pages} pages of an O_DIRECT checkpoint are cached"
-    );
-    assert!(
-        buffered_in_cache * 2 > buffered_pages,
-        "the buffered writer's file should be mostly cached: {buffered_in_cache} of {buffered_pages}"
-    );
+    for in_flight in [1, 4] {
+        let d = base.path().join(format!("direct-{in_flight}"));
+        let b = base.path().join(format!("buffered-{in_flight}"));
+        let (direct_file, _) = save(&d, true, in_flight);
+        let (buffered_file, _) = save(&b, false, in_flight);
+        let (in_cache, pages) = resident(&direct_file);
+        let (buffered_in_cache, buffered_pages) = resident(&buffered_file);
+        eprintln!(
+            "page cache after a save, {in_flight} in flight: O_DIRECT {in_cache} of {pages} pages, buffered {buffered_in_cache} of {buffered_pages}"
+        );
+        // The header and the partial last page went through the cache (and
+        // the restore read it with O_DIRECT, which caches nothing).
+        assert!(
+            in_cache <= 8,
+            "{in_flight} in flight: {in_cache} of {pages} pages of an O_DIRECT checkpoint are cached"
+        );
+        assert!(
+            buffered_in_cache * 2 > buffered_pages,
+            "the buffered writer's file should be mostly cached: {buffered_in_cache} of {buffered_pages}"
+        );
+    }
 }
 
-/// Counts the blocks still alive: each `Bytes` below owns one.
-struct Block(Arc<std::sync::atomic::AtomicUsize>, Vec<u8>);
+/// On tmpfs, with one write in flight and with several: the same bytes
+/// back. Kernels before 6.6 refuse `O_DIRECT` there, and the writer falls
+/// back to buffered writes (the fallback with writes in flight is also
+/// unit-tested in `direct_write.rs` with a device that refuses).
+#[test]
+fn writes_in_flight_on_tmpfs_round_trip() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("SKIPPED: no /dev/shm on this host");
+        return;
+    }
+    let base = tempfile::tempdir_in(shm).expect("tempdir");
+    eprintln!(
+        "/dev/shm takes O_DIRECT writes: {}",
+        ckpt_io::supports_direct_writes(base.path())
+    );
+    for in_flight in [1, 4] {
+        let (file, w) = save(&base.path().join(in_flight.to_string()), true, in_flight);
+        let bytes = std::fs::read(&file).expect("read shard");
+        assert!(bytes.len() > w.len() * 4, "{} bytes", bytes.len());
+    }
+}
+
+/// Counts the blocks still alive: each `Bytes` below owns one (page-aligned,
+/// as staging blocks are, so they go out with `O_DIRECT` from their own
+/// memory).
+struct Block(Arc<std::sync::atomic::AtomicUsize>, memmap2::MmapMut);
 
 impl AsRef<[u8]> for Block {
     fn as_ref(&self) -> &[u8] {
@@ -136,10 +172,12 @@ impl Drop for Block {
 fn an_aborted_or_dropped_shard_file_releases_its_queued_blocks() {
     use ckpt_core::Tier;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tier = LocalTier::new(dir.path()).expect("tier");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    for abort in [true, false] {
+    for (abort, in_flight) in [(true, 1), (false, 1), (true, 4), (false, 4)] {
+        let tier = LocalTier::new(dir.path())
+            .expect("tier")
+            .with_writes_in_flight(in_flight);
         let alive = Arc::new(AtomicUsize::new(0));
         rt.block_on(async {
             let mut w = tier.create("run/big.bin").await.expect("create");
@@ -148,7 +186,9 @@ fn an_aborted_or_dropped_shard_file_releases_its_queued_blocks() {
             let blocks: Vec<bytes::Bytes> = (0..64)
                 .map(|_| {
                     alive.fetch_add(1, Ordering::SeqCst);
-                    bytes::Bytes::from_owner(Block(alive.clone(), vec![7u8; 4 << 20]))
+                    let mut map = memmap2::MmapMut::map_anon(4 << 20).expect("block");
+                    map.fill(7);
+                    bytes::Bytes::from_owner(Block(alive.clone(), map))
                 })
                 .collect();
             for b in blocks {
@@ -168,11 +208,11 @@ fn an_aborted_or_dropped_shard_file_releases_its_queued_blocks() {
         assert_eq!(
             alive.load(Ordering::SeqCst),
             0,
-            "abort {abort}: blocks held"
+            "abort {abort}, {in_flight} in flight: blocks held"
         );
         assert!(
             !dir.path().join("run/big.bin").exists(),
-            "abort {abort}: the file appeared under its final name"
+            "abort {abort}, {in_flight} in flight: the file appeared under its final name"
         );
         let left: Vec<(std::ffi::OsString, u64)> = std::fs::read_dir(dir.path().join("run"))
             .map(|d| {
