@@ -33,6 +33,11 @@ pub struct FlushArgs {
     /// for less interference with the local tier.
     #[arg(long, value_parser = crate::synth::parse_bytes)]
     pub alongside_rate: Option<u64>,
+    /// Send blocks to the tiers while the copy runs
+    /// (`CheckpointerBuilder::flush_while_staging`): durable sooner, a
+    /// longer math-stop.
+    #[arg(long)]
+    pub flush_while_staging: bool,
     /// One JSON object per result.
     #[arg(long)]
     pub json: bool,
@@ -57,6 +62,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
     let ckpt = Checkpointer::builder(run.clone())
         .tier(opened.tier.clone(), TierPolicy::keep_last(1))
         .staging_capacity(bytes)
+        .flush_while_staging(a.flush_while_staging)
         .build()?;
     // The second tier and a checkpointer that writes to both.
     let alongside = match a.alongside {
@@ -81,6 +87,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
                     },
                 )
                 .staging_capacity(bytes)
+                .flush_while_staging(a.flush_while_staging)
                 .build()?;
             Some((other, both))
         }
@@ -196,6 +203,7 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
         "raw_write_direct_in_flight": FLOOR_IN_FLIGHT,
         "raw_write_direct_in_flight_s": odq,
         "local_writes_in_flight": a.target.local_writes_in_flight,
+        "flush_while_staging": a.flush_while_staging,
         "ratio_to_floor": d / r,
         // The headline: against the faster of the two floors.
         "best_floor_s": best,

@@ -37,6 +37,11 @@ pub struct StageArgs {
     /// Staging copy threads (default: available cores, at most 8).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Send blocks to the tier while the copy runs
+    /// (`CheckpointerBuilder::flush_while_staging`): durable sooner, a
+    /// longer math-stop.
+    #[arg(long)]
+    pub flush_while_staging: bool,
     /// One JSON object per result.
     #[arg(long)]
     pub json: bool,
@@ -84,7 +89,8 @@ pub(crate) fn checkpointer(
             Arc::new(LocalTier::new(&a.state.dir)?),
             TierPolicy::keep_last(1),
         )
-        .staging_capacity(bytes);
+        .staging_capacity(bytes)
+        .flush_while_staging(a.flush_while_staging);
     if let Some(t) = a.threads {
         builder = builder.copy_threads(t);
     }
@@ -150,6 +156,7 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     let limit = (bytes + ckpt.staging_stats().map(|p| p.capacity).unwrap_or(bytes)) as f64;
     let result = json!({
         "bench": "stage",
+        "flush_while_staging": a.flush_while_staging,
         "state_bytes": bytes,
         "tensors": a.state.tensors,
         "iters": a.state.iters,
@@ -173,11 +180,16 @@ pub fn run(a: &StageArgs) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         let gib = |s: f64| bytes as f64 / s / (1u64 << 30) as f64;
         println!(
-            "stage: {:.2} GiB in {} tensors, {} iterations (median), {} copy threads",
+            "stage: {:.2} GiB in {} tensors, {} iterations (median), {} copy threads{}",
             bytes as f64 / (1u64 << 30) as f64,
             a.state.tensors,
             a.state.iters,
-            threads
+            threads,
+            if a.flush_while_staging {
+                ", flushing while staging"
+            } else {
+                ""
+            }
         );
         println!("{:<34} {:>10} {:>10}", "", "seconds", "GiB/s");
         println!(

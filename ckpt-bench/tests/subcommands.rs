@@ -74,12 +74,23 @@ fn stage_flush_restore_report_ours_beside_the_floors() {
     for d in direct.into_iter().flatten() {
         assert!(best <= d, "the best floor is the fastest: {}", flush[0]);
     }
-    // Several writes in flight: the same save, committed.
+    // Several writes in flight, and the flush while staging: the same
+    // save, committed.
     let qd = bench(
-        &[&["flush", "--local-writes-in-flight", "3"][..], &small].concat(),
+        &[
+            &[
+                "flush",
+                "--local-writes-in-flight",
+                "3",
+                "--flush-while-staging",
+            ][..],
+            &small,
+        ]
+        .concat(),
         dir.path(),
     );
     assert_eq!(qd[0]["local_writes_in_flight"], 3);
+    assert_eq!(qd[0]["flush_while_staging"], true);
     assert!(num(&qd[0], "durable_s") > 0.0);
 
     let restore = bench(&[&["restore"][..], &small].concat(), dir.path());

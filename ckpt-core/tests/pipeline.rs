@@ -508,3 +508,96 @@ fn a_save_larger_than_the_pool_reports_the_wait_inside_its_math_stop() {
     let peak = r.staging.iter().map(|p| p.in_use_bytes).max().unwrap_or(0);
     assert_eq!(peak, 4 * (64 << 10), "{:?}", r.staging);
 }
+
+/// `flush_while_staging`: blocks go to the tier while the copy runs and are
+/// summed after it. The checkpoint is the same as with the flush held
+/// (same crc32c and blake3 of every tensor, staged or zero-copy), restores
+/// bit-exact, and a save larger than the pool still streams through it.
+#[test]
+fn flushing_while_staging_writes_the_same_checkpoint() {
+    let (w, m) = (data(200_000, 3), data(77_777, 4));
+    let emb: Vec<f32> = data(9 * 700, 5);
+    let emb_bytes = Bytes::copy_from_slice(ckpt_core::as_bytes(&emb));
+    let rt = rt();
+    // (flush while staging, crc while staging, pool): the default first.
+    let configs = [
+        (false, false, 4 << 20),
+        (true, false, 4 << 20),
+        (true, true, 4 << 20),
+        (true, false, 3 * 8192), // smaller than the state: streams
+    ];
+    let mut sums: Vec<Vec<(String, serde_json::Value, serde_json::Value)>> = Vec::new();
+    for (early, crc_early, pool) in configs {
+        let tier = MemoryTier::new();
+        let ckpt = Checkpointer::builder("fws")
+            .tier(Arc::new(tier.clone()), TierPolicy::keep_last(2))
+            .chunk_size(4096)
+            .block_size(8192)
+            .staging_capacity(pool)
+            .blake3(true)
+            .checksum_while_staging(crc_early)
+            .flush_while_staging(early)
+            .build()
+            .expect("build");
+        let tw = TensorRef::from_slice("w", &[w.len() as u64], &w);
+        let tm = TensorRef::from_slice("opt.m", &[m.len() as u64], &m);
+        let te = SharedTensor::new("emb", DType::F32, &[9, 700], emb_bytes.clone());
+        let state = TrainingState::builder(1)
+            .model([&tw])
+            .model([&te])
+            .optimizer([&tm])
+            .without_loop_state()
+            .build()
+            .expect("state");
+        let r = ckpt.save(&state).expect("save").wait().expect("durable");
+        assert!(r.is_durable(), "{early} {crc_early} {pool}");
+        let path = format!(
+            "{}/{}",
+            layout::step_dir("fws", 1),
+            layout::rank_manifest_file(0)
+        );
+        let json = rt
+            .block_on(ckpt_core::Tier::get(&tier, &path))
+            .expect("rank manifest");
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        let mut got: Vec<_> = v["tensors"]
+            .as_array()
+            .expect("tensors")
+            .iter()
+            .map(|t| {
+                (
+                    t["name"].as_str().expect("name").to_string(),
+                    t["piece"]["crc32c"].clone(),
+                    t["piece"]["blake3"].clone(),
+                )
+            })
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert!(
+            got.iter().all(|t| t.2.is_string()),
+            "blake3 recorded: {got:?}"
+        );
+        sums.push(got);
+        let (mut w2, mut m2, mut e2) = (
+            vec![0f32; w.len()],
+            vec![0f32; m.len()],
+            vec![0f32; emb.len()],
+        );
+        let restored = ckpt
+            .restore(&mut [
+                &mut TensorMut::from_slice("w", &[w.len() as u64], &mut w2),
+                &mut TensorMut::from_slice("emb", &[9, 700], &mut e2),
+                &mut TensorMut::from_slice("opt.m", &[m.len() as u64], &mut m2),
+            ])
+            .expect("restore")
+            .expect("a checkpoint");
+        assert_eq!(restored.step, 1);
+        assert!(
+            w2 == w && m2 == m && e2 == emb,
+            "{early} {crc_early} {pool}"
+        );
+    }
+    for (i, s) in sums.iter().enumerate().skip(1) {
+        assert_eq!(s, &sums[0], "config {i} summed differently");
+    }
+}

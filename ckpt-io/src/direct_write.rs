@@ -380,7 +380,11 @@ impl<S: Sink> DirectWriter<S> {
 
     /// Takes in whether a helper turned `O_DIRECT` off.
     fn sync_flight(&mut self) {
-        if self.flight.as_ref().is_some_and(|f| f.shared.lock().buffered) {
+        if self
+            .flight
+            .as_ref()
+            .is_some_and(|f| f.shared.lock().buffered)
+        {
             self.direct = false;
         }
     }

@@ -48,6 +48,11 @@ pub(crate) struct SaveCtx {
     /// bandwidth from the math-stop. A save larger than the pool must
     /// stream, so it flushes while it stages.
     pub defer_flush: bool,
+    /// Send staged blocks on at once and checksum them (and zero-copy
+    /// tensors) once staging has ended, from the references kept here
+    /// (`flush_while_staging`; only when the save fits the pool, which
+    /// holds every block until then anyway).
+    pub sum_after_staging: bool,
     /// Whether staging computed the staged tensors' checksums.
     pub crc_while_staging: bool,
     pub commit_timeout: Duration,
@@ -195,14 +200,23 @@ fn dispatch_inner(
         }
     }
     emit(ctx.header.clone());
+    let later = ctx.sum_after_staging;
     let mut shared_crcs: Vec<Option<Vec<u32>>> = Vec::with_capacity(ctx.tensors.len());
     let mut hashes: Vec<Option<String>> = Vec::with_capacity(ctx.tensors.len());
+    // With `sum_after_staging`: each tensor's bytes, and whether its crcs
+    // are this thread's to compute, summed once staging has ended.
+    let mut kept: Vec<(Vec<Bytes>, bool)> = Vec::new();
     for t in &ctx.tensors {
-        let mut hasher = ctx.blake3.then(blake3::Hasher::new);
+        let mut hasher = (ctx.blake3 && !later).then(blake3::Hasher::new);
         // A replica another rank writes is checksummed, not sent.
         let write = t.written_by(ctx.rank);
         if let Some(bytes) = &t.shared {
-            shared_crcs.push(Some(checksum::chunk_crcs(bytes, ctx.chunk_size)));
+            if later {
+                kept.push((vec![bytes.clone()], true));
+                shared_crcs.push(None);
+            } else {
+                shared_crcs.push(Some(checksum::chunk_crcs(bytes, ctx.chunk_size)));
+            }
             if let Some(h) = hasher.as_mut() {
                 h.update(bytes);
             }
@@ -211,11 +225,16 @@ fn dispatch_inner(
             }
         } else {
             let len = usize::try_from(t.len).map_err(|_| Error::tensor(&t.name, "too large"))?;
-            // Checksum the staged copy here unless staging already did: it is
-            // immutable, and no byte reaches a tier before it is summed.
-            let mut crc =
-                (!ctx.crc_while_staging).then(|| checksum::ChunkedCrc::new(ctx.chunk_size));
+            // Checksum the staged copy here unless staging already did (or
+            // it is summed after staging): it is immutable, and the manifest
+            // that makes it visible is built only from these sums.
+            let mut crc = (!ctx.crc_while_staging && !later)
+                .then(|| checksum::ChunkedCrc::new(ctx.chunk_size));
+            let mut slices = Vec::new();
             reorder.take(len, &mut |b: Bytes| {
+                if later {
+                    slices.push(b.clone());
+                }
                 if let Some(c) = crc.as_mut() {
                     c.update(&b);
                 }
@@ -226,12 +245,30 @@ fn dispatch_inner(
                     emit(b);
                 }
             })?;
+            if later {
+                kept.push((slices, !ctx.crc_while_staging));
+            }
             shared_crcs.push(crc.map(checksum::ChunkedCrc::finish));
         }
         hashes.push(hasher.map(|h| h.finalize().to_hex().to_string()));
     }
     while reorder.crcs.is_none() {
         reorder.recv()?;
+    }
+    // Staging has ended: the cores are free to sum what went out.
+    for (i, (slices, crc)) in kept.into_iter().enumerate() {
+        if crc {
+            let mut c = checksum::ChunkedCrc::new(ctx.chunk_size);
+            slices.iter().for_each(|b| c.update(b));
+            shared_crcs[i] = Some(c.finish());
+        }
+        if ctx.blake3 {
+            let mut h = blake3::Hasher::new();
+            slices.iter().for_each(|b| {
+                h.update(b);
+            });
+            hashes[i] = Some(h.finalize().to_hex().to_string());
+        }
     }
     let staged_crcs = reorder.crcs.take().unwrap_or_default();
     let file = layout::rank_data_file(ctx.rank, &ctx.attempt);
