@@ -676,12 +676,12 @@ mod tests {
     #[test]
     fn several_writes_go_out_at_once_and_land_in_place() {
         // 12 blocks of 1 MiB and a zero-copy "tensor" of 3 pieces, on a
-        // device that takes 20 ms a write.
+        // device that takes 50 ms a write.
         let mut parts: Vec<Bytes> = (0..12).map(|i| aligned_bytes(1 << 20, i)).collect();
         parts.push(aligned_bytes(3 * PIECE, 99));
         parts.push(aligned_bytes(5000, 100));
         let dev = DevState {
-            delay: Some(std::time::Duration::from_millis(20)),
+            delay: Some(std::time::Duration::from_millis(50)),
             ..direct_dev()
         };
         let four = run_with(dev.clone(), &parts, 4).expect("4 in flight");
