@@ -44,9 +44,10 @@ pub(crate) struct SaveCtx {
     pub file_len: u64,
     pub blake3: bool,
     /// Hold the flush until staging has finished. Set when the whole save
-    /// fits in the pool: writing while copying would steal cores and memory
-    /// bandwidth from the math-stop. A save larger than the pool must
-    /// stream, so it flushes while it stages.
+    /// fits in the pool (unless `flush_while_staging`): writing while
+    /// copying would steal cores and memory bandwidth from the math-stop. A
+    /// save larger than the pool must stream, so it flushes while it
+    /// stages.
     pub defer_flush: bool,
     /// Send staged blocks on at once and checksum them (and zero-copy
     /// tensors) once staging has ended, from the references kept here
