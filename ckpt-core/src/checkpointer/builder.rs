@@ -352,8 +352,9 @@ impl CheckpointerBuilder {
     /// copy's time later. On turns that around: the first block goes to
     /// the disk as soon as it is staged, and the math-stop pays for the
     /// tiers' work beside the copy (on a 2-core VM, 2 GiB to a local
-    /// directory: durable about 0.13 s sooner, at 1.01–1.03x the raw
-    /// `O_DIRECT` write floor; math-stop 5–25% longer). Either way the
+    /// directory: durable about 0.13 s sooner, at 0.99–1.05x the raw
+    /// `O_DIRECT` write floor; math-stop 2–26% longer, about 10% in the
+    /// median of 4 runs). Either way the
     /// manifest, which makes the checkpoint visible, is written only after
     /// every byte is checksummed, and the checksums are the same. A save
     /// larger than the pool streams through it either way.
