@@ -52,6 +52,13 @@ fn stage_flush_restore_report_ours_beside_the_floors() {
         assert!(num(s, key) > 0.0, "{key} in {s}");
     }
     assert!(num(s, "peak_rss_bytes") >= num(s, "state_bytes"));
+    assert_eq!(s["flush_while_staging"], false);
+    let early = bench(
+        &[&["stage", "--flush-while-staging"][..], &small].concat(),
+        dir.path(),
+    );
+    assert_eq!(early[0]["flush_while_staging"], true);
+    assert!(num(&early[0], "async_math_stop_s") > 0.0);
 
     let flush = bench(&[&["flush"][..], &small].concat(), dir.path());
     assert!(num(&flush[0], "durable_s") > 0.0);
