@@ -176,6 +176,12 @@ pub fn run(a: &FlushArgs) -> Result<(), Box<dyn std::error::Error>> {
     let balanced_median = floors::median(&mut balanced);
     let (d, r) = (floors::median(&mut durable), floors::median(&mut raw));
     let (copy, rest) = (floors::median(&mut copies), floors::median(&mut after_copy));
+    if direct.is_empty() && !raw.is_empty() {
+        eprintln!(
+            "no O_DIRECT floor: {} refused O_DIRECT, or memory for the floor's copy of the state was not available",
+            a.state.dir.display()
+        );
+    }
     let od = (!direct.is_empty()).then(|| floors::median(&mut direct));
     let odq = (!direct_qd.is_empty()).then(|| floors::median(&mut direct_qd));
     let best = [od, odq]
