@@ -53,7 +53,16 @@ struct Store {
 
 impl Store {
     fn open(root: &Path) -> Self {
-        let tier = Arc::new(LocalTier::new(root).expect("local tier"));
+        Self::open_with(root, 1)
+    }
+
+    /// A store whose tier writes `in_flight` blocks of a shard at once.
+    fn open_with(root: &Path, in_flight: usize) -> Self {
+        let tier = Arc::new(
+            LocalTier::new(root)
+                .expect("local tier")
+                .with_writes_in_flight(in_flight),
+        );
         let ckpt = Checkpointer::builder(RUN)
             .tier(tier.clone(), TierPolicy::keep_last(10))
             .chunk_size(CHUNK)
@@ -694,8 +703,16 @@ fn immutable_run_directory_fails_the_save_and_keeps_checkpoints() {
 mod tmpfs;
 use tmpfs::Tmpfs;
 
+/// With one write in flight and with several (the disk fills in a
+/// helper's write).
 #[test]
 fn full_disk_during_flush_fails_the_save_and_keeps_checkpoints() {
+    for in_flight in [1, 4] {
+        full_disk(in_flight);
+    }
+}
+
+fn full_disk(in_flight: usize) {
     const TEST: &str = "full_disk_during_flush_fails_the_save_and_keeps_checkpoints";
     let disk = match Tmpfs::mount(4) {
         Ok(d) => d,
@@ -706,7 +723,7 @@ fn full_disk_during_flush_fails_the_save_and_keeps_checkpoints() {
     };
     let root = disk.path().join("store");
     {
-        let mut s = Store::open(&root);
+        let mut s = Store::open_with(&root, in_flight);
         // Two small checkpoints (~24 KiB each) first.
         s.save(1);
         s.save(2);
