@@ -339,7 +339,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for h in pending.drain(..) {
         report_durable(&h, &out, None);
     }
+    // A run whose saves all failed must not end as if it were protected.
+    let failed = ckpt.saves_failed_in_a_row();
     ckpt.close();
+    if failed > 0 {
+        return Err(format!(
+            "the last {failed} save(s), the final one included, committed on no tier: no checkpoint of step {step} exists"
+        )
+        .into());
+    }
     let mut digest = model.digest(&(&rng, &loader));
     if !frozen.is_empty() {
         let mut h = blake3::Hasher::new();

@@ -673,5 +673,7 @@ fn an_unlistable_only_tier_is_not_a_fresh_start() {
             && stderr.contains("s3://ckpt/nowhere"),
         "{stderr}"
     );
-    assert!(started.elapsed() < Duration::from_secs(30));
+    // A hang guard, not a figure: retrying an unreachable store without end
+    // would take longer than any loaded machine does.
+    assert!(started.elapsed() < Duration::from_secs(300));
 }

@@ -159,7 +159,8 @@ fn a_rollback_survives_retention_reuse_and_a_crash() {
         .spawn()
         .expect("start the resumed process");
     let out = BufReader::new(child.stdout.take().expect("stdout"));
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // A hang guard: the resumed run takes seconds.
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut seen = Vec::new();
     for line in out.lines() {
         let line = line.expect("child output");

@@ -68,6 +68,9 @@ fn launch_at(
     limit: Duration,
     env: &[(&str, &str)],
 ) -> Output {
+    // `limit` is a hang guard, not a figure: what a job takes on an idle
+    // machine, given three times over for a loaded one.
+    let limit = limit * 3;
     let mut child = Command::new(example("multi_rank"))
         .envs(env.iter().copied())
         .arg("--dir")

@@ -420,17 +420,27 @@ impl Error {
     /// truncated, missing pieces, garbage manifest), so restore should fall
     /// back to another tier or an older step rather than fail.
     pub fn is_data_fault(&self) -> bool {
+        self.is_proven_corrupt()
+            || matches!(
+                self,
+                Error::NotFound { .. }
+                    | Error::Incomplete { .. }
+                    | Error::Backend { .. }
+                    | Error::Unavailable { .. }
+                    | Error::AfterTrustLimit { .. }
+                    | Error::Io { .. }
+            )
+    }
+
+    /// Whether the bytes were read and refused: a checksum that does not
+    /// match, a header or manifest that does not parse or validate. Unlike
+    /// [`Error::is_data_fault`], never an error of the way there (I/O, a
+    /// timeout, a server down): reading again would give the same bytes.
+    /// Only this may make retention treat a step as pointing into nothing.
+    pub fn is_proven_corrupt(&self) -> bool {
         matches!(
             self,
-            Error::NotFound { .. }
-                | Error::Corrupt { .. }
-                | Error::CorruptHeader { .. }
-                | Error::Incomplete { .. }
-                | Error::InvalidManifest { .. }
-                | Error::Backend { .. }
-                | Error::Unavailable { .. }
-                | Error::AfterTrustLimit { .. }
-                | Error::Io { .. }
+            Error::Corrupt { .. } | Error::CorruptHeader { .. } | Error::InvalidManifest { .. }
         )
     }
 }

@@ -37,10 +37,11 @@ fn restore(tier: Arc<MemoryTier>) -> (u64, Vec<f32>) {
     (r.step, back)
 }
 
-/// Work longer than the copy hides it: the loop waits for a small part of
-/// it, the copy's own time is reported, the bytes are the ones at the call.
+/// The copy runs while the work does (the work sees the pool's blocks
+/// taken), the copy's own time is reported, the math-stop leaves the work
+/// out, and the bytes are the ones at the call.
 #[test]
-fn work_longer_than_the_copy_hides_it() {
+fn the_copy_runs_during_the_work_and_the_math_stop_leaves_the_work_out() {
     let tier = Arc::new(MemoryTier::new());
     let ckpt = checkpointer(tier.clone());
     let mut w: Vec<f32> = (0..N).map(|i| i as f32).collect();
@@ -61,15 +62,28 @@ fn work_longer_than_the_copy_hides_it() {
         h.report()
     };
     assert!(!plain.overlapped);
-    let work = (plain.copy * 6).max(Duration::from_millis(150));
+    let blocks = ckpt.staging_stats().expect("pool allocated").blocks;
+    assert!(
+        wait_until(|| ckpt
+            .staging_stats()
+            .is_some_and(|st| st.free_blocks == blocks)),
+        "the earlier saves give their blocks back"
+    );
     let t = TensorRef::from_slice("w", &[N as u64], &w);
     let s = bare(3, &t);
     let call = Instant::now();
-    let (h, sum) = ckpt.save_overlapped(&s, || {
-        // "Forward and backward": reads the tensor being copied.
+    let (h, (sum, saw_copy, worked)) = ckpt.save_overlapped(&s, || {
+        let began = Instant::now();
+        // "Forward and backward": reads the tensor being copied...
         let sum: f64 = w.iter().step_by(4096).map(|x| f64::from(*x)).sum();
-        std::thread::sleep(work);
-        sum
+        // ...while the copy takes the pool's blocks. Seeing them taken from
+        // inside the work is the overlap itself: an order, not a duration
+        // (bounded only against a hang).
+        let saw_copy = wait_until(|| {
+            ckpt.staging_stats()
+                .is_some_and(|st| st.free_blocks < blocks)
+        });
+        (sum, saw_copy, began.elapsed())
     });
     let took = call.elapsed();
     let h = h.expect("save");
@@ -79,13 +93,17 @@ fn work_longer_than_the_copy_hides_it() {
     let r = h.wait().expect("durable");
     assert!(sum > 0.0);
     assert!(r.overlapped);
-    assert!(took >= work, "the call waits for the work");
+    assert!(saw_copy, "the copy ran while the work did");
+    assert!(took >= worked, "the call waits for the work");
     assert!(r.copy > Duration::ZERO);
+    // The math-stop counts only what the loop waited beyond the work: the
+    // work's own time is never in it. (How small it is when the work is
+    // longer than the copy is a figure: `ckpt-bench train --overlap`,
+    // BENCHMARKS.md "Overlapped saves".)
     assert!(
-        r.math_stop < r.copy / 4 + Duration::from_millis(5),
-        "math-stop {:?} should be a small part of the copy {:?} when the work ({work:?}) is longer",
-        r.math_stop,
-        r.copy
+        r.math_stop + worked <= took,
+        "math-stop {:?} + work {worked:?} > the call's {took:?}",
+        r.math_stop
     );
     let (step, back) = restore(tier);
     assert_eq!(step, 3);
@@ -99,6 +117,7 @@ fn work_longer_than_the_copy_hides_it() {
 #[test]
 fn work_shorter_than_the_copy_waits_for_the_rest() {
     let tier = Arc::new(MemoryTier::new());
+    let tier_for_restore = tier.clone();
     let ckpt = Checkpointer::builder("overlap")
         .tier(tier, TierPolicy::keep_last(4))
         // 64 MiB/s: 32 MiB take at least 0.5 s.
@@ -108,26 +127,50 @@ fn work_shorter_than_the_copy_waits_for_the_rest() {
     let w = vec![1f32; N];
     let t = TensorRef::from_slice("w", &[N as u64], &w);
     let s = bare(1, &t);
+    let call = Instant::now();
     let (h, worked) = ckpt.save_overlapped(&s, || {
         let t = Instant::now();
         std::thread::sleep(Duration::from_millis(100));
         t.elapsed()
     });
+    let took = call.elapsed();
     let r = h.expect("test setup").wait().expect("test setup");
+    // What holds however slow the machine: the cap makes the copy last at
+    // least 0.5 s, the call returns only once the copy is done, and the
+    // math-stop is the call's time less the work's. (What part of the copy
+    // 100 ms of work hides is a figure: `ckpt-bench train --overlap
+    // --fwd-passes 0`, BENCHMARKS.md "Overlapped saves".)
     assert!(
         r.copy >= Duration::from_millis(450),
         "the cap holds the copy to 64 MiB/s: {:?}",
         r.copy
     );
-    // What the work did not hide is waited for (the copy began a little
-    // before the work, after the planning).
     assert!(
-        r.math_stop + worked + Duration::from_millis(50) >= r.copy,
-        "math-stop {:?} is the part of the copy {:?} not hidden by {worked:?} of work",
-        r.math_stop,
+        took >= r.copy,
+        "the call ({took:?}) returned before the copy ({:?}) was done",
         r.copy
     );
-    assert!(r.math_stop < r.copy, "100 ms were hidden");
+    assert!(
+        r.math_stop + worked <= took,
+        "math-stop {:?} + work {worked:?} > the call's {took:?}",
+        r.math_stop
+    );
+    assert!(r.overlapped);
+    let (step, back) = restore(tier_for_restore);
+    assert_eq!(step, 1);
+    assert!(back.iter().all(|x| *x == 1.0), "step 1 holds the bytes");
+}
+
+/// Polls `f` until it holds; false after a minute (a hang guard only).
+fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    true
 }
 
 /// A panic in the caller's work: the copy is finished before the panic

@@ -520,6 +520,10 @@ mod tests {
         most_busy: usize,
         /// How long each write takes.
         delay: Option<std::time::Duration>,
+        /// After the first write, each write waits until this many were in
+        /// flight at once: a count the test can assert on a loaded machine
+        /// (bounded against a hang).
+        rendezvous: Option<usize>,
     }
 
     impl Dev {
@@ -530,12 +534,20 @@ mod tests {
 
     impl Sink for Dev {
         fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-            let delay = {
+            let (delay, rendezvous) = {
                 let mut st = self.0.lock().expect("test device");
                 st.busy += 1;
                 st.most_busy = st.most_busy.max(st.busy);
-                st.delay
+                (st.delay, st.rendezvous.filter(|_| !st.writes.is_empty()))
             };
+            if let Some(n) = rendezvous {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while self.0.lock().expect("test device").most_busy < n
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
             if let Some(d) = delay {
                 std::thread::sleep(d);
             }
@@ -684,7 +696,15 @@ mod tests {
             delay: Some(std::time::Duration::from_millis(50)),
             ..direct_dev()
         };
-        let four = run_with(dev.clone(), &parts, 4).expect("4 in flight");
+        let four = run_with(
+            DevState {
+                rendezvous: Some(4),
+                ..dev.clone()
+            },
+            &parts,
+            4,
+        )
+        .expect("4 in flight");
         let one = run_with(dev, &parts, 1).expect("1 in flight");
         let want: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
         assert_eq!(four.data, want);

@@ -100,7 +100,97 @@ pub enum Fault {
         /// Added delay.
         delay: Duration,
     },
+    /// [`Tier::get`], [`Tier::get_range`], [`Tier::read_into`] and
+    /// [`Tier::size`] of a matching path fail with an I/O error (an
+    /// unreadable file, a server's 503 after its retries): the bytes may
+    /// well be intact, only this read failed.
+    FailGet {
+        /// Path suffix of the objects concerned.
+        suffix: String,
+        /// Matching reads that pass before the first that fails (a file
+        /// that turns unreadable between a listing and a later read).
+        skip: u64,
+    },
+    /// Every call on a matching path (and every write and finish of a
+    /// matching streamed object) waits until `gate` is opened: a tier that
+    /// is slow for exactly as long as a test needs, however loaded the
+    /// machine is.
+    Hold {
+        /// Path suffix of the objects concerned.
+        suffix: String,
+        /// Opened by the test ([`FaultGate::open`]).
+        gate: FaultGate,
+    },
 }
+
+/// A latch for [`Fault::Hold`]: closed when made, opened once, for good.
+/// Clones share it.
+#[derive(Clone)]
+pub struct FaultGate(Arc<GateInner>);
+
+struct GateInner {
+    open: tokio::sync::watch::Sender<bool>,
+    /// Calls waiting at the gate now.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl FaultGate {
+    /// A closed gate.
+    pub fn new() -> Self {
+        Self(Arc::new(GateInner {
+            open: tokio::sync::watch::Sender::new(false),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }))
+    }
+
+    /// Opens the gate: every held call goes on, and none is held again.
+    pub fn open(&self) {
+        self.0.open.send_replace(true);
+    }
+
+    /// Whether [`FaultGate::open`] was called.
+    pub fn is_open(&self) -> bool {
+        *self.0.open.borrow()
+    }
+
+    /// How many calls wait at the gate now.
+    pub fn waiting(&self) -> usize {
+        self.0.waiting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    async fn passed(&self) {
+        use std::sync::atomic::Ordering;
+        let mut rx = self.0.open.subscribe();
+        self.0.waiting.fetch_add(1, Ordering::AcqRel);
+        // The sender lives in `self`: `wait_for` ends only when opened.
+        let _ = rx.wait_for(|open| *open).await;
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Default for FaultGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for FaultGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FaultGate({})",
+            if self.is_open() { "open" } else { "closed" }
+        )
+    }
+}
+
+impl PartialEq for FaultGate {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for FaultGate {}
 
 impl Fault {
     /// [`Fault::NthWrite`].
@@ -162,6 +252,27 @@ impl Fault {
         }
     }
 
+    /// [`Fault::FailGet`].
+    pub fn fail_get(suffix: impl Into<String>) -> Self {
+        Self::fail_get_after(suffix, 0)
+    }
+
+    /// [`Fault::FailGet`] after `skip` reads that pass.
+    pub fn fail_get_after(suffix: impl Into<String>, skip: u64) -> Self {
+        Fault::FailGet {
+            suffix: suffix.into(),
+            skip,
+        }
+    }
+
+    /// [`Fault::Hold`].
+    pub fn hold(suffix: impl Into<String>, gate: &FaultGate) -> Self {
+        Fault::Hold {
+            suffix: suffix.into(),
+            gate: gate.clone(),
+        }
+    }
+
     fn suffix(&self) -> &str {
         match self {
             Fault::NthWrite { suffix, .. }
@@ -169,9 +280,11 @@ impl Fault {
             | Fault::FailPut { suffix }
             | Fault::FailFinish { suffix }
             | Fault::FailDelete { suffix }
+            | Fault::FailGet { suffix, .. }
             | Fault::KillProcessOnPut { suffix }
             | Fault::LoseReply { suffix }
-            | Fault::Latency { suffix, .. } => suffix,
+            | Fault::Latency { suffix, .. }
+            | Fault::Hold { suffix, .. } => suffix,
         }
     }
 }
@@ -222,6 +335,9 @@ struct Armed {
 #[derive(Debug, Default)]
 struct State {
     faults: Vec<Armed>,
+    /// After this many more calls, every call waits on the gate
+    /// ([`FaultTier::hold_after`]).
+    hold_after: Option<(u64, FaultGate)>,
     journal: Vec<Op>,
     fired: Vec<String>,
 }
@@ -248,14 +364,27 @@ impl State {
         });
     }
 
-    fn delay(&self, path: &str) -> Duration {
-        self.faults
-            .iter()
-            .filter_map(|a| match &a.fault {
-                Fault::Latency { suffix, delay } if path.ends_with(suffix.as_str()) => Some(*delay),
-                _ => None,
-            })
-            .sum()
+    fn delay(&mut self, path: &str) -> Wait {
+        let mut w = Wait::default();
+        if let Some((left, gate)) = self.hold_after.as_mut() {
+            if *left == 0 {
+                w.gates.push(gate.clone());
+            } else {
+                *left -= 1;
+            }
+        }
+        for a in &self.faults {
+            match &a.fault {
+                Fault::Latency { suffix, delay } if path.ends_with(suffix.as_str()) => {
+                    w.delay += *delay;
+                }
+                Fault::Hold { suffix, gate } if path.ends_with(suffix.as_str()) => {
+                    w.gates.push(gate.clone());
+                }
+                _ => {}
+            }
+        }
+        w
     }
 
     /// Finds the first armed fault on `path` that `hit` accepts, counts it
@@ -290,15 +419,25 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Waits `d`, on the runtime's timer when there is one.
-async fn pause(d: Duration) {
-    if d.is_zero() {
-        return;
+/// What a call waits for before it goes on: added latency, held gates.
+#[derive(Default)]
+struct Wait {
+    delay: Duration,
+    gates: Vec<FaultGate>,
+}
+
+/// Waits out `w`: the delay on the runtime's timer when there is one, then
+/// every gate.
+async fn pause(w: Wait) {
+    if !w.delay.is_zero() {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::time::sleep(w.delay).await;
+        } else {
+            std::thread::sleep(w.delay);
+        }
     }
-    if tokio::runtime::Handle::try_current().is_ok() {
-        tokio::time::sleep(d).await;
-    } else {
-        std::thread::sleep(d);
+    for g in &w.gates {
+        g.passed().await;
     }
 }
 
@@ -355,9 +494,22 @@ impl FaultTier {
         self
     }
 
+    /// After `calls` more calls through this tier (every create, write,
+    /// finish, put, get, list, delete counts), every call waits until
+    /// `gate` opens: a process that stops at exactly that request, as a
+    /// crash would (never opened), or that resumes much later, as a zombie
+    /// writer of an older incarnation would (opened). [`FaultTier::clear`]
+    /// disarms it for later calls.
+    pub fn hold_after(&self, calls: u64, gate: &FaultGate) -> &Self {
+        lock(&self.state).hold_after = Some((calls, gate.clone()));
+        self
+    }
+
     /// Disarms every fault (the journal is kept).
     pub fn clear(&self) {
-        lock(&self.state).faults.clear();
+        let mut s = lock(&self.state);
+        s.faults.clear();
+        s.hold_after = None;
     }
 
     /// Every fault that fired so far, described with the path it hit.
@@ -377,8 +529,24 @@ impl FaultTier {
         s.fired.clear();
     }
 
-    /// Records a call and returns the latency to add to it.
-    fn enter(&self, kind: OpKind, path: &str) -> Duration {
+    /// Fails a read of `path` if a [`Fault::FailGet`] fires on it.
+    fn read_fault(&self, path: &str) -> Result<()> {
+        let verdict = lock(&self.state).fire(path, |f| match f {
+            Fault::FailGet { skip, .. } if *skip > 0 => {
+                *skip -= 1;
+                None
+            }
+            Fault::FailGet { .. } => Some(Verdict::Fail("read".into())),
+            _ => None,
+        });
+        match verdict {
+            Verdict::Fail(what) => Err(injected(&self.inner.location(), path, &what)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a call and returns what it waits for first.
+    fn enter(&self, kind: OpKind, path: &str) -> Wait {
         let mut s = lock(&self.state);
         s.record(kind, path);
         s.delay(path)
@@ -576,6 +744,7 @@ impl Tier for FaultTier {
     fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Bytes>> {
         Box::pin(async move {
             pause(self.enter(OpKind::Get, path)).await;
+            self.read_fault(path)?;
             self.inner.get(path).await
         })
     }
@@ -583,6 +752,7 @@ impl Tier for FaultTier {
     fn get_range<'a>(&'a self, path: &'a str, range: Range<u64>) -> BoxFuture<'a, Result<Bytes>> {
         Box::pin(async move {
             pause(self.enter(OpKind::GetRange, path)).await;
+            self.read_fault(path)?;
             self.inner.get_range(path, range).await
         })
     }
@@ -595,6 +765,7 @@ impl Tier for FaultTier {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             pause(self.enter(OpKind::ReadInto, path)).await;
+            self.read_fault(path)?;
             self.inner.read_into(path, offset, buf).await
         })
     }
@@ -602,6 +773,7 @@ impl Tier for FaultTier {
     fn size<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             pause(self.enter(OpKind::Size, path)).await;
+            self.read_fault(path)?;
             self.inner.size(path).await
         })
     }

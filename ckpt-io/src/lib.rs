@@ -32,7 +32,7 @@ mod local;
 
 pub use ckpt_core::MemoryTier;
 pub use direct_write::supports_direct_writes;
-pub use fault::{Fault, FaultTier, Op, OpKind};
+pub use fault::{Fault, FaultGate, FaultTier, Op, OpKind};
 pub use local::{DEFAULT_WRITES_IN_FLIGHT, LocalTier};
 
 #[cfg(feature = "s3")]

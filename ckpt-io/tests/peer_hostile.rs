@@ -460,14 +460,15 @@ fn a_flood_of_hostile_connections_leaves_an_authenticated_client_served() {
         let path = format!("flood/{}", served % 8);
         let data = pattern(MIB, served as u8);
         let r = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), async {
+            // A hang guard: under the flood a request still takes far less.
+            tokio::time::timeout(Duration::from_secs(60), async {
                 t.put(&path, data.clone(), PutMode::Overwrite).await?;
                 t.get(&path).await
             })
             .await
         });
         let got = r
-            .unwrap_or_else(|_| panic!("request {served} not served within 5 s under the flood"))
+            .unwrap_or_else(|_| panic!("request {served} not served within 60 s under the flood"))
             .unwrap_or_else(|e| panic!("request {served} failed under the flood: {e}"));
         assert!(got == data, "request {served}: wrong bytes");
         served += 1;

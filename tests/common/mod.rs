@@ -116,6 +116,7 @@ impl Events {
         limit: std::time::Duration,
         mut pred: impl FnMut(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
+        let limit = hang_guard(limit);
         let deadline = std::time::Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -140,6 +141,7 @@ impl Events {
     /// Waits (at most `limit`) for the process to exit, collecting the
     /// rest of its events; returns its status.
     pub fn finish(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let limit = hang_guard(limit);
         let deadline = std::time::Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -213,4 +215,10 @@ pub fn shard_file(step_dir: &std::path::Path, rank: u32) -> PathBuf {
         step_dir.display()
     );
     found.into_iter().next().expect("one")
+}
+
+/// A wait's limit is a hang guard, not a figure: what the event takes on an
+/// idle machine, given three times over for a loaded one.
+pub fn hang_guard(limit: std::time::Duration) -> std::time::Duration {
+    limit * 3
 }

@@ -53,14 +53,14 @@ impl Server {
             .spawn()
             .expect("start s3s-fs");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!("s3s-fs exited at start on port {}: {status}", self.port);
             }
             assert!(
                 Instant::now() < deadline,
-                "s3s-fs did not listen on 127.0.0.1:{} within 15 s",
+                "s3s-fs did not listen on 127.0.0.1:{} within 60 s",
                 self.port
             );
             std::thread::sleep(Duration::from_millis(50));

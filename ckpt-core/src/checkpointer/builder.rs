@@ -525,6 +525,8 @@ impl CheckpointerBuilder {
             last_step: Mutex::new(None),
             lineage: Mutex::default(),
             rollback: Mutex::new(None),
+            uncommits: Mutex::new(Vec::new()),
+            failed_saves: Arc::default(),
             started: Mutex::new(false),
             start_log: Mutex::new(None),
             collecting: Mutex::default(),

@@ -116,7 +116,51 @@ pub struct Checkpointer {
     lineage: Mutex<Arc<crate::format::manifest::Lineage>>,
     /// A rollback to record before the next save.
     rollback: Mutex<Option<crate::format::manifest::Rollback>>,
+    /// Rollbacks the coordinator could not yet record or uncommit on a tier
+    /// (by the tier's index): tried again before every save until done, so
+    /// a tier that was down at the rollback does not refuse the reused step
+    /// numbers, nor keep abandoned steps committed, for long.
+    uncommits: Mutex<Vec<(usize, crate::format::manifest::Rollback)>>,
+    /// Saves in a row that committed on no tier (see [`FailedSaves`]).
+    failed_saves: Arc<FailedSaves>,
     runtime: Option<Runtime>,
+}
+
+/// Saves in a row that committed on no tier. A loop that never waits on its
+/// handles would otherwise train on unprotected without a word: from the
+/// [`FailedSaves::LOUD_AFTER`]-th such save on, each one is an error in the
+/// log naming the step and why the last tier refused it.
+#[derive(Debug, Default)]
+pub(crate) struct FailedSaves(std::sync::atomic::AtomicU64);
+
+impl FailedSaves {
+    /// Failed saves in a row before the log says so at error level.
+    pub(crate) const LOUD_AFTER: u64 = 3;
+
+    /// Counts one save's outcome; returns the failures in a row.
+    pub(crate) fn note(&self, step: u64, committed: bool, why: Option<&Error>) -> u64 {
+        use std::sync::atomic::Ordering;
+        if committed {
+            self.0.store(0, Ordering::Release);
+            return 0;
+        }
+        let n = self.0.fetch_add(1, Ordering::AcqRel) + 1;
+        if n >= Self::LOUD_AFTER {
+            let why = why.map(ToString::to_string).unwrap_or_default();
+            tracing::error!(
+                step,
+                failed_in_a_row = n,
+                last_error = %why,
+                "no checkpoint committed on any tier for {n} saves in a row: the run is training without protection"
+            );
+        }
+        n
+    }
+
+    /// Failures in a row so far.
+    pub(crate) fn in_a_row(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -167,6 +211,14 @@ impl Checkpointer {
     /// The tiers, in priority order.
     pub fn tiers(&self) -> Vec<Arc<dyn Tier>> {
         self.tiers.iter().map(|t| t.tier.clone()).collect()
+    }
+
+    /// Saves in a row, up to the last one finished, that committed on no
+    /// tier (0 once one commits anywhere). From
+    /// the third on, each is also logged as an error: a loop that never
+    /// waits on its handles learns that it trains unprotected.
+    pub fn saves_failed_in_a_row(&self) -> u64 {
+        self.failed_saves.in_a_row()
     }
 
     /// The staging pool's size and state, once it is allocated (at `build`
@@ -322,44 +374,29 @@ impl Checkpointer {
     /// for it (one agreement round), so no rank's save meets an abandoned
     /// step still committed under its number.
     pub(crate) fn apply_rollback(&self, handle: &tokio::runtime::Handle) -> Result<()> {
+        let s = &self.settings;
+        if s.rank == 0 {
+            self.retry_uncommits(handle);
+        }
         let Some(rollback) = lock(&self.rollback).take() else {
             return Ok(());
         };
-        let s = &self.settings;
         if s.rank == 0 {
-            for t in &self.tiers {
-                let recorded = restore::block_on(
-                    handle,
-                    crate::store::lineage::record(t.tier.as_ref(), &s.run, rollback.clone()),
-                );
-                match recorded {
-                    Ok(l) => {
-                        let mut known = lock(&self.lineage);
-                        if l.rollbacks.len() > known.rollbacks.len() {
-                            *known = Arc::new(l);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(tier = %t.tier.location(), error = %e, "cannot record the rollback on this tier; the next commit there will")
-                    }
+            // The record on every tier first, then the uncommits: a
+            // coordinator killed between the two leaves every tier knowing
+            // which steps are abandoned.
+            let mut recorded = Vec::new();
+            for i in 0..self.tiers.len() {
+                match self.record_on(i, &rollback, handle) {
+                    Ok(()) => recorded.push(i),
+                    Err(e) => self.uncommit_later(i, &rollback, &e),
                 }
             }
             let mut abandoned = Vec::new();
-            for t in &self.tiers {
-                let done = restore::block_on(
-                    handle,
-                    crate::store::abandon_steps(
-                        t.tier.as_ref(),
-                        &s.run,
-                        &rollback.abandoned,
-                        &s.incarnation,
-                    ),
-                );
-                match done {
+            for i in recorded {
+                match self.abandon_on(i, &rollback, handle) {
                     Ok(steps) => abandoned.extend(steps),
-                    Err(e) => {
-                        tracing::warn!(tier = %t.tier.location(), error = %e, "cannot uncommit the abandoned steps on this tier (the lineage record keeps them out)")
-                    }
+                    Err(e) => self.uncommit_later(i, &rollback, &e),
                 }
             }
             abandoned.sort_unstable();
@@ -386,6 +423,72 @@ impl Checkpointer {
             }
         }
         Ok(())
+    }
+
+    /// Records `rollback` in the lineage record of tier `i`.
+    fn record_on(
+        &self,
+        i: usize,
+        rollback: &crate::format::manifest::Rollback,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<()> {
+        let (tier, run) = (self.tiers[i].tier.as_ref(), &self.settings.run);
+        let known = lock(&self.lineage).clone();
+        let l = restore::block_on(
+            handle,
+            crate::store::lineage::record_over(tier, run, rollback.clone(), &known),
+        )?;
+        let mut known = lock(&self.lineage);
+        if l.rollbacks.len() > known.rollbacks.len() {
+            *known = Arc::new(l);
+        }
+        Ok(())
+    }
+
+    /// Uncommits on tier `i` the steps `rollback` abandons; returns them.
+    fn abandon_on(
+        &self,
+        i: usize,
+        rollback: &crate::format::manifest::Rollback,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<Vec<u64>> {
+        let (tier, run) = (self.tiers[i].tier.as_ref(), &self.settings.run);
+        restore::block_on(
+            handle,
+            crate::store::abandon_steps(tier, run, &rollback.abandoned, &self.settings.incarnation),
+        )
+    }
+
+    fn uncommit_later(&self, i: usize, rollback: &crate::format::manifest::Rollback, e: &Error) {
+        tracing::warn!(tier = %self.tiers[i].tier.location(), error = %e, "cannot record the rollback or uncommit the abandoned steps on this tier yet (the lineage record keeps them out); trying again before every save");
+        lock(&self.uncommits).push((i, rollback.clone()));
+    }
+
+    /// Tries again the rollbacks a tier missed, on the tiers that take part
+    /// in saves now (a tier that is down is left to its health probe: the
+    /// save path never waits on it).
+    fn retry_uncommits(&self, handle: &tokio::runtime::Handle) {
+        let pending = std::mem::take(&mut *lock(&self.uncommits));
+        let mut left = Vec::new();
+        for (i, rollback) in pending {
+            if self.tiers[i].health.unavailable().is_some() {
+                left.push((i, rollback));
+                continue;
+            }
+            let done = self
+                .record_on(i, &rollback, handle)
+                .and_then(|()| self.abandon_on(i, &rollback, handle));
+            match done {
+                Ok(steps) => {
+                    tracing::info!(tier = %self.tiers[i].tier.location(), ?steps, "the rollback a tier missed is recorded there, its abandoned steps uncommitted")
+                }
+                Err(e) => {
+                    tracing::debug!(tier = %self.tiers[i].tier.location(), error = %e, "the rollback a tier missed: still failing");
+                    left.push((i, rollback));
+                }
+            }
+        }
+        lock(&self.uncommits).extend(left);
     }
 
     /// Rank 0 logs this process's start once (at the first restore or

@@ -187,7 +187,7 @@ impl Checkpointer {
                 "save not staged: every tier it goes to is unavailable"
             );
             report.math_stop = t0.elapsed();
-            let reports = flushes
+            let reports: Vec<_> = flushes
                 .runs
                 .into_iter()
                 .filter_map(|r| match r {
@@ -195,6 +195,8 @@ impl Checkpointer {
                     TierRun::Flush(..) => None,
                 })
                 .collect();
+            let why = reports.iter().rev().find_map(|r| r.error.as_ref());
+            self.failed_saves.note(step, false, why);
             return Ok(SaveHandle::finished(report, reports, t0.elapsed()));
         }
         let stage_tx = spawn_dispatcher(ctx, flushes.outs, flushes.manifest)?;
@@ -491,6 +493,7 @@ impl Checkpointer {
         let logged = self.detected_logged.clone();
         let incarnation = self.settings.incarnation.clone();
         let saves = *lock(&self.saves);
+        let failed_saves = self.failed_saves.clone();
         let task = rt.spawn(async move {
             let mut reports = Vec::with_capacity(runs.len());
             for run in runs {
@@ -519,7 +522,10 @@ impl Checkpointer {
                     tracing::warn!(error = %e, "cannot record the detected error in the failure log");
                 }
             }
-            if reports.iter().any(|r| r.committed) {
+            let committed = reports.iter().any(|r| r.committed);
+            let why = reports.iter().rev().find_map(|r| r.error.as_ref());
+            failed_saves.note(step, committed, why);
+            if committed {
                 let absorbed = reports
                     .iter()
                     .map(|r| r.flush + r.commit)

@@ -1177,6 +1177,32 @@ impl Lineage {
             .any(|(k, r)| k as u64 >= lineage && step > r.to_step)
     }
 
+    /// The rollbacks that manifests committed as `(step, rollback count)`
+    /// show, for a record that was lost: rollback `k` resumed below the
+    /// lowest step committed with a count above `k` (it abandons nothing
+    /// when no such step exists). See
+    /// [`read_or_infer`](crate::store::lineage::read_or_infer).
+    pub fn inferred(counts: &[(u64, u64)]) -> Self {
+        let rollbacks = counts.iter().map(|&(_, l)| l).max().unwrap_or(0);
+        let rollbacks = (0..rollbacks)
+            .map(|k| Rollback {
+                to_step: counts
+                    .iter()
+                    .filter(|&&(_, l)| l > k)
+                    .map(|&(s, _)| s.saturating_sub(1))
+                    .min()
+                    .unwrap_or(u64::MAX),
+                abandoned: Vec::new(),
+                incarnation: "inferred".into(),
+                unix_ms: 0,
+            })
+            .collect();
+        Self {
+            format: 1,
+            rollbacks,
+        }
+    }
+
     /// The lowest step any rollback resumed from: steps at or below it are
     /// never abandoned.
     pub fn floor(&self) -> Option<u64> {

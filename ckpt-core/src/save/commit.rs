@@ -144,6 +144,12 @@ async fn run_tier(
         // This process restored `step`: its chunk hashes on this tier are
         // the base (none there, or unreadable: a whole save).
         base = match store::load_manifest(tier, &ctx.run, step).await {
+            // This tier may still hold a step of that number that a
+            // rollback abandoned (its uncommit failed there): never a base.
+            Ok(m) if ctx.lineage.abandons(step, m.lineage) => {
+                tracing::debug!(tier = %tier.location(), step, "no incremental base: the tier's step is an abandoned one");
+                None
+            }
             Ok(m) => crate::save::incremental::Base::from_manifest(&m, ctx.rank).map(Arc::new),
             Err(e) => {
                 tracing::debug!(tier = %tier.location(), step, error = %e, "no incremental base: a whole save");

@@ -51,7 +51,7 @@ pub async fn compact(tier: &dyn Tier, run: &str, retention: &Retention) -> Resul
     let objects = tier.list(&format!("{run}/")).await?;
     let mut committed = crate::store::listing::manifest_steps(&objects, run);
     if objects.iter().any(|o| o.path == layout::lineage_path(run)) {
-        let lineage = crate::store::lineage::read(tier, run).await?;
+        let lineage = crate::store::lineage::read_or_infer(tier, run).await?;
         committed = crate::store::lineage::current(tier, run, committed, &lineage).await;
     }
     let (kept, _) = retention.select(&committed);

@@ -3,7 +3,7 @@
 //! crash in the middle leaves an uncommitted leftover, never a committed
 //! checkpoint with missing data.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -53,19 +53,7 @@ pub async fn select_with_references(
     retention: &Retention,
 ) -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
     let (mut kept, mut deleted) = retention.select(steps);
-    let mut referenced = std::collections::BTreeSet::new();
-    for &k in &kept {
-        match crate::store::load_manifest(tier, run, k).await {
-            Ok(m) => referenced.extend(
-                m.tensors
-                    .values()
-                    .flat_map(|t| t.pieces.iter().flat_map(|p| p.referenced_steps())),
-            ),
-            // An unreadable kept step refers to nothing restore would use.
-            Err(e) if e.is_data_fault() => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let referenced = referenced_by(tier, run, &kept).await?;
     let mut for_references = Vec::new();
     deleted.retain(|s| {
         let keep = referenced.contains(s);
@@ -77,6 +65,32 @@ pub async fn select_with_references(
     kept.extend(&for_references);
     kept.sort_unstable();
     Ok((kept, deleted, for_references))
+}
+
+/// The steps that the chunks of `kept` point into (incremental saves).
+///
+/// Only a MANIFEST proven damaged (its seal or its JSON refused) counts as
+/// pointing into nothing: restore would never use it. Any other failure to
+/// read one (an I/O error, a timeout, a server's 503, a peer that stopped
+/// answering, a MANIFEST gone since the listing) is returned, and the
+/// caller deletes nothing: a guess could delete what the newest checkpoint
+/// needs.
+async fn referenced_by(tier: &dyn Tier, run: &str, kept: &[u64]) -> Result<BTreeSet<u64>> {
+    let mut referenced = BTreeSet::new();
+    for &k in kept {
+        match crate::store::load_manifest(tier, run, k).await {
+            Ok(m) => referenced.extend(
+                m.tensors
+                    .values()
+                    .flat_map(|t| t.pieces.iter().flat_map(|p| p.referenced_steps())),
+            ),
+            Err(e) if e.is_proven_corrupt() => {
+                tracing::warn!(step = k, error = %e, "a kept step's MANIFEST is damaged: it points into nothing");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(referenced)
 }
 
 /// Applies `retention` to `run` and removes crash leftovers: uncommitted
@@ -125,7 +139,7 @@ pub(crate) async fn gc_running(
     // MANIFEST still there.
     let mut committed = crate::store::listing::manifest_steps(&objects, run);
     if objects.iter().any(|o| o.path == layout::lineage_path(run)) {
-        let lineage = crate::store::lineage::read(tier, run).await?;
+        let lineage = crate::store::lineage::read_or_infer(tier, run).await?;
         committed = crate::store::lineage::current(tier, run, committed, &lineage).await;
     }
     let mut by_step: BTreeMap<u64, bool> = BTreeMap::new();
@@ -156,8 +170,11 @@ pub(crate) async fn gc_running(
     }
     report.deleted_steps = deleted_steps;
     if let Some(newest) = newest {
+        // A leftover that a kept step's chunks point into (an abandoned
+        // step a base was taken from) stays until nothing does.
+        let referenced = referenced_by(tier, run, &report.kept_steps).await?;
         for (&s, &c) in &by_step {
-            if !c && s < newest {
+            if !c && s < newest && !referenced.contains(&s) {
                 delete_step(tier, run, s).await?;
                 progress(s, bytes_of(s));
                 report.removed_leftovers.push(s);

@@ -19,11 +19,65 @@ pub async fn read(tier: &dyn Tier, run: &str) -> Result<Lineage> {
     }
 }
 
+/// The lineage record of `run` on `tier`, or, when the record is proven
+/// damaged (its seal refused), the rollbacks its manifests show: every
+/// MANIFEST carries the rollback count it was committed under, so rollback
+/// `k` resumed below the lowest step committed with a count above `k`.
+/// What that infers abandoned truly is (a current step is never taken for
+/// an abandoned one); a step between a rollback's real target and the
+/// first step committed after it may be taken for current, which restore
+/// never prefers over that newer step. Said once per read, as a warning.
+pub async fn read_or_infer(tier: &dyn Tier, run: &str) -> Result<Lineage> {
+    match read(tier, run).await {
+        Err(e) if e.is_proven_corrupt() => {
+            let l = infer(tier, run).await?;
+            tracing::warn!(tier = %tier.location(), run, rollbacks = l.rollbacks.len(), error = %e, "the lineage record is damaged: following the rollbacks the manifests show");
+            Ok(l)
+        }
+        other => other,
+    }
+}
+
+async fn infer(tier: &dyn Tier, run: &str) -> Result<Lineage> {
+    let objects = tier.list(&format!("{run}/")).await?;
+    let mut counts = Vec::new();
+    for step in crate::store::listing::manifest_steps(&objects, run) {
+        match crate::store::load_manifest(tier, run, step).await {
+            Ok(m) => counts.push((step, m.lineage)),
+            Err(e) if e.is_proven_corrupt() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Lineage::inferred(&counts))
+}
+
 /// Appends `rollback` to the lineage record of `run` on `tier` (the
 /// coordinator only), unless the record already ends with the same
 /// rollback; returns the record as written.
 pub async fn record(tier: &dyn Tier, run: &str, rollback: Rollback) -> Result<Lineage> {
-    let mut l = read(tier, run).await?;
+    record_over(tier, run, rollback, &Lineage::default()).await
+}
+
+/// [`record`] by a coordinator that knows the rollbacks `known`: a record
+/// proven damaged on `tier` is rebuilt from `known` (when the tier's
+/// manifests show no rollback beyond it) before `rollback` is appended.
+pub(crate) async fn record_over(
+    tier: &dyn Tier,
+    run: &str,
+    rollback: Rollback,
+    known: &Lineage,
+) -> Result<Lineage> {
+    let mut l = match read(tier, run).await {
+        Ok(l) => l,
+        Err(e)
+            if e.is_proven_corrupt()
+                && highest_manifest_lineage(tier, run).await? <= known.rollbacks.len() as u64 =>
+        {
+            tracing::warn!(tier = %tier.location(), error = %e, "the lineage record was damaged: rebuilt from the coordinator's record");
+            known.clone()
+        }
+        Err(e) => return Err(e),
+    };
     if l.rollbacks
         .last()
         .is_some_and(|r| r.to_step == rollback.to_step && r.incarnation == rollback.incarnation)
@@ -80,7 +134,7 @@ pub(crate) async fn current(
 pub async fn longest(tiers: &[std::sync::Arc<dyn Tier>], run: &str) -> Lineage {
     let mut best = Lineage::default();
     for t in tiers {
-        match read(t.as_ref(), run).await {
+        match read_or_infer(t.as_ref(), run).await {
             Ok(l) if l.rollbacks.len() > best.rollbacks.len() => best = l,
             Ok(_) => {}
             Err(e) => {
@@ -95,19 +149,70 @@ pub async fn longest(tiers: &[std::sync::Arc<dyn Tier>], run: &str) -> Lineage {
 /// the tier's record, written back to the tier when the tier's is shorter
 /// (it missed a rollback while it was down). Returns the rollback count
 /// the step is committed with.
+///
+/// - A committer that knows fewer rollbacks than the tier records started
+///   before the newest of them (a writer of an older incarnation): its
+///   step would count as current although the run rolled back past it.
+///   Refused ([`Error::CommitConflict`]).
+/// - A record proven damaged (its seal refused) is rebuilt from `known`,
+///   once every manifest on the tier agrees that `known` holds all the
+///   rollbacks they were committed under; else the commit is refused with
+///   the damage (nobody knows the rollbacks the record held).
 pub(crate) async fn for_commit(tier: &dyn Tier, run: &str, known: &Lineage) -> Result<u64> {
-    let on_tier = read(tier, run).await?;
-    if on_tier.rollbacks.len() >= known.rollbacks.len() {
+    let path = layout::lineage_path(run);
+    let on_tier = match read(tier, run).await {
+        Ok(l) => l,
+        Err(e) if e.is_proven_corrupt() => {
+            let highest = highest_manifest_lineage(tier, run).await?;
+            if highest > known.rollbacks.len() as u64 {
+                return Err(e);
+            }
+            write(tier, run, known).await?;
+            tracing::warn!(tier = %tier.location(), rollbacks = known.rollbacks.len(), error = %e, "the lineage record was damaged: rebuilt from the coordinator's record");
+            return Ok(known.rollbacks.len() as u64);
+        }
+        Err(e) => return Err(e),
+    };
+    if on_tier.rollbacks.len() > known.rollbacks.len() {
+        return Err(Error::CommitConflict {
+            path,
+            reason: format!(
+                "the tier records {} rollback(s) and this committer knows {}: it started before the newest rollback (a writer of an older incarnation), so its step would not belong to the run's lineage",
+                on_tier.rollbacks.len(),
+                known.rollbacks.len()
+            ),
+        });
+    }
+    if on_tier.rollbacks.len() == known.rollbacks.len() {
         return Ok(on_tier.rollbacks.len() as u64);
     }
-    let mut l = known.clone();
+    write(tier, run, known).await?;
+    tracing::info!(tier = %tier.location(), rollbacks = known.rollbacks.len(), "lineage record repaired");
+    Ok(known.rollbacks.len() as u64)
+}
+
+async fn write(tier: &dyn Tier, run: &str, l: &Lineage) -> Result<()> {
+    let mut l = l.clone();
     l.format = 1;
     tier.put(
         &layout::lineage_path(run),
         Bytes::from(l.to_json()?),
         PutMode::Overwrite,
     )
-    .await?;
-    tracing::info!(tier = %tier.location(), rollbacks = l.rollbacks.len(), "lineage record repaired");
-    Ok(l.rollbacks.len() as u64)
+    .await
+}
+
+/// The largest rollback count any readable MANIFEST of `run` on `tier` was
+/// committed with (a lower bound on the rollbacks its record held).
+async fn highest_manifest_lineage(tier: &dyn Tier, run: &str) -> Result<u64> {
+    let objects = tier.list(&format!("{run}/")).await?;
+    let mut highest = 0;
+    for step in crate::store::listing::manifest_steps(&objects, run) {
+        match crate::store::load_manifest(tier, run, step).await {
+            Ok(m) => highest = highest.max(m.lineage),
+            Err(e) if e.is_proven_corrupt() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(highest)
 }

@@ -32,7 +32,7 @@ pub(crate) async fn committed_in(
     let lineage = match lineage {
         Some(l) => l,
         None if objects.iter().any(|o| o.path == layout::lineage_path(run)) => {
-            own = crate::store::lineage::read(tier, run).await?;
+            own = crate::store::lineage::read_or_infer(tier, run).await?;
             &own
         }
         None => return Ok(steps),
