@@ -125,9 +125,17 @@ struct Crashed {
 #[derive(Debug, Default)]
 struct Model {
     generation: u64,
-    /// Steps of the current lineage saved (committed or not) with their
-    /// generation: what a tier may hold for them.
-    saved: BTreeMap<u64, u64>,
+    /// Steps of the current lineage saved (committed or not) with the
+    /// generations a tier may hold for them (more than one while a
+    /// rollback is not known to have been recorded).
+    saved: BTreeMap<u64, BTreeSet<u64>>,
+    /// A rollback this process restored into, not yet applied: the
+    /// checkpointer records it before its next save; a process that ends
+    /// before saving leaves the run as it was.
+    pending: Option<u64>,
+    /// A rollback applied at a save that committed nowhere yet: recorded
+    /// on the tiers, or not. Confirmed by the next commit of the process.
+    unconfirmed: Option<u64>,
     /// Per tier: steps of the current lineage reported committed there.
     committed: Vec<BTreeSet<u64>>,
     /// `(step, generation)` a rollback abandoned.
@@ -224,6 +232,9 @@ impl Sim {
 
     /// A new process of the job (incarnation), its checkpointers built.
     fn start(&mut self) {
+        // A new process knows of no rollback of its own yet.
+        self.model.pending = None;
+        self.model.unconfirmed = None;
         self.incarnations += 1;
         let inc = self.incarnations;
         let mut ckpts = Vec::new();
@@ -327,15 +338,15 @@ impl Sim {
             }
             got = Some(this);
             if let Some((r, w, m)) = r {
-                let generation = self.generation_of(r.step).ok_or_else(|| {
+                let generations = self.generation_of(r.step).ok_or_else(|| {
                     self.fail(&format!(
                         "(c) restore returned step {} that the current lineage never saved",
                         r.step
                     ))
                 })?;
-                if w != weights(r.step, generation, rank as u32)
-                    || m != moments(r.step, generation, rank as u32)
-                {
+                if !generations.iter().any(|&g| {
+                    w == weights(r.step, g, rank as u32) && m == moments(r.step, g, rank as u32)
+                }) {
                     let abandoned = self
                         .model
                         .abandoned
@@ -349,7 +360,13 @@ impl Sim {
                     )));
                 }
                 if rank == 0 && !r.newer_committed.is_empty() {
-                    self.roll_back_model(r.step);
+                    // Applied (recorded) before this process's next save.
+                    self.model.pending = Some(r.step);
+                    self.model.generation += 1;
+                    self.log(format!(
+                        "  restored below committed {:?}: a rollback at the next save, generation {}",
+                        r.newer_committed, self.model.generation
+                    ));
                 }
             }
         }
@@ -362,27 +379,27 @@ impl Sim {
     }
 
     /// What the model knows of `step` in the current lineage.
-    fn generation_of(&self, step: u64) -> Option<u64> {
-        self.model.saved.get(&step).copied()
+    fn generation_of(&self, step: u64) -> Option<&BTreeSet<u64>> {
+        self.model.saved.get(&step).filter(|g| !g.is_empty())
     }
 
-    /// The system said it rolls back to `to`: every step above it is
-    /// abandoned, and what is saved from now on is a new generation.
-    fn roll_back_model(&mut self, to: u64) {
-        let above: Vec<(u64, u64)> = self
-            .model
-            .saved
-            .range(to + 1..)
-            .map(|(&s, &g)| (s, g))
-            .collect();
-        for (s, g) in &above {
-            self.model.abandoned.insert((*s, *g));
-            self.model.saved.remove(s);
+    /// A save of this process committed after it rolled back to `to`:
+    /// the rollback is recorded, every step above `to` of an older
+    /// generation is abandoned (`keep` is the step just committed).
+    fn confirm_rollback(&mut self, to: u64, keep: u64) {
+        let generation = self.model.generation;
+        let mut above = Vec::new();
+        for (&s, gens) in self.model.saved.range_mut(to + 1..) {
+            for &g in gens.iter().filter(|&&g| g < generation) {
+                above.push((s, g));
+            }
+            gens.retain(|&g| g >= generation);
         }
+        self.model.saved.retain(|_, g| !g.is_empty());
+        self.model.abandoned.extend(above.iter().copied());
         for c in &mut self.model.committed {
-            c.retain(|&s| s <= to);
+            c.retain(|&s| s <= to || s == keep);
         }
-        self.model.generation += 1;
         self.model.stale = (0..self.tiers.len()).collect();
         self.log(format!(
             "  rollback to {to}: abandoned {:?}, generation {}",
@@ -451,7 +468,10 @@ impl Sim {
         if handles.len() != ranks as usize {
             handles.clear();
         }
-        self.model.saved.insert(step, generation);
+        self.model.saved.entry(step).or_default().insert(generation);
+        if let Some(to) = self.model.pending.take() {
+            self.model.unconfirmed = Some(to);
+        }
         self.step = step;
         if crash {
             // Let the flushes run up to their held request, then the
@@ -482,6 +502,11 @@ impl Sim {
         // Rank 0's report is the commit's outcome on each tier.
         let reports: Vec<_> = handles.iter().map(|h| (h.wait(), h.report())).collect();
         let (_, report) = &reports[0];
+        if report.tiers.iter().any(|t| t.committed)
+            && let Some(to) = self.model.unconfirmed.take()
+        {
+            self.confirm_rollback(to, step);
+        }
         let mut on = Vec::new();
         for t in &report.tiers {
             let i = self.tier_index(&t.tier);
@@ -586,10 +611,22 @@ impl Sim {
             .iter()
             .filter(|o| o.size > 0 && !o.path.contains("/events") && !o.path.contains("/agree/"))
             .collect();
-        if files.is_empty() {
+        // Half the flips hit a record (a manifest, the lineage record),
+        // which a few files hold, the others any file.
+        let records: Vec<_> = files
+            .iter()
+            .filter(|o| o.path.ends_with(".json"))
+            .copied()
+            .collect();
+        let pool = if !records.is_empty() && self.rng.chance(50) {
+            records
+        } else {
+            files
+        };
+        if pool.is_empty() {
             return;
         }
-        let o = (*self.rng.pick(&files)).clone();
+        let o = (*self.rng.pick(&pool)).clone();
         let at = self.rng.below(o.size) as usize;
         let flipped = if t == 1 {
             self.mem.tamper(&o.path, |b| b[at] ^= 0x10)
@@ -620,6 +657,21 @@ impl Sim {
             self.faults += 1;
         }
         let keep = self.cfg.keep;
+        if self.model.stale.contains(&t) {
+            // A tier that has not learnt of the rollback yet counts the
+            // abandoned steps as its newest: retention may delete the
+            // steps below them.
+            let mut all: Vec<u64> = self.model.committed[t]
+                .iter()
+                .copied()
+                .chain(self.model.abandoned.iter().map(|a| a.0))
+                .collect();
+            all.sort_unstable();
+            all.dedup();
+            if let Some(&cutoff) = all.iter().rev().nth(keep - 1) {
+                self.model.committed[t].retain(|&s| s >= cutoff);
+            }
+        }
         let store = CheckpointStore::new(Arc::new(wrapped)).map_err(|e| format!("store: {e}"))?;
         let retention = Retention::keep_last(keep);
         let out = if compact {
@@ -721,7 +773,7 @@ impl Sim {
             }
             // (a): the newest restores bit-exactly, for every rank.
             if let Some(&newest) = listed.last() {
-                let generation = self.generation_of(newest).expect("checked above");
+                let generations = self.generation_of(newest).expect("checked above").clone();
                 for rank in 0..ranks {
                     let mut w = vec![0f32; N];
                     let mut m = vec![0f32; 1024];
@@ -739,8 +791,9 @@ impl Sim {
                         .map_err(|e| self.fail(&format!("(a) tier {t} rank {rank}: {e}")))?
                         .ok_or_else(|| self.fail(&format!("(a) tier {t}: nothing restored")))?;
                     if r.step != newest
-                        || w != weights(newest, generation, rank)
-                        || m != moments(newest, generation, rank)
+                        || !generations.iter().any(|&g| {
+                            w == weights(newest, g, rank) && m == moments(newest, g, rank)
+                        })
                     {
                         return Err(self.fail(&format!(
                             "(a) tier {t} rank {rank}: restored step {} (newest {newest}) with other bytes",
