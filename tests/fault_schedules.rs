@@ -470,7 +470,13 @@ impl Sim {
         }
         self.model.saved.entry(step).or_default().insert(generation);
         if let Some(to) = self.model.pending.take() {
+            // The rollback is applied as this save starts: the steps above
+            // `to` may be uncommitted from here on (or not, if its record
+            // failed), so none of them is owed any more.
             self.model.unconfirmed = Some(to);
+            for c in &mut self.model.committed {
+                c.retain(|&s| s <= to);
+            }
         }
         self.step = step;
         if crash {
@@ -514,6 +520,9 @@ impl Sim {
                 self.model.committed[i].insert(step);
                 self.model.stale.remove(&i);
                 on.push(i);
+                // Retention ran after the commit: only the newest `keep`
+                // are owed (a later rollback may leave fewer).
+                trim(&mut self.model.committed[i], self.cfg.keep);
             }
         }
         let errors: Vec<String> = report
@@ -908,6 +917,13 @@ impl Sim {
             self.op()?;
         }
         self.liveness()
+    }
+}
+
+/// Keeps the newest `keep` of `steps`.
+fn trim(steps: &mut BTreeSet<u64>, keep: usize) {
+    while steps.len() > keep {
+        steps.pop_first();
     }
 }
 

@@ -123,7 +123,15 @@ async fn run_tier(
 ) -> Result<()> {
     let tier = job.tier.as_ref();
     let manifest_path = layout::manifest_path(&ctx.run, ctx.step);
-    if tier.size(&manifest_path).await.is_ok() {
+    // Every rank looks (followers too): the coordinator uncommits a step a
+    // rollback abandoned that is still in the way.
+    if tier.size(&manifest_path).await.is_ok()
+        && !(if ctx.rank == 0 {
+            uncommit_abandoned(tier, ctx).await
+        } else {
+            is_abandoned(tier, ctx).await
+        })
+    {
         return Err(Error::AlreadyExists {
             path: manifest_path,
         });
@@ -281,17 +289,28 @@ async fn run_tier(
         manifest.commit = Some(ctx.attempt.clone());
         let json = Bytes::from(manifest.to_json()?);
         let put_start = Instant::now();
-        if !guarantee.is_atomic() && tier.size(&manifest_path).await.is_ok() {
+        if !guarantee.is_atomic()
+            && tier.size(&manifest_path).await.is_ok()
+            && !uncommit_abandoned(tier, ctx).await
+        {
             // The single-writer rule: look before writing where the create
             // itself does not refuse.
             return Err(Error::AlreadyExists {
                 path: manifest_path,
             });
         }
-        match tier
+        let mut created = tier
             .put(&manifest_path, json.clone(), PutMode::Create)
-            .await
+            .await;
+        if matches!(created, Err(Error::AlreadyExists { .. }))
+            && guarantee.is_atomic()
+            && uncommit_abandoned(tier, ctx).await
         {
+            created = tier
+                .put(&manifest_path, json.clone(), PutMode::Create)
+                .await;
+        }
+        match created {
             Ok(()) => {}
             // A create whose reply was lost and retried (object_store
             // retrying a 5xx and getting 412; NFS retransmitting `link`)
@@ -325,6 +344,16 @@ async fn run_tier(
             }
         } else {
             confirm_commit(tier, ctx, &manifest_path, &json, put_start.elapsed()).await?;
+        }
+        // A gc from elsewhere (`ckpt gc`, a newer incarnation's retention)
+        // may have removed this step's files, or those its chunks point
+        // into, as leftovers between the check above and the MANIFEST:
+        // look again now that the step is visible, and uncommit it rather
+        // than leave a committed step with missing data.
+        if let Err(e) = check_shard_files(tier, &manifest).await {
+            tracing::warn!(tier = %tier.location(), step = ctx.step, error = %e, "files of the step went missing while it was committed: uncommitted");
+            let _ = tier.delete(&manifest_path).await;
+            return Err(e);
         }
         *committed_at = Some(start.elapsed());
         crate::phase("gc", ctx.step);
@@ -376,6 +405,33 @@ async fn run_tier(
         *crate::sync::lock(&job.base) = Some(Arc::new(b));
     }
     Ok(())
+}
+
+/// A MANIFEST already at this step's path that a rollback abandoned (the
+/// uncommit missed this tier, and the process that would have retried it
+/// is gone): uncommitted now, with its audit copy, so the step number can
+/// be reused. Returns whether it was.
+async fn uncommit_abandoned(tier: &dyn Tier, ctx: &SaveCtx) -> bool {
+    if !is_abandoned(tier, ctx).await {
+        return false;
+    }
+    match store::abandon_steps(tier, &ctx.run, &[ctx.step], &ctx.incarnation).await {
+        Ok(done) => {
+            tracing::info!(tier = %tier.location(), step = ctx.step, "a step a rollback abandoned was still committed here: uncommitted");
+            !done.is_empty()
+        }
+        Err(e) => {
+            tracing::warn!(tier = %tier.location(), step = ctx.step, error = %e, "cannot uncommit the abandoned step in the way of this commit");
+            false
+        }
+    }
+}
+
+/// Whether the MANIFEST at this step's path is one a rollback abandoned.
+async fn is_abandoned(tier: &dyn Tier, ctx: &SaveCtx) -> bool {
+    store::load_manifest(tier, &ctx.run, ctx.step)
+        .await
+        .is_ok_and(|old| ctx.lineage.abandons(ctx.step, old.lineage))
 }
 
 /// Records why the coordinator gives up on this step (`ABORTED.json`), so
