@@ -453,9 +453,27 @@ impl Checkpointer {
         handle: &tokio::runtime::Handle,
     ) -> Result<Vec<u64>> {
         let (tier, run) = (self.tiers[i].tier.as_ref(), &self.settings.run);
+        // Which rollback of the run this is: steps committed under a later
+        // count belong to the new lineage and stay.
+        let index = {
+            let known = lock(&self.lineage);
+            known
+                .rollbacks
+                .iter()
+                .rposition(|r| {
+                    r.to_step == rollback.to_step && r.incarnation == rollback.incarnation
+                })
+                .unwrap_or(known.rollbacks.len()) as u64
+        };
         restore::block_on(
             handle,
-            crate::store::abandon_steps(tier, run, &rollback.abandoned, &self.settings.incarnation),
+            crate::store::abandon_steps_up_to(
+                tier,
+                run,
+                &rollback.abandoned,
+                &self.settings.incarnation,
+                index,
+            ),
         )
     }
 

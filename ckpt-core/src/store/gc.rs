@@ -53,15 +53,23 @@ pub async fn select_with_references(
     retention: &Retention,
 ) -> Result<(Vec<u64>, Vec<u64>, Vec<u64>)> {
     let (mut kept, mut deleted) = retention.select(steps);
-    let referenced = referenced_by(tier, run, &kept).await?;
+    // A step kept for references stays a checkpoint of its own: the steps
+    // its chunks point into stay too, and theirs (to a fixed point).
     let mut for_references = Vec::new();
-    deleted.retain(|s| {
-        let keep = referenced.contains(s);
-        if keep {
-            for_references.push(*s);
-        }
-        !keep
-    });
+    let mut frontier = kept.clone();
+    while !frontier.is_empty() {
+        let referenced = referenced_by(tier, run, &frontier).await?;
+        frontier.clear();
+        deleted.retain(|s| {
+            let keep = referenced.contains(s);
+            if keep {
+                for_references.push(*s);
+                frontier.push(*s);
+            }
+            !keep
+        });
+    }
+    for_references.sort_unstable();
     kept.extend(&for_references);
     kept.sort_unstable();
     Ok((kept, deleted, for_references))
@@ -173,8 +181,18 @@ pub(crate) async fn gc_running(
         // A leftover that a kept step's chunks point into (an abandoned
         // step a base was taken from) stays until nothing does.
         let referenced = referenced_by(tier, run, &report.kept_steps).await?;
+        let lineage = crate::store::lineage::read_or_infer(tier, run).await?;
         for (&s, &c) in &by_step {
             if !c && s < newest && !referenced.contains(&s) {
+                // The listing may be old by now (a gc that stalled, a
+                // zombie's retention): a step committed since is no
+                // leftover.
+                if let Ok(m) = crate::store::load_manifest(tier, run, s).await
+                    && !lineage.abandons(s, m.lineage)
+                {
+                    tracing::info!(step = s, "committed since the listing: not a leftover");
+                    continue;
+                }
                 delete_step(tier, run, s).await?;
                 progress(s, bytes_of(s));
                 report.removed_leftovers.push(s);
@@ -200,6 +218,21 @@ pub async fn abandon_steps(
     steps: &[u64],
     incarnation: &str,
 ) -> Result<Vec<u64>> {
+    abandon_steps_up_to(tier, run, steps, incarnation, u64::MAX).await
+}
+
+/// [`abandon_steps`] for rollback number `rollback` (counting from 0) of
+/// the run's lineage: a step committed since under a larger rollback count
+/// (the same number reused by the new lineage) is not this rollback's to
+/// uncommit, and is left alone. An uncommit that runs late (a coordinator
+/// that stalled, a retry) never removes the new lineage's step.
+pub(crate) async fn abandon_steps_up_to(
+    tier: &dyn Tier,
+    run: &str,
+    steps: &[u64],
+    incarnation: &str,
+    rollback: u64,
+) -> Result<Vec<u64>> {
     let mut done = Vec::new();
     for &step in steps {
         let manifest = layout::manifest_path(run, step);
@@ -208,12 +241,27 @@ pub async fn abandon_steps(
             Err(crate::Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
+        match crate::format::manifest::Manifest::parse(&manifest, &bytes) {
+            Ok(m) if m.lineage > rollback => continue,
+            _ => {}
+        }
         let audit = format!(
             "{}/{}",
             layout::step_dir(run, step),
             layout::abandoned_manifest_file(incarnation)
         );
-        tier.put(&audit, bytes, crate::PutMode::Overwrite).await?;
+        tier.put(&audit, bytes.clone(), crate::PutMode::Overwrite)
+            .await?;
+        // Still the MANIFEST it read? An uncommit that stalled since (a
+        // coordinator paused, a retry) must not delete the step the new
+        // lineage committed under the same number. (A tier without a
+        // conditional delete leaves the moment between this read and the
+        // delete open.)
+        match tier.get(&manifest).await {
+            Ok(now) if now == bytes => {}
+            Ok(_) | Err(crate::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        }
         tier.delete(&manifest).await?;
         done.push(step);
     }

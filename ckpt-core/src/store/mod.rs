@@ -8,6 +8,7 @@
 mod compact;
 pub(crate) mod events;
 mod gc;
+pub(crate) use gc::abandon_steps_up_to;
 pub mod history;
 pub mod lineage;
 mod listing;
