@@ -339,15 +339,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for h in pending.drain(..) {
         report_durable(&h, &out, None);
     }
-    // A run whose saves all failed must not end as if it were protected.
     let failed = ckpt.saves_failed_in_a_row();
     ckpt.close();
-    if failed > 0 {
-        return Err(format!(
-            "the last {failed} save(s), the final one included, committed on no tier: no checkpoint of step {step} exists"
-        )
-        .into());
-    }
     let mut digest = model.digest(&(&rng, &loader));
     if !frozen.is_empty() {
         let mut h = blake3::Hasher::new();
@@ -357,6 +350,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("final-state-blake3: {digest}");
     out.event("final", serde_json::json!({"step": step, "digest": digest}));
+    // The training went to the end; a run whose last saves all failed must
+    // not end as if its state were kept.
+    if failed > 0 {
+        return Err(format!(
+            "the last {failed} save(s), the final one included, committed on no tier: no checkpoint of step {step} exists"
+        )
+        .into());
+    }
     Ok(())
 }
 

@@ -598,7 +598,14 @@ fn hanging_server_is_bounded_by_timeouts() {
         // The rest of the run, and close, with the server wedged.
         let status = ev.finish(Duration::from_secs(120));
         eprintln!("finished {:?} after the freeze", frozen.elapsed());
-        assert!(status.success(), "the run failed: {status}");
+        // The training goes to the end either way. With S3 alone, the
+        // final save is committed nowhere, and the run says so by its exit
+        // status; with a local tier beside it, the run is kept.
+        if dirs.len() == 1 {
+            assert!(!status.success(), "no checkpoint kept, yet exit 0");
+        } else {
+            assert!(status.success(), "the run failed: {status}");
+        }
         assert_eq!(final_digest(&ev), want, "the run diverged");
         let after: Vec<_> = ev
             .of("durable")
