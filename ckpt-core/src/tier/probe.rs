@@ -104,10 +104,27 @@ pub async fn probe_create(tier: &dyn Tier, nonce: &str, racers: u32) -> CreateGu
     let once = format!("{PROBE_DIR}/{nonce}-once");
     let race = format!("{PROBE_DIR}/{nonce}-race");
     let result = probe(tier, &once, &race, racers.max(2)).await;
-    for path in [&once, &race] {
-        if let Err(e) = tier.delete(path).await {
-            tracing::debug!(tier = %tier.location(), path, error = %e, "probe cleanup failed");
+    // Remove everything this probe wrote: on a racy server a losing create
+    // can land after the delete that followed its round, so list and delete
+    // until nothing of this nonce is left (a few tries).
+    let mine = format!("{PROBE_DIR}/{nonce}-");
+    for _ in 0..4 {
+        let left = match tier.list(&mine).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(tier = %tier.location(), error = %e, "probe cleanup: cannot list");
+                Vec::new()
+            }
+        };
+        if left.is_empty() {
+            break;
         }
+        for o in left {
+            if let Err(e) = tier.delete(&o.path).await {
+                tracing::debug!(tier = %tier.location(), path = o.path, error = %e, "probe cleanup failed");
+            }
+        }
+        tokio::task::yield_now().await;
     }
     result
 }
